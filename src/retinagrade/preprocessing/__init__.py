@@ -1,0 +1,1 @@
+"""Image preprocessing shared by training, evaluation, the CLI and the service."""
