@@ -35,7 +35,8 @@ class DecodedImage:
 
     Attributes:
         rgb: H x W x 3 uint8 array, EXIF orientation applied.
-        original_size: (width, height) of the stored image before any reduced-scale decoding.
+        original_size: (width, height) of the full-resolution image, EXIF orientation applied, before any
+            reduced-scale decoding.
         format: the container format Pillow identified (``JPEG``, ``PNG``...).
     """
 
@@ -127,7 +128,11 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
+            stored = img.size
             img = ImageOps.exif_transpose(img) or img
+        if img.size != stored:
+            # Rotated by its EXIF orientation: report the size in the frame of ``rgb``, or ``scale`` is wrong.
+            width, height = height, width
         rgb = _to_rgb_uint8(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLargeError(f"The image has more than {max_pixels:,} pixels.") from None

@@ -68,9 +68,51 @@ def _foreground_mask(small: np.ndarray) -> np.ndarray:
     threshold = background + max(4.0, 0.12 * (bright - background))
     mask = (value > threshold).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    # Padding by replication: OpenCV's default border counts as foreground when closing, which would glue a
+    # disc lying a few pixels from the frame edge to that edge (and make it look cut by the frame).
+    pad = 6
+    mask = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
-    return mask
+    return np.ascontiguousarray(mask[pad:-pad, pad:-pad])
+
+
+def _remove_rim_tabs(region: np.ndarray, diameter: int) -> np.ndarray:
+    """Open the region with a disc of ``diameter`` pixels: removes tabs some cameras print on the rim.
+
+    Replicated padding keeps the straight edges where the frame cuts the disc from being rounded off.
+    """
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
+    pad = diameter
+    padded = cv2.copyMakeBorder(region.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    opened = cv2.morphologyEx(padded, cv2.MORPH_OPEN, kernel)[pad:-pad, pad:-pad]
+    return opened.astype(bool)
+
+
+def _fit_cut_ellipse(region: np.ndarray) -> tuple[float, float] | None:
+    """Centre row and vertical/horizontal radius ratio of a disc cut by the top or bottom of the frame.
+
+    Each row's half-width ``w`` obeys ``w^2 = rx^2 (1 - (y - cy)^2 / ry^2)``, a parabola in ``y``; fitting it
+    recovers ``cy`` and ``ry / rx`` for a round disc and for one stretched by resizing alike.
+    Returns None when the rows do not look like a cut ellipse.
+    """
+    rows = np.flatnonzero(region.any(axis=1))
+    if rows.size < 8:
+        return None
+    left = np.argmax(region[rows], axis=1)
+    right = region.shape[1] - np.argmax(region[rows, ::-1], axis=1)
+    half_width_sq = ((right - left) / 2.0) ** 2
+    c, b, a = np.polyfit(rows + 0.5, half_width_sq, 2)
+    if c >= 0:
+        return None
+    cy = -b / (2.0 * c)
+    rx_sq = a + b * cy + c * cy * cy
+    if rx_sq <= 0:
+        return None
+    ratio = float(np.sqrt(-1.0 / c))
+    if not 0.8 <= ratio <= 2.5:
+        return None
+    return float(cy), ratio
 
 
 def locate_fundus(rgb: np.ndarray) -> FundusGeometry:
@@ -97,9 +139,20 @@ def locate_fundus(rgb: np.ndarray) -> FundusGeometry:
     if area < 0.02 * sh * sw or bw < 8 or bh < 8:
         return FundusGeometry(False, w / 2, h / 2, w / 2, h / 2, 0.0, 0.0, area / (sh * sw))
 
+    opened = _remove_rim_tabs(region, max(5, int(0.1 * min(bw, bh)) | 1))
+    if opened.sum() > 0.5 * area:
+        region = opened
+        x0, y0, bw, bh = cv2.boundingRect(region.astype(np.uint8))
+
     cx = x0 + bw / 2.0
     rx = bw / 2.0
-    if bh >= 0.97 * bw:
+    cut = y0 == 0 or y0 + bh == sh
+    fitted = _fit_cut_ellipse(region) if cut else None
+    if fitted is not None:
+        # Cut by the frame: round in camera images, vertically stretched in resized training sets.
+        cy, ratio = fitted
+        ry = rx * ratio
+    elif bh >= 0.97 * bw:
         cy = y0 + bh / 2.0
         ry = bh / 2.0
     else:
@@ -179,7 +232,10 @@ def enhance_local_contrast(
     size = crop.image.shape[0]
     sigma = max(0.5, sigma_fraction * size)
     img = crop.image.astype(np.float32)
-    m = crop.mask.astype(np.float32)
+    keep = crop.mask & disc_mask(size, mask_margin)
+    # The local average is taken over the kept disc only: the rim band holds the edge's anti-aliasing and any
+    # sliver of black background a slightly large fit lets in, and each dark pixel there paints a bright ring.
+    m = keep.astype(np.float32)
     # Blurring at a quarter of the size and upsampling is ~15x cheaper and indistinguishable at this sigma.
     small_side = max(8, size // 4)
     factor = size / small_side
@@ -190,7 +246,6 @@ def enhance_local_contrast(
     local_mean = blur_img / np.maximum(blur_m, 1e-3)[:, :, None]
     local_mean = cv2.resize(local_mean, (size, size), interpolation=cv2.INTER_LINEAR)
     out = weight * (img - local_mean) + 128.0
-    keep = crop.mask & disc_mask(size, mask_margin)
     out[~keep] = 128.0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 

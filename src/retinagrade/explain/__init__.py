@@ -1,0 +1,1 @@
+"""Explanations: where in the fundus the model's evidence lies."""

@@ -1,0 +1,1 @@
+"""Model spec, ONNX Runtime session and post-processing: everything between a tensor and a grade."""

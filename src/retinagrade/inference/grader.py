@@ -1,0 +1,54 @@
+"""One ONNX Runtime session for the grading network, checked against its spec when it is created."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from retinagrade.errors import ModelError
+from retinagrade.inference.model_spec import ModelSpec
+
+REQUIRED_OUTPUTS = ("logits", "regression", "cam", "embedding")
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """Raw outputs for a batch: logits N x 5, regression N, cam N x 6 x h x w, embedding N x C."""
+
+    logits: np.ndarray
+    regression: np.ndarray
+    cam: np.ndarray
+    embedding: np.ndarray
+
+
+class OnnxGrader:
+    """Runs the exported network. Thread-safe: ONNX Runtime sessions may be shared across threads."""
+
+    def __init__(self, spec: ModelSpec, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.spec = spec
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(spec.model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own untyped errors for a bad file
+            raise ModelError(f"ONNX Runtime cannot load {spec.model_path.name}: {type(exc).__name__}") from exc
+        inputs = self.session.get_inputs()
+        outputs = [o.name for o in self.session.get_outputs()]
+        size = spec.preprocess.input_size
+        if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, size, size]:
+            raise ModelError(f"model input {inputs[0].shape} does not match the spec's 3 x {size} x {size}")
+        missing = [name for name in REQUIRED_OUTPUTS if name not in outputs]
+        if missing:
+            raise ModelError(f"model lacks outputs {missing}")
+        self._input_name = inputs[0].name
+
+    def run(self, batch: np.ndarray) -> ModelOutputs:
+        """Run a N x 3 x S x S float32 batch."""
+        logits, regression, cam, embedding = self.session.run(list(REQUIRED_OUTPUTS), {self._input_name: batch})
+        return ModelOutputs(logits=logits, regression=regression.reshape(-1), cam=cam, embedding=embedding)

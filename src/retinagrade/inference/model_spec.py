@@ -1,0 +1,129 @@
+"""The model spec: the JSON file shipped beside the ONNX model that says how to feed and read it.
+
+Everything a front door needs to use the model comes from here (preprocessing, grade names, calibration,
+decision rule, referable operating point, out-of-distribution statistics), so nothing is retyped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retinagrade.constants import GRADE_NAMES, REFERABLE_MIN_GRADE
+from retinagrade.errors import ModelError
+from retinagrade.preprocessing.pipeline import PreprocessConfig
+
+SPEC_FORMAT_VERSION = 1
+DECISION_RULES = ("argmax", "expected_grade", "regression")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a grade is read from the outputs.
+
+    ``argmax`` takes the most probable calibrated grade; ``expected_grade`` cuts the probability-weighted
+    mean grade at ``thresholds``; ``regression`` cuts the regression output at ``thresholds``.
+    """
+
+    rule: str = "argmax"
+    thresholds: tuple[float, ...] = (0.5, 1.5, 2.5, 3.5)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Parsed model spec. ``path`` is the spec file; the ONNX file lies beside it."""
+
+    name: str
+    version: str
+    model_file: str
+    sha256: str
+    preprocess: PreprocessConfig
+    temperature: float
+    decision: Decision
+    referable_threshold: float
+    grade_names: tuple[str, ...] = GRADE_NAMES
+    referable_min_grade: int = REFERABLE_MIN_GRADE
+    ood: dict[str, Any] = field(default_factory=dict)
+    gate_file: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def model_path(self) -> Path:
+        base = self.path.parent if self.path is not None else Path(".")
+        return base / self.model_file
+
+    @property
+    def gate_path(self) -> Path | None:
+        if self.gate_file is None:
+            return None
+        base = self.path.parent if self.path is not None else Path(".")
+        return base / self.gate_file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> ModelSpec:
+        try:
+            if data.get("format_version") != SPEC_FORMAT_VERSION:
+                raise ModelError(f"model spec format {data.get('format_version')} is not {SPEC_FORMAT_VERSION}")
+            decision = Decision(
+                rule=data["decision"]["rule"], thresholds=tuple(float(t) for t in data["decision"]["thresholds"])
+            )
+            if decision.rule not in DECISION_RULES:
+                raise ModelError(f"unknown decision rule {decision.rule!r}")
+            grade_names = tuple(data.get("grade_names", GRADE_NAMES))
+            if grade_names != GRADE_NAMES:
+                raise ModelError("the model's grade names do not match the ICDR grades this release knows")
+            return cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                model_file=str(data["model_file"]),
+                sha256=str(data["sha256"]),
+                preprocess=PreprocessConfig.from_dict(data["preprocess"]),
+                temperature=float(data["calibration"]["temperature"]),
+                decision=decision,
+                referable_threshold=float(data["referable"]["threshold"]),
+                grade_names=grade_names,
+                referable_min_grade=int(data["referable"].get("min_grade", REFERABLE_MIN_GRADE)),
+                ood=dict(data.get("ood", {})),
+                gate_file=data.get("gate_file"),
+                raw=data,
+                path=path,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path, verify_checksum: bool = True) -> ModelSpec:
+        """Read a spec (``*.json``) or find the spec beside an ONNX file, and check the model's checksum."""
+        path = Path(path)
+        if path.suffix == ".onnx":
+            path = path.with_suffix(".json")
+        if not path.is_file():
+            raise ModelError(f"model spec {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"model spec {path} cannot be read: {exc}") from exc
+        spec = cls.from_dict(data, path=path)
+        if not spec.model_path.is_file():
+            raise ModelError(f"model file {spec.model_path} named by {path.name} does not exist")
+        if verify_checksum and sha256_file(spec.model_path) != spec.sha256:
+            raise ModelError(f"model file {spec.model_path} does not match the sha256 in {path.name}")
+        return spec
+
+    def public_card(self) -> dict[str, Any]:
+        """What the service may show about the model (no paths)."""
+        keys = ("name", "version", "sha256", "architecture", "intended_use", "training", "metrics", "referable",
+                "decision", "calibration", "preprocess", "grade_names", "limitations", "license")
+        return {k: self.raw[k] for k in keys if k in self.raw}

@@ -1,0 +1,74 @@
+"""From model outputs to a grade: calibration, decision rule, referral, confidence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retinagrade.constants import GRADE_NAMES, REFERABLE_MIN_GRADE
+from retinagrade.inference.model_spec import ModelSpec
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def consistent_grade(grade: int, referable: bool, probs: np.ndarray) -> int:
+    """Make the grade agree with the referral decision, which is set at the validated operating point.
+
+    A referable eye reported as grade 0-1 (or the reverse) would contradict itself; the referral decision
+    wins and the grade becomes the most probable grade on its side of the line.
+    """
+    if referable and grade < REFERABLE_MIN_GRADE:
+        return REFERABLE_MIN_GRADE + int(np.argmax(probs[REFERABLE_MIN_GRADE:]))
+    if not referable and grade >= REFERABLE_MIN_GRADE:
+        return int(np.argmax(probs[:REFERABLE_MIN_GRADE]))
+    return grade
+
+
+@dataclass(frozen=True)
+class GradeDecision:
+    """The model's answer for one gradable fundus.
+
+    Attributes:
+        grade: ICDR grade 0-4.
+        grade_name: its name.
+        referable: grade 2 or worse at the validated operating point.
+        probabilities: calibrated P(grade = k), k = 0..4.
+        p_referable: calibrated P(grade >= 2).
+        confidence: calibrated probability that the reported referral decision is right.
+    """
+
+    grade: int
+    grade_name: str
+    referable: bool
+    probabilities: tuple[float, ...]
+    p_referable: float
+    confidence: float
+
+
+def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> GradeDecision:
+    """Apply the spec's calibration, decision rule and referable operating point to one image's outputs."""
+    probs = softmax(logits, spec.temperature)
+    p_referable = float(probs[REFERABLE_MIN_GRADE:].sum())
+    rule = spec.decision.rule
+    if rule == "argmax":
+        raw = int(np.argmax(probs))
+    else:
+        score = float(probs @ np.arange(len(probs))) if rule == "expected_grade" else float(regression)
+        raw = int(np.searchsorted(np.asarray(spec.decision.thresholds), score, side="right"))
+    referable = p_referable >= spec.referable_threshold
+    grade = consistent_grade(raw, referable, probs)
+    confidence = p_referable if referable else 1.0 - p_referable
+    return GradeDecision(
+        grade=grade,
+        grade_name=GRADE_NAMES[grade],
+        referable=bool(referable),
+        probabilities=tuple(float(p) for p in probs),
+        p_referable=p_referable,
+        confidence=float(confidence),
+    )

@@ -1,0 +1,95 @@
+"""``retinagrade evaluate``: metrics of the shipped pipeline on labelled images, or of out-of-fold predictions.
+
+Model evaluation runs exactly what users run (decode, crop, gate, ONNX model, decision). Images the gate
+refuses are counted and reported, and metrics are computed on the graded ones, so a gate that refuses hard
+cases cannot hide them: the refusal rate per true grade is part of the report.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinagrade.constants import NUM_GRADES
+from retinagrade.training.data import read_labels
+from retinagrade.training.metrics import evaluate_predictions
+from retinagrade.training.report import format_metrics_markdown, write_report
+
+
+def evaluate_oof(predictions_csv: Path, out: Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Metrics of an ``oof_predictions.csv`` written by training, overall and per source."""
+    with predictions_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{predictions_csv} has no rows")
+    threshold = _threshold_from_run(predictions_csv)
+    sections: dict[str, Any] = {}
+    markdown = []
+    for source in ["all", *sorted({r["source"] for r in rows})]:
+        part = [r for r in rows if source == "all" or r["source"] == source]
+        metrics = evaluate_predictions(
+            np.array([int(r["grade_true"]) for r in part]),
+            np.array([[float(r[f"p{k}"]) for k in range(NUM_GRADES)] for r in part]),
+            np.array([int(r["grade_pred"]) for r in part]),
+            np.array([float(r["p_referable"]) for r in part]),
+            threshold,
+            groups=np.array([r["group"] for r in part]),
+            n_boot=n_boot,
+        )
+        sections[source] = metrics
+        markdown.append(f"## Out-of-fold: {source}\n\n" + format_metrics_markdown(metrics, heading_level=3))
+    write_report(sections["all"], out, f"Out-of-fold evaluation of {predictions_csv}",
+                 extra={"per_source": sections, "referable_threshold": threshold})
+    return {"metrics": sections, "markdown": "\n\n".join(markdown)}
+
+
+def _threshold_from_run(predictions_csv: Path) -> float:
+    import json
+
+    for name in ("cv_metrics.json",):
+        path = predictions_csv.parent / name
+        if path.exists():
+            return float(json.loads(path.read_text())["decision"]["referable_threshold"])
+    raise FileNotFoundError(f"no cv_metrics.json beside {predictions_csv} to read the operating point from")
+
+
+def evaluate_model(labels: list[Path], model: Path | None, out: Path, workers: int = 2, threads: int = 2,
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """Run the grading pipeline over labelled images and report metrics on those it graded."""
+    from retinagrade.cli import grade_files
+    from retinagrade.pipeline import GradingPipeline
+
+    pipeline = GradingPipeline.load(model, threads=threads)
+    samples = [s for path in labels for s in read_labels(path)]
+    rows = grade_files(pipeline, [s.path for s in samples], workers)
+    statuses = Counter(r["status"] for r in rows)
+    refused_by_grade = {
+        str(g): sum(1 for s, r in zip(samples, rows, strict=True) if s.grade == g and r["status"] != "graded")
+        for g in range(NUM_GRADES)
+    }
+    graded = [(s, r) for s, r in zip(samples, rows, strict=True) if r["status"] == "graded"]
+    if not graded:
+        raise ValueError("the pipeline graded none of the images")
+    metrics = evaluate_predictions(
+        np.array([s.grade for s, _ in graded]),
+        np.array([[float(r[f"p{k}"]) for k in range(NUM_GRADES)] for _, r in graded]),
+        np.array([int(r["grade"]) for _, r in graded]),
+        np.array([sum(float(r[f"p{k}"]) for k in range(2, NUM_GRADES)) for _, r in graded]),
+        pipeline.spec.referable_threshold,
+        groups=np.array([s.group for s, _ in graded]),
+        n_boot=n_boot,
+    )
+    extra = {
+        "model": {"name": pipeline.spec.name, "version": pipeline.spec.version, "sha256": pipeline.spec.sha256},
+        "data": [str(p) for p in labels],
+        "statuses": dict(statuses),
+        "not_graded_by_true_grade": refused_by_grade,
+    }
+    write_report(metrics, out, f"Evaluation of {pipeline.spec.name} {pipeline.spec.version}", extra=extra)
+    md = format_metrics_markdown(metrics)
+    md += f"\n\nStatuses: {dict(statuses)}; not graded, by true grade: {refused_by_grade}\n"
+    return {"metrics": metrics, "extra": extra, "markdown": md}

@@ -1,0 +1,74 @@
+"""Export a trained run to ONNX, check it against PyTorch through the same preprocessing, and install it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retinagrade.inference.model_spec import sha256_file
+from retinagrade.preprocessing.decode import decode_image
+from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
+from retinagrade.training.model import GraderNet, build_grader, export_onnx
+
+
+def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
+    """The trained network of a run folder, in eval mode, and its resolved training config."""
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    net = build_grader(cfg["arch"], cfg["frozen_stages"], pretrained=False, dropout=cfg.get("dropout", 0.3))
+    net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
+    return net.eval(), cfg
+
+
+def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:
+    """Largest absolute differences between PyTorch and ONNX Runtime outputs on the same prepared inputs."""
+    import onnxruntime as ort
+
+    prepared = [prepare(decode_image(b, min_side=preprocess.decode_min_side), preprocess).model_image for b in images]
+    batch = batch_tensor(prepared, preprocess)
+    with torch.no_grad():
+        reference = [t.numpy() for t in net(torch.from_numpy(batch))]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(["logits", "regression", "cam", "embedding"], {"input": batch})
+    names = ("logits", "regression", "cam", "embedding")
+    return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
+
+
+def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None,
+               ood_limit: float | None = None) -> dict[str, Any]:
+    """Re-export ``run_dir/final.pt`` to ``out/<name>.onnx`` with its spec and the gate file beside it."""
+    net, cfg = load_run_model(run_dir)
+    name = cfg["name"]
+    spec = json.loads((run_dir / f"{name}.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / f"{name}.onnx"
+    export_onnx(net, onnx_path, cfg["input_size"])
+    preprocess = PreprocessConfig.from_dict(spec["preprocess"])
+    images = [p.read_bytes() for p in parity_images or []]
+    if not images:
+        rng = np.random.default_rng(0)
+        import cv2
+
+        for _ in range(2):
+            synthetic = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+            cv2.circle(synthetic, (200, 150), 140, (200, 90, 40), -1)
+            images.append(cv2.imencode(".png", synthetic)[1].tobytes())
+    diffs = parity(net, onnx_path, images, preprocess)
+    if max(diffs.values()) > 1e-3:
+        raise RuntimeError(f"ONNX output differs from PyTorch: {diffs}")
+    spec["sha256"] = sha256_file(onnx_path)
+    spec["model_file"] = onnx_path.name
+    spec["export"] = {"parity_max_abs_diff": diffs, "parity_images": len(images)}
+    if ood_limit is not None:
+        spec["ood"]["distance_limit"] = ood_limit
+    gate_target = out / "gate.json"
+    if gate.resolve() != gate_target.resolve():
+        shutil.copyfile(gate, gate_target)
+    spec["gate_file"] = gate_target.name
+    (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    return {"onnx": str(onnx_path), "sha256": spec["sha256"], "parity_max_abs_diff": diffs,
+            "size_mb": round(onnx_path.stat().st_size / 1e6, 2)}

@@ -1,0 +1,120 @@
+"""Fixtures shared by every test suite.
+
+``shared_data``
+    Path to the development data (``../shared/data`` beside the repository root, or ``$RETINAGRADE_DATA``).
+    A test that asks for it is skipped, with the reason :data:`SHARED_DATA_REASON`, when the folder is
+    absent, as in a fresh clone. Mark such tests ``@pytest.mark.shared_data`` too, so ``-m "not shared_data"``
+    deselects them.
+
+``synthetic_fundus``
+    Factory drawing a fundus-like RGB uint8 image with a known field of view: an orange-red disc on black
+    with darker vessel-like lines, optionally stretched, cut by the frame or carrying a camera's rim notch.
+    See :func:`draw_synthetic_fundus` for the arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED_DATA_REASON = "needs ../shared/data (not present in a fresh clone)"
+
+
+def shared_data_dir() -> Path:
+    """Where the shared development data should be: ``$RETINAGRADE_DATA`` or ``<repo>/../shared/data``."""
+    override = os.environ.get("RETINAGRADE_DATA")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; skips the test when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(SHARED_DATA_REASON)
+    return path
+
+
+def draw_synthetic_fundus(
+    width: int,
+    height: int,
+    cx: float,
+    cy: float,
+    radius: float,
+    *,
+    ry: float | None = None,
+    brightness: float = 1.0,
+    vessels: bool = True,
+    notch: str | None = None,
+    background: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Draw a fundus-like photograph with a known field of view.
+
+    The disc is an axis-aligned ellipse (a circle unless ``ry`` is given) centred at (``cx``, ``cy``);
+    whatever falls outside ``width`` x ``height`` is simply cut off, as in cameras that crop the disc at the
+    top and bottom of the frame. Shapes are drawn in scale-free units, so the same arguments scaled together
+    draw the same picture at any resolution.
+
+    Args:
+        width, height: image size in pixels.
+        cx, cy: disc centre in pixels (may lie anywhere, even outside the frame).
+        radius: horizontal radius in pixels.
+        ry: vertical radius; defaults to ``radius``.
+        brightness: multiplies the disc's colour (0.1 gives a disc of about 25/255, an under-exposed photo).
+        vessels: draw darker vessel-like curves branching from the optic disc.
+        notch: ``"right"``, ``"top"``... draws a small bright tab just outside the rim on that side, as some
+            cameras print.
+        background: grey level of the surround (0 for a camera's black).
+        seed: seeds the slight mottling of the disc.
+
+    Returns:
+        H x W x 3 uint8 RGB.
+    """
+    ry = radius if ry is None else ry
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    u = (xx + 0.5 - cx) / radius
+    v = (yy + 0.5 - cy) / ry
+    rho2 = u * u + v * v
+    inside = rho2 <= 1.0
+
+    # Orange-red fundus, a little darker towards the rim, brighter optic disc to one side of the centre.
+    shade = 1.0 - 0.25 * np.clip(rho2, 0, 1)
+    od = np.exp(-((u - 0.35) ** 2 + v**2) / (2 * 0.08**2))
+    base = np.stack([200 * shade + 55 * od, 90 * shade + 120 * od, 40 * shade + 90 * od], axis=-1)
+    if vessels:
+        dim = np.ones_like(u)
+        for angle in np.linspace(0.3, 2 * np.pi, 7, endpoint=False):
+            # Curves leaving the optic disc, bending as they go, about 1.2% of the radius thick.
+            ang = angle + 0.6 * np.sqrt(np.hypot(u - 0.35, v))
+            dx, dy = np.cos(ang), np.sin(ang)
+            distance = np.abs((u - 0.35) * dy - v * dx)
+            along = (u - 0.35) * dx + v * dy
+            dim = np.minimum(dim, np.where((distance < 0.012) & (along > 0), 0.55, 1.0))
+        base *= dim[..., None]
+    rng = np.random.default_rng(seed)
+    mottle = cv2.resize(rng.normal(1.0, 0.03, (16, 16)).astype(np.float32), (width, height))
+    base *= (brightness * mottle)[..., None]
+
+    img = np.where(inside[..., None], base, float(background))
+    if notch:
+        # A bright square tab just outside the rim, 6% of the radius across.
+        direction = {"right": (1, 0), "left": (-1, 0), "top": (0, -1), "bottom": (0, 1)}[notch]
+        half = 0.03
+        tab_u, tab_v = direction[0] * (1.0 + half), direction[1] * (1.0 + half)
+        tab = (np.abs(u - tab_u) <= half) & (np.abs(v - tab_v) <= half)
+        img[tab] = (220 * brightness, 220 * brightness, 220 * brightness)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def synthetic_fundus() -> Callable[..., np.ndarray]:
+    """The :func:`draw_synthetic_fundus` factory."""
+    return draw_synthetic_fundus
