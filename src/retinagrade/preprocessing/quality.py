@@ -3,9 +3,9 @@
 Two decisions, both on cheap hand-crafted features of the raw-colour crop and of the fundus geometry:
 
 1. **Not a fundus** (``is_fundus=False``): explainable rules. A colour fundus photograph is a bright,
-   red/orange, roughly circular field of view on a dark surround, big enough to see vessels. Each rule is a
-   threshold on one feature, set at a low percentile of the feature's distribution over thousands of real
-   fundus photographs (see ``retinagrade.training.fit_gate``), so any image that fails it is unlike all of them.
+   coloured field of view with dark corners around it, big enough to see vessels, with hardly any strongly
+   green pixels. Each rule is a threshold on one feature, set well outside the feature's range over
+   thousands of real fundus photographs (see ``retinagrade.training.fit_gate``).
 2. **Ungradable** (``gradable=False``): a logistic regression for P(ungradable) fitted on EyeQ quality labels,
    plus hard rules with human-readable reason codes (too dark, overexposed, blurred, fundus cut off, low
    contrast). Serving needs only numpy: the standardisation, coefficients and thresholds are in a small JSON
@@ -40,6 +40,8 @@ _SURROUND_SIDE: Final[int] = 128
 _DARK_LEVEL: Final[float] = 25.0
 #: A pixel whose brightest channel reaches this counts as saturated.
 _SATURATED_LEVEL: Final[float] = 250.0
+#: A pixel is "strongly green" when green exceeds red and blue by this much (0-1 scale).
+_GREEN_MARGIN: Final[float] = 0.25
 #: Outside the disc, a pixel also counts as dark below this fraction of the disc's median brightness.
 _RELATIVE_DARK: Final[float] = 0.35
 _EPS: Final[float] = 1e-6
@@ -51,7 +53,7 @@ REASON_TOO_SMALL: Final[str] = "image_too_small"
 REASON_GRAYSCALE: Final[str] = "grayscale"
 REASON_NOT_FUNDUS_COLOUR: Final[str] = "not_fundus_colour"
 REASON_NO_DARK_SURROUND: Final[str] = "no_dark_surround"
-REASON_NOT_ROUND: Final[str] = "field_of_view_not_round"
+REASON_FOV_TOO_SMALL: Final[str] = "field_of_view_too_small"
 REASON_TOO_DARK: Final[str] = "too_dark"
 REASON_OVEREXPOSED: Final[str] = "overexposed"
 REASON_BLURRED: Final[str] = "blurred"
@@ -83,7 +85,7 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
     "fill_fraction",
     "image_fraction",
     "aspect",
-    "hue_peak_share",
+    "green_fraction",
     "surround_dark_fraction",
     "corner_dark_fraction",
     "min_side",
@@ -128,7 +130,10 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
         shrinking = image.shape[0] > FEATURE_SIDE
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         image = cv2.resize(image, (FEATURE_SIDE, FEATURE_SIDE), interpolation=interp)
-        mask = cv2.resize(mask.astype(np.uint8), (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_NEAREST) > 0
+        mask = (
+            cv2.resize(mask.astype(np.uint8), (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_NEAREST)
+            > 0
+        )
     # The rim of the disc carries glare and the crop's black edge; measure a slightly eroded disc.
     inner = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     if inner.sum() < 64:
@@ -152,9 +157,17 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
     band_std = _masked_std(band, inner)
     laplacian = cv2.Laplacian(green, cv2.CV_32F, ksize=3)
     # Illumination: the luminance at a quarter of the resolution, smoothed over ~1/14 of the disc.
-    lum_small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (FEATURE_SIDE // 4, FEATURE_SIDE // 4),
-                           interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    inner_small = cv2.resize(inner.astype(np.uint8), lum_small.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    lum_small = (
+        cv2.resize(
+            cv2.cvtColor(image, cv2.COLOR_RGB2GRAY),
+            (FEATURE_SIDE // 4, FEATURE_SIDE // 4),
+            interpolation=cv2.INTER_AREA,
+        ).astype(np.float32)
+        / 255.0
+    )
+    inner_small = (
+        cv2.resize(inner.astype(np.uint8), lum_small.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    )
     illumination = cv2.GaussianBlur(lum_small, (0, 0), 4.0)
 
     features: dict[str, float] = {
@@ -174,7 +187,9 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
         "saturation_mean": float(((vmax - vmin) / (vmax + 0.02)).mean()),
         "chroma": float((vmax - vmin).mean()) / (lum_mean + 0.02),
         "red_dominant_fraction": float(((r >= g) & (r >= b)).mean()),
-        "hue_peak_share": _hue_peak_share(image[inner]),
+        # Strongly green pixels: the retina reflects little green relative to red, even after EyeQ's
+        # equalisation, while colour wheels, logos and foliage are full of them.
+        "green_fraction": float(((g > r + _GREEN_MARGIN) & (g > b + _GREEN_MARGIN)).mean()),
         "found": 1.0 if geometry.found else 0.0,
         "visible_fraction": float(geometry.visible_fraction),
         "fill_fraction": float(geometry.fill_fraction),
@@ -184,22 +199,6 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
     }
     features.update(_surround_features(decoded.rgb, prepared, 255.0 * float(np.median(vmax))))
     return features
-
-
-def _hue_peak_share(pixels: np.ndarray) -> float:
-    """Largest share of the colour (chroma-weighted) that falls within one 90-degree window of hue.
-
-    A fundus is dominated by red-orange (EyeQ's equalisation adds a blue rim, still two compact modes);
-    a colour wheel or a multicoloured scene spreads its colour all round the wheel (about 0.25).
-    """
-    hsv = cv2.cvtColor(pixels.reshape(-1, 1, 3), cv2.COLOR_RGB2HSV_FULL).reshape(-1, 3)
-    weight = hsv[:, 1].astype(np.float32) * hsv[:, 2].astype(np.float32)
-    hist = np.bincount(hsv[:, 0] // 8, weights=weight, minlength=32)  # 32 bins of 11.25 degrees
-    total = float(hist.sum())
-    if total <= 0.0:
-        return 0.0
-    window = np.convolve(np.concatenate([hist, hist[:7]]), np.ones(8), mode="valid")[:32]
-    return float(window.max()) / total
 
 
 def _surround_features(rgb: np.ndarray, prepared: PreparedImage, disc_level: float) -> dict[str, float]:
@@ -212,7 +211,9 @@ def _surround_features(rgb: np.ndarray, prepared: PreparedImage, disc_level: flo
     h, w = rgb.shape[:2]
     scale = min(1.0, _SURROUND_SIDE / max(h, w))
     if scale < 1.0:
-        small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
     else:
         small = rgb
     value = small.max(axis=2).astype(np.float32)
@@ -279,6 +280,8 @@ class GateParams:
         threshold: an image is ungradable when P(ungradable) is at least this.
         not_fundus_rules: any rule firing means "not a fundus".
         ungradable_rules: any rule firing means "ungradable", whatever the model says.
+        z_clip: standardised features are clipped to +-this, so one value far outside the training range
+            (a camera JPEG is not an EyeQ image) cannot dominate the logit.
         meta: provenance (data, split, metrics); not used for decisions.
     """
 
@@ -290,16 +293,21 @@ class GateParams:
     threshold: float
     not_fundus_rules: tuple[Rule, ...]
     ungradable_rules: tuple[Rule, ...]
+    z_clip: float = 5.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.features)
         if not (len(self.mean) == len(self.scale) == len(self.coef) == n):
             raise ValueError("GateParams: features, mean, scale and coef must have the same length.")
-        unknown = {*self.features} | {rule.feature for rule in (*self.not_fundus_rules, *self.ungradable_rules)}
+        unknown = {*self.features} | {
+            rule.feature for rule in (*self.not_fundus_rules, *self.ungradable_rules)
+        }
         unknown -= set(FEATURE_NAMES)
         if unknown:
             raise ValueError(f"GateParams: unknown feature(s) {sorted(unknown)}.")
+        if not all(math.isfinite(v) and v > 0 for v in self.scale) or self.z_clip <= 0:
+            raise ValueError("GateParams: scale and z_clip must be positive.")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("GateParams: threshold must lie in (0, 1).")
 
@@ -317,7 +325,12 @@ class GateParams:
 
     def _standardised(self, features: Mapping[str, float]) -> np.ndarray:
         x = np.asarray([features[name] for name in self.features], dtype=np.float64)
-        return (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return np.clip(
+            np.nan_to_num(z, nan=self.z_clip, posinf=self.z_clip, neginf=-self.z_clip),
+            -self.z_clip,
+            self.z_clip,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -329,6 +342,7 @@ class GateParams:
             "threshold": self.threshold,
             "not_fundus_rules": [rule.to_dict() for rule in self.not_fundus_rules],
             "ungradable_rules": [rule.to_dict() for rule in self.ungradable_rules],
+            "z_clip": self.z_clip,
             "meta": self.meta,
         }
 
@@ -343,6 +357,7 @@ class GateParams:
             threshold=float(data["threshold"]),
             not_fundus_rules=tuple(Rule.from_dict(r) for r in data["not_fundus_rules"]),
             ungradable_rules=tuple(Rule.from_dict(r) for r in data["ungradable_rules"]),
+            z_clip=float(data.get("z_clip", 5.0)),
             meta=dict(data.get("meta", {})),
         )
 
@@ -359,7 +374,8 @@ class QualityAssessment:
         is_fundus: whether the image looks like a colour fundus photograph.
         gradable: whether it is a fundus good enough to grade (always False when not a fundus).
         score: 1 - P(ungradable), in [0, 1]; higher is better. Filled even for non-fundus images.
-        reasons: stable reason codes; empty for a gradable fundus. Starts with ``not_fundus`` when not a fundus.
+        reasons: stable reason codes; empty for a gradable fundus. ``not_fundus`` comes first when not a
+            fundus, followed by the specific codes.
     """
 
     is_fundus: bool

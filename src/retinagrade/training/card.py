@@ -1,0 +1,89 @@
+"""Write the model card (``models/README.md``) from the model spec, so the card cannot drift from the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from retinagrade.constants import GRADE_NAMES
+from retinagrade.training.report import format_metrics_markdown
+
+LIMITATIONS = """\
+- Trained on small, low-resolution data: APTOS 2019 resized to 224 px and 660 EyePACS photos at up to 768 px.
+  Production photos (2-12 MP) are brought to the same 224 px, contrast-normalised form, but subtle lesions
+  (single microaneurysms) that need full resolution can be missed: mild DR (grade 1) recall is the weakest.
+- Two populations (India, Aravind; USA, EyePACS) and their cameras. Performance on other populations, cameras,
+  handheld or smartphone fundus photos is unknown until measured; validate locally before any clinical use.
+- No diabetic macular oedema (DME) labels: the model does not assess DME, a common reason for referral.
+- Ungradable images are refused by a quality gate fitted on EyePACS/EyeQ labels; its own error rates are in
+  `docs/gate-report.md`.
+- Labels are single-grader Kaggle labels with known noise (conflicting duplicates were resolved or dropped).
+"""
+
+
+def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -> str:
+    metrics = spec.get("metrics", {})
+    decision = metrics.get("decision", spec.get("decision", {}))
+    referable = spec["referable"]
+    data_rows = "\n".join(
+        f"| {source} | {sum(counts)} | {' / '.join(str(c) for c in counts)} |"
+        for source, counts in spec["training"]["data"].items()
+    )
+    cfg = spec["training"]["config"]
+    parts = [
+        f"# Model card: {spec['name']} {spec['version']}",
+        "",
+        "## Intended use",
+        spec["intended_use"],
+        "",
+        "Input: one colour fundus photograph (JPEG, PNG, TIFF, BMP, WebP; any size). Output: ICDR grade 0-4 "
+        f"({', '.join(GRADE_NAMES)}), calibrated probabilities, the referable decision (grade 2 or worse), "
+        "a quality verdict, and a class-activation heatmap. Images that are not fundus photographs or cannot be "
+        "graded get no grade.",
+        "",
+        "## Model",
+        f"- Backbone: `{spec['architecture']['backbone']}` ({spec['architecture']['pretrained']}); "
+        f"{spec['architecture']['trained_stages']}.",
+        f"- Heads: {spec['architecture']['heads']}.",
+        f"- Input: {spec['input']['size']} x {spec['input']['size']} px; preprocessing `{json.dumps(spec['preprocess'])}`.",
+        f"- Decision rule: `{spec['decision']['rule']}`, thresholds {spec['decision']['thresholds']}; out-of-fold "
+        f"QWK by rule: {json.dumps(spec['decision'].get('qwk_by_rule_out_of_fold', {}))}.",
+        f"- Calibration: temperature {spec['calibration']['temperature']:.3f} ({spec['calibration']['method']}).",
+        f"- File: `{spec['model_file']}`, sha256 `{spec['sha256']}`.",
+        "",
+        "## Training data and its terms",
+        "| source | images | grades 0 / 1 / 2 / 3 / 4 |",
+        "|---|---|---|",
+        data_rows,
+        "",
+        f"Training: {cfg['folds']}-fold cross-validation (stratified by grade, grouped by patient and duplicate group), "
+        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, "
+        f"{cfg['views']} cached augmented views per image; then the same recipe on all images for the shipped weights.",
+        "",
+        "**Licence of the weights.** APTOS 2019 and EyePACS are Kaggle competition data for research and "
+        "non-commercial use; these weights are derived from them and inherit that restriction. The code is "
+        "Apache-2.0.",
+        "",
+        "## Operating point",
+        f"Referable when calibrated P(grade >= 2) >= **{referable['threshold']:.4f}**, chosen as the "
+        f"{referable['chosen']} (out of fold).",
+        "",
+        "## Measured performance (out-of-fold, all images)",
+        format_metrics_markdown(metrics["all"], heading_level=3) if "all" in metrics else "not measured",
+    ]
+    for source, section in metrics.items():
+        if source in ("all", "decision") or not isinstance(section, dict):
+            continue
+        parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
+    for section in extra_sections or []:
+        parts += ["", section]
+    parts += ["", "## Limitations", LIMITATIONS, f"Decision rule chosen out of fold: {json.dumps(decision, default=str)}"]
+    return "\n".join(parts) + "\n"
+
+
+def write_card(spec_path: Path, out: Path, extra: list[Path] | None = None) -> Path:
+    spec = json.loads(spec_path.read_text())
+    sections = [p.read_text() for p in extra or []]
+    out.write_text(render_card(spec, sections))
+    return out
