@@ -118,3 +118,25 @@ def draw_synthetic_fundus(
 def synthetic_fundus() -> Callable[..., np.ndarray]:
     """The :func:`draw_synthetic_fundus` factory."""
     return draw_synthetic_fundus
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "retinagrade-dr.json"
+
+
+def model_under_test() -> Path:
+    """The model the end-to-end tests use: ``$RETINAGRADE_MODEL`` if set, else the shipped model."""
+    return Path(os.environ.get("RETINAGRADE_MODEL") or SHIPPED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def grading_pipeline():  # type: ignore[no-untyped-def]
+    """The grading pipeline with the model under test, loaded once per test session."""
+    from retinagrade.pipeline import GradingPipeline
+
+    return GradingPipeline.load(model_under_test(), threads=2)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """Path of the model spec under test (see :func:`model_under_test`)."""
+    return model_under_test()

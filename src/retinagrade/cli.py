@@ -197,6 +197,7 @@ def train(
     pretrained_weights: Annotated[str | None, typer.Option(help="timm-layout state dict (e.g. B3 weights).")] = None,
     cache_dir: Path = Path("cache"),
     no_final: Annotated[bool, typer.Option("--no-final", help="Cross-validate only.")] = False,
+    source_ablation: Annotated[bool, typer.Option(help="Also cross-validate with each source alone.")] = False,
 ) -> None:
     """Cross-validate, calibrate and choose the operating point out of fold, train on all data, export ONNX."""
     from retinagrade.training.train import TrainConfig, run
@@ -206,7 +207,7 @@ def train(
         labels=[str(p) for p in labels], out_dir=str(out), cache_dir=str(cache_dir), arch=arch, input_size=input_size,
         frozen_stages=frozen_stages, cache_features=not no_cache, views=views, epochs=epochs, batch_size=batch_size,
         lr=lr, folds=folds, seed=seed, device=device, threads=threads, pretrained_weights=pretrained_weights,
-        train_final=not no_final,
+        train_final=not no_final, source_ablation=source_ablation,
     )
     summary = run(cfg)
     cv = summary.get("cv", {})
@@ -235,8 +236,9 @@ def serve(
     """Run the REST service (settings from RETINAGRADE_* environment variables)."""
     import uvicorn
 
+    # The service logs one JSON line per request itself; uvicorn's access log would duplicate it.
     uvicorn.run("retinagrade.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_config=None)
+                log_config=None, access_log=False)
 
 
 if __name__ == "__main__":

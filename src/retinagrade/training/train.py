@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "cpu"
     min_sensitivity: float = 0.90
     train_final: bool = True
+    source_ablation: bool = False
     eval_labels: list[str] = field(default_factory=list)
 
     def preprocess(self) -> PreprocessConfig:
@@ -235,6 +236,48 @@ def _write_oof(path: Path, samples: list[Sample], folds: np.ndarray, preds: Pred
                              *[f"{v:.6f}" for v in preds.logits[i]]])
 
 
+def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]:
+    """Threshold-free comparison metrics: referable AUC and QWK of the most probable grade."""
+    from sklearn.metrics import roc_auc_score
+
+    probs = M.softmax(preds.logits)
+    referable = grades >= REFERABLE_MIN_GRADE
+    auc = float(roc_auc_score(referable, probs[:, REFERABLE_MIN_GRADE:].sum(1))) if 0 < referable.sum() < len(grades) else None
+    return {"n": len(grades), "referable_auc": auc, "qwk_argmax": float(M.quadratic_weighted_kappa(grades, probs.argmax(1)))}
+
+
+def source_ablation(cfg: TrainConfig, source: _Source, samples: list[Sample], grades: np.ndarray, folds: np.ndarray,
+                    combined: Predictions, combined_idx: np.ndarray) -> dict[str, Any]:
+    """Does training on every source help? Same folds, training restricted to one source at a time.
+
+    For each training source S and fold k the model learns from the training folds of S only and predicts fold k
+    of every source, so each number compares with the combined model on the same held-out patients.
+    """
+    names = sorted({s.source for s in samples})
+    source_of = np.array([s.source for s in samples])
+    result: dict[str, Any] = {"combined": {}}
+    for target in names:
+        part = np.flatnonzero(source_of[combined_idx] == target)
+        result["combined"][target] = _headline(grades[combined_idx][part], Predictions(
+            combined.logits[part], combined.regression[part], combined.embedding[part]))
+    for train_on in names:
+        logits = np.zeros((len(samples), NUM_GRADES), np.float32)
+        regression = np.zeros(len(samples), np.float32)
+        for k in range(cfg.folds):
+            train_idx = np.flatnonzero((folds != k) & (source_of == train_on))
+            test_idx = np.flatnonzero(folds == k)
+            net = fit(cfg, source, grades, train_idx, seed=cfg.seed + 1000 + k)
+            p = predict(net, source, test_idx)
+            logits[test_idx], regression[test_idx] = p.logits, p.regression
+            log.info("ablation: trained on %s only, fold %d done", train_on, k)
+        result[f"trained_on_{train_on}_only"] = {
+            target: _headline(grades[source_of == target], Predictions(
+                logits[source_of == target], regression[source_of == target], np.zeros((0, 1))))
+            for target in names
+        }
+    return result
+
+
 def _ood_stats(embedding: np.ndarray) -> dict[str, Any]:
     """Mean and spread of training embeddings, and the distance quantiles used to flag strangers."""
     mean = embedding.mean(axis=0)
@@ -304,6 +347,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 cv[name] = _metrics_for(samples, idx[part], grades[idx][part],
                                         Predictions(sub.logits[part], sub.regression[part], sub.embedding[part]),
                                         decision)
+        if cfg.source_ablation and len(summary["sources"]) > 1:
+            cv["source_ablation"] = source_ablation(cfg, source, samples, grades, folds, sub, idx)
         (out_dir / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float))
         summary["cv"] = cv
     else:

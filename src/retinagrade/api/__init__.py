@@ -1,0 +1,1 @@
+"""The HTTP grading service: a thin FastAPI front door onto :class:`retinagrade.pipeline.GradingPipeline`."""

@@ -1,0 +1,84 @@
+"""Prometheus metrics, one registry per app (so several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from retinagrade.constants import GRADE_NAMES
+from retinagrade.inference.model_spec import ModelSpec
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class ServiceMetrics:
+    """The series the service exports on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "retinagrade_http_requests", "HTTP requests answered.", ["route", "method", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "retinagrade_http_request_duration_seconds",
+            "HTTP request latency, receipt to last byte.",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "retinagrade_http_requests_in_flight", "HTTP requests being handled.", registry=r
+        )
+        self.inference_latency = Histogram(
+            "retinagrade_inference_duration_seconds",
+            "Duration of one model call (a whole batch).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "retinagrade_inference_batch_size", "Images per model call.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "retinagrade_admitted_images", "Images admitted and not yet answered.", registry=r
+        )
+        self.rejected = Counter(
+            "retinagrade_overload_rejections", "Requests refused with 503 (queue full).", registry=r
+        )
+        self.results = Counter(
+            "retinagrade_results", "Images answered, by result status.", ["status"], registry=r
+        )
+        self.grades = Counter(
+            "retinagrade_grades", "Graded images, by ICDR grade.", ["grade", "grade_name"], registry=r
+        )
+        self.input_errors = Counter(
+            "retinagrade_input_errors", "Images refused as bad input, by code.", ["code"], registry=r
+        )
+        self.ungradable_rate = Gauge(
+            "retinagrade_ungradable_rate",
+            "Share of answered images found ungradable since start-up.",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "retinagrade_model_info",
+            "The model being served (value 1).",
+            ["name", "version", "sha256"],
+            registry=r,
+        )
+        self._answered = 0
+        self._ungradable = 0
+        for status in ("graded", "ungradable", "not_fundus"):
+            self.results.labels(status)
+        for grade, name in enumerate(GRADE_NAMES):
+            self.grades.labels(str(grade), name)
+
+    def set_model(self, spec: ModelSpec) -> None:
+        self.model_info.labels(spec.name, spec.version, spec.sha256).set(1)
+
+    def observe_result(self, status: str, grade: int | None) -> None:
+        self.results.labels(status).inc()
+        if grade is not None:
+            self.grades.labels(str(grade), GRADE_NAMES[grade]).inc()
+        self._answered += 1
+        self._ungradable += status == "ungradable"
+        self.ungradable_rate.set(self._ungradable / self._answered)

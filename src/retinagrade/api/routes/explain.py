@@ -1,0 +1,52 @@
+"""Explanations as images: where the model's evidence lies, over the cropped fundus."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from retinagrade.api.dependencies import RequestIdDep, ServiceDep, SettingsDep, StartedDep
+from retinagrade.api.errors import NotExplainableError
+from retinagrade.api.routes.grade import ERRORS
+from retinagrade.api.uploads import SINGLE_IMAGE_BODY, read_image
+
+router = APIRouter(prefix="/v1", tags=["explanations"])
+
+
+@router.post(
+    "/explain",
+    summary="Heatmap of the model's evidence as a PNG",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "The heatmap over the cropped fundus; grade in X-Retinagrade-* headers.",
+        },
+        **ERRORS,
+        422: {
+            "model": ERRORS[422]["model"],
+            "description": "Missing field, or an image that was not graded.",
+        },
+    },
+    openapi_extra=SINGLE_IMAGE_BODY,
+)
+async def explain(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+    started: StartedDep,
+) -> Response:
+    with service.admit(1):
+        data = await read_image(request, settings.max_image_bytes)
+        answer, png = await service.grade(data, request_id=request_id, started=started, explain=True)
+    if png is None:
+        raise NotExplainableError(
+            f"The image was not graded (status {answer.status}; reasons: "
+            f"{', '.join(answer.quality.reasons)}), so there is no model evidence to show."
+        )
+    headers = {
+        "X-Retinagrade-Status": answer.status,
+        "X-Retinagrade-Grade": str(answer.grade),
+        "X-Retinagrade-Referable": str(answer.referable).lower(),
+    }
+    return Response(png, media_type="image/png", headers=headers)

@@ -1,0 +1,99 @@
+"""Grading: one image, or a batch of images with per-patient referral decisions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from retinagrade.api.dependencies import RequestIdDep, ServiceDep, SettingsDep, StartedDep
+from retinagrade.api.referral import TaggedOutcome, patient_referrals
+from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, GradeResponse
+from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, read_batch, read_image
+from retinagrade.errors import InputError
+
+router = APIRouter(prefix="/v1/grade", tags=["grading"])
+
+ExplainQuery = Annotated[bool, Query(description="Add a heatmap of the model's evidence (PNG, base64).")]
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Empty, corrupt or truncated image, or a malformed body.",
+        401: "Missing or wrong X-API-Key (when keys are configured).",
+        413: "Image or body too large (bytes or pixels).",
+        415: "Not an accepted image type.",
+        422: "Missing or invalid field.",
+        503: "At capacity (see Retry-After) or still starting.",
+    }.items()
+}
+
+
+@router.post(
+    "",
+    response_model=GradeResponse,
+    summary="Grade one fundus photograph",
+    responses=ERRORS,
+    openapi_extra=SINGLE_IMAGE_BODY,
+)
+async def grade(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+    started: StartedDep,
+    explain: ExplainQuery = False,
+) -> GradeResponse:
+    """An ungradable or non-fundus image is a 200 with that ``status``, not an error."""
+    with service.admit(1):
+        data = await read_image(request, settings.max_image_bytes)
+        response, _ = await service.grade(data, request_id=request_id, started=started, explain=explain)
+    return response
+
+
+@router.post(
+    "/batch",
+    response_model=BatchResponse,
+    summary="Grade several images, per patient",
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
+async def grade_batch(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+    started: StartedDep,
+    explain: ExplainQuery = False,
+) -> BatchResponse:
+    """Each image gets a result or an error of its own; one bad file never fails the others.
+
+    Images tagged with a ``patient_id`` get a referral decision per patient from both eyes: refer if either
+    eye is referable; ``cannot_decide`` if an image was not graded or an eye is missing and none is referable.
+    """
+    upload = await read_batch(request, settings.max_image_bytes, settings.max_batch_images)
+    with service.admit(len(upload.images)):
+        answers = await service.grade_many(
+            upload.images, request_id=request_id, started=started, explain=explain
+        )
+    items = []
+    outcomes = []
+    for index, answer in enumerate(answers):
+        item = BatchItem(
+            index=index,
+            filename=upload.filenames[index],
+            eye=upload.eyes[index],
+            patient_id=upload.patient_ids[index],
+        )
+        if isinstance(answer, InputError):
+            item.error = ErrorBody(
+                code=answer.code, message=answer.message, request_id=f"{request_id}.{index}"
+            )
+        else:
+            item.result = answer
+        items.append(item)
+        patient = upload.patient_ids[index]
+        if patient is not None:
+            referable = None if isinstance(answer, InputError) else answer.referable
+            outcomes.append(TaggedOutcome(index, patient, upload.eyes[index], referable))
+    return BatchResponse(request_id=request_id, items=items, patients=patient_referrals(outcomes))

@@ -1,0 +1,119 @@
+"""Response bodies of the service (requests are images, read in :mod:`retinagrade.api.uploads`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ResultStatus = Literal["graded", "ungradable", "not_fundus"]
+Eye = Literal["left", "right"]
+ReferralDecision = Literal["refer", "no_refer", "cannot_decide"]
+EyeStatus = Literal["referable", "not_referable", "not_graded"]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable machine-readable ``code`` and a message for people."""
+
+    code: str = Field(examples=["corrupt_image"])
+    message: str
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class Quality(BaseModel):
+    score: float = Field(ge=0.0, le=1.0, description="1 - P(ungradable); higher is better.")
+    is_fundus: bool
+    gradable: bool
+    reasons: list[str] = Field(description="Stable reason codes; empty for a gradable fundus.")
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    sha256: str
+
+
+class ImageInfo(BaseModel):
+    sha256: str
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    decode: float
+    preprocess: float
+    queue: float | None = Field(None, description="Waiting for the model (dynamic batching).")
+    inference: float | None = Field(None, description="The model call (shared by a batch); None if skipped.")
+    total: float
+
+
+class Explanation(BaseModel):
+    method: str
+    heatmap_png_base64: str = Field(description="PNG: the heatmap overlaid on the cropped fundus.")
+    width: int
+    height: int
+
+
+class GradeResponse(BaseModel):
+    """The answer for one image. ``grade`` and its companions are null unless ``status`` is ``graded``."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    status: ResultStatus
+    grade: int | None = Field(None, ge=0, le=4)
+    grade_name: str | None = None
+    referable: bool | None = None
+    probabilities: list[float] | None = Field(None, min_length=5, max_length=5)
+    p_referable: float | None = None
+    confidence: float | None = None
+    quality: Quality
+    model: ModelRef
+    image: ImageInfo
+    timings_ms: Timings
+    explanation: Explanation | None = None
+
+
+class BatchItem(BaseModel):
+    """One image of a batch: its result, or the error that kept it from being graded."""
+
+    index: int
+    filename: str | None = None
+    eye: Eye | None = None
+    patient_id: str | None = None
+    result: GradeResponse | None = None
+    error: ErrorBody | None = None
+
+
+class EyeSummary(BaseModel):
+    eye: Eye | None
+    images: list[int] = Field(description="Indices of this eye's images in the batch.")
+    status: EyeStatus
+
+
+class PatientReferral(BaseModel):
+    patient_id: str
+    decision: ReferralDecision
+    reason: str
+    eyes: list[EyeSummary]
+
+
+class BatchResponse(BaseModel):
+    request_id: str
+    items: list[BatchItem]
+    patients: list[PatientReferral]
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: Literal["ready"]
+    model: ModelRef
+    warmup_ms: float

@@ -1,0 +1,111 @@
+"""Fixtures for the service tests: settings for a real model, one shared running app, test images.
+
+The model is the one named by ``$RETINAGRADE_MODEL``, else the shipped ``models/retinagrade-dr.json``; the
+tests skip with that reason when neither exists. They assert behaviour any trained model must have (real
+fundus photographs are graded, probabilities sum to one) and never a particular grade.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from retinagrade.api.app import create_app
+from retinagrade.api.settings import Settings
+from retinagrade.pipeline import DEFAULT_MODEL
+
+MODEL_REASON = "needs a model: set RETINAGRADE_MODEL or install models/retinagrade-dr.json"
+
+
+def model_path() -> Path:
+    named = os.environ.get("RETINAGRADE_MODEL")
+    return Path(named) if named else DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def model_spec_path() -> Path:
+    path = model_path()
+    if not path.is_file():
+        pytest.skip(MODEL_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gate_is_placeholder(model_spec_path: Path) -> bool:
+    """The development model ships a placeholder quality gate that cannot tell a cat from a fundus."""
+    spec = json.loads(model_spec_path.read_text())
+    gate = model_spec_path.parent / spec.get("gate_file", "gate.json")
+    return bool(json.loads(gate.read_text()).get("meta", {}).get("dev"))
+
+
+@pytest.fixture
+def make_settings(model_spec_path: Path, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a test app: the test model, a private audit store, small limits unless overridden."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model": model_spec_path,
+            "audit_path": tmp_path / "audit.sqlite3",
+            "threads": 2,
+            "prepare_workers": 2,
+            "log_level": "WARNING",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def client(model_spec_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One started app shared by the tests that need no special settings (start-up costs a second)."""
+    settings = Settings(
+        model=model_spec_path,
+        audit_path=tmp_path_factory.mktemp("audit") / "audit.sqlite3",
+        threads=2,
+        prepare_workers=2,
+        log_level="WARNING",
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def raw_fundus_paths(shared_data: Path) -> list[Path]:
+    paths = sorted((shared_data / "raw-fundus-samples" / "images").glob("*.jpeg"))
+    if not paths:
+        pytest.skip("no raw fundus samples in the shared data")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def fundus_jpeg(raw_fundus_paths: list[Path]) -> bytes:
+    """A full-size camera JPEG of a real fundus."""
+    return raw_fundus_paths[0].read_bytes()
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def synthetic_jpeg(synthetic_fundus: Callable[..., np.ndarray]) -> bytes:
+    """A small fundus-like JPEG for tests that need a decodable image but not a real photograph."""
+    return encode(synthetic_fundus(800, 600, 400, 300, 280), quality=90)
+
+
+@pytest.fixture(scope="session")
+def black_png() -> bytes:
+    """A black frame: no field of view, so never a fundus."""
+    return encode(np.zeros((480, 640, 3), np.uint8), "PNG")

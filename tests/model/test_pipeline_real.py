@@ -1,0 +1,86 @@
+"""The whole pipeline with the model under test, on real photographs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retinagrade.errors import CorruptImageError, EmptyImageError, ImageTooLargeError, UnsupportedFormatError
+
+
+def test_raw_camera_photos_pass_the_gate_and_are_graded(grading_pipeline, shared_data: Path) -> None:
+    statuses = {}
+    for path in sorted((shared_data / "raw-fundus-samples/images").glob("*.jpeg")):
+        result = grading_pipeline.grade(path.read_bytes())
+        statuses[path.stem] = result.status
+        if result.status == "graded":
+            d = result.decision
+            assert d is not None and 0 <= d.grade <= 4
+            assert abs(sum(d.probabilities) - 1.0) < 1e-6
+            assert d.referable == (d.p_referable >= grading_pipeline.spec.referable_threshold)
+            assert (d.grade >= 2) == d.referable
+    assert statuses.pop("6834_left") == "ungradable"  # EyeQ "Reject", very dark
+    assert set(statuses.values()) == {"graded"}
+
+
+def test_non_fundus_images_get_no_grade(grading_pipeline, shared_data: Path) -> None:
+    import csv
+
+    folder = shared_data / "non-fundus"
+    with (folder / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        result = grading_pipeline.grade((folder / row["image"]).read_bytes())
+        if row["image"].endswith("retina.jpg"):
+            assert result.status == "graded", row["image"]
+        else:
+            assert result.status == "not_fundus", row["image"]
+            assert result.decision is None
+
+
+def test_heatmap_is_an_explanation_not_a_constant(grading_pipeline, shared_data: Path) -> None:
+    result = grading_pipeline.grade((shared_data / "raw-fundus-samples/images/16_right.jpeg").read_bytes(),
+                                    explain=True)
+    heat = result.heatmap
+    assert heat is not None and heat.shape == (224, 224)
+    inside = heat[result.crop.sum(axis=2) > 0]
+    assert inside.std() > 0.05 and inside.max() > 0.5
+    assert float(heat[0, 0]) == 0.0  # outside the disc
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", EmptyImageError),
+        (b"%PDF-1.4 renamed", UnsupportedFormatError),
+        (np.random.default_rng(0).bytes(5000), UnsupportedFormatError),
+    ],
+)
+def test_bad_bytes_raise_input_errors(grading_pipeline, data: bytes, error: type) -> None:
+    with pytest.raises(error):
+        grading_pipeline.grade(data)
+
+
+def test_truncated_and_oversized(grading_pipeline, shared_data: Path) -> None:
+    import struct
+    import zlib
+
+    good = (shared_data / "raw-fundus-samples/images/605_left.jpeg").read_bytes()
+    with pytest.raises(CorruptImageError):
+        grading_pipeline.grade(good[: len(good) // 2])
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\0" * 16)
+    idat_chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    with pytest.raises(ImageTooLargeError):
+        grading_pipeline.grade(b"\x89PNG\r\n\x1a\n" + chunk + idat_chunk)
+
+
+def test_batch_keeps_good_results_beside_bad_ones(grading_pipeline, shared_data: Path) -> None:
+    good = (shared_data / "eyepacs-768/images/1000_left.jpg").read_bytes()
+    results = grading_pipeline.grade_batch([good, b"", good])
+    assert isinstance(results[1], EmptyImageError)
+    assert results[0].status == results[2].status
+    assert results[0].decision == results[2].decision

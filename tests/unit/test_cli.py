@@ -1,0 +1,81 @@
+"""The ``retinagrade`` CLI end to end: folders, bad files, CSV/JSON output, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retinagrade.cli import CSV_COLUMNS, app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path, shared_data: Path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(shared_data / "raw-fundus-samples/images/16_right.jpeg", folder / "16_right.jpeg")
+    shutil.copy(shared_data / "raw-fundus-samples/images/6834_left.jpeg", folder / "nested/6834_left.jpeg")
+    shutil.copy(shared_data / "non-fundus/images/chelsea.png", folder / "cat.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "fake.jpg").write_bytes(b"%PDF-1.4\n% not an image\n")
+    good = (shared_data / "raw-fundus-samples/images/605_left.jpeg").read_bytes()
+    (folder / "nested/truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "results.csv"
+    result = runner.invoke(app, ["grade", str(mixed_folder), "--output", str(out), "--model",
+                                 str(model_path), "--quiet"])
+    assert result.exit_code == 1, result.output  # some files failed
+    with out.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = {Path(r["image"]).name: r for r in reader}
+    assert set(rows) == {"16_right.jpeg", "6834_left.jpeg", "cat.png", "empty.jpg", "fake.jpg", "truncated.jpg"}
+    graded = rows["16_right.jpeg"]
+    assert graded["status"] == "graded"
+    assert graded["grade"] in {"0", "1", "2", "3", "4"} and graded["referable"] in {"true", "false"}
+    assert abs(sum(float(graded[f"p{k}"]) for k in range(5)) - 1.0) < 1e-2
+    assert 0.0 <= float(graded["quality"]) <= 1.0
+    assert rows["6834_left.jpeg"]["status"] == "ungradable"
+    assert rows["6834_left.jpeg"]["grade"] == "" and rows["6834_left.jpeg"]["p0"] == ""
+    assert rows["cat.png"]["status"] == "not_fundus" and rows["cat.png"]["grade"] == ""
+    for name in ("empty.jpg", "fake.jpg", "truncated.jpg"):
+        assert rows[name]["status"] == "error" and rows[name]["quality"] == ""
+
+
+def test_grade_json_output_records_error_codes(mixed_folder: Path, tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = runner.invoke(app, ["grade", str(mixed_folder / "fake.jpg"), str(mixed_folder / "16_right.jpeg"),
+                                 "-o", str(out), "--model", str(model_path), "--quiet"])
+    assert result.exit_code == 1
+    rows = json.loads(out.read_text())
+    assert rows[0]["status"] == "error" and rows[0]["error"]["code"] == "unsupported_format"
+    assert rows[1]["status"] == "graded"
+
+
+def test_all_good_files_exit_zero(shared_data: Path, tmp_path: Path, model_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["grade", str(shared_data / "raw-fundus-samples/images/373_left.jpeg"), "-o", str(out),
+                                 "--model", str(model_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
+    result = runner.invoke(app, ["grade", str(shared_data / "non-fundus/images/retina.jpg"), "--model",
+                                 str(tmp_path / "nope.json")])
+    assert result.exit_code == 3
+    assert "does not" in result.output and "exist" in result.output
+
+
+def test_no_images_found(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["grade", str(tmp_path)])
+    assert result.exit_code == 2
