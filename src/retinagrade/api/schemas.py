@@ -53,6 +53,9 @@ class Timings(BaseModel):
 class Explanation(BaseModel):
     method: str
     heatmap_png_base64: str = Field(description="PNG: the heatmap overlaid on the cropped fundus.")
+    fundus_png_base64: str = Field(
+        description="PNG: the same cropped fundus without the heatmap, for overlays at any opacity."
+    )
     width: int
     height: int
 

@@ -198,6 +198,7 @@ class GradingService:
                 width=width,
                 height=height,
                 heatmap_png_base64=base64.b64encode(png).decode("ascii"),
+                fundus_png_base64=base64.b64encode(encode_png(result.crop)).decode("ascii"),
             )
         status = result.status
         if status == "error":  # pragma: no cover - the pipeline reports errors by raising

@@ -63,6 +63,7 @@ class TrainConfig:
     min_sensitivity: float = 0.90
     train_final: bool = True
     source_ablation: bool = False
+    oversample: dict[str, int] = field(default_factory=dict)
     eval_labels: list[str] = field(default_factory=list)
 
     def preprocess(self) -> PreprocessConfig:
@@ -87,8 +88,10 @@ def _loss(logits: torch.Tensor, regression: torch.Tensor, grades: torch.Tensor, 
 class _Source:
     """Feeds training batches: cached stem features (CPU mode) or augmented images through the stem."""
 
-    def __init__(self, cfg: TrainConfig, images: np.ndarray, features: np.ndarray | None) -> None:
+    def __init__(self, cfg: TrainConfig, images: np.ndarray, features: np.ndarray | None,
+                 sources: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.sources = sources
         self.images = images
         self.features = features
         self.preprocess = cfg.preprocess()
@@ -129,6 +132,10 @@ def fit(cfg: TrainConfig, source: _Source, grades: np.ndarray, train_idx: np.nda
         optimiser, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
     y_all = torch.from_numpy(grades.astype(np.int64))
+    if cfg.oversample and source.sources is not None:
+        # Repeat images of under-represented sources (e.g. camera photos) within each epoch.
+        repeats = np.array([cfg.oversample.get(source.sources[i], 1) for i in train_idx])
+        train_idx = np.repeat(train_idx, repeats)
     for epoch in range(cfg.epochs):
         net.tail.train()
         if stem is not None:
@@ -319,7 +326,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                        cfg.pretrained_weights],
             seed=cfg.seed, threads=cfg.threads,
         )
-    source = _Source(cfg, images, features)
+    source = _Source(cfg, images, features, [s.source for s in samples])
 
     summary: dict[str, Any] = {"n_images": len(samples), "sources": sorted({s.source for s in samples})}
     if cfg.folds > 1:

@@ -380,12 +380,14 @@
   function decisionBadge(action, extra) {
     return el("p", { className: `decision decision-${action.key}` },
       el("span", { className: "decision-icon", "aria-hidden": "true" }, action.icon),
-      el("strong", {}, action.label),
-      action.text || extra ? ` — ${[action.text, extra].filter(Boolean).join(" ")}` : "");
+      el("strong", { className: "decision-label" }, action.label),
+      action.text || extra
+        ? el("span", { className: "decision-text" }, [action.text, extra].filter(Boolean).join(" "))
+        : null);
   }
 
   function reasonList(reasons) {
-    if (!reasons.length) return null;
+    if (!reasons.length) return document.createDocumentFragment();
     return el("ul", { className: "reasons" },
       reasons.map((code) => el("li", {}, REASONS[code] || `Image problem: ${code.replaceAll("_", " ")}.`)));
   }
