@@ -191,7 +191,7 @@ class GradingService:
         quality = result.quality
         decision = result.decision
         explanation = None
-        if png is not None and result.heatmap is not None:
+        if png is not None and result.heatmap is not None and result.crop is not None:
             height, width = result.heatmap.shape[:2]
             explanation = Explanation(
                 method=EXPLANATION_METHOD,

@@ -34,9 +34,11 @@ def evidence_map(cam: np.ndarray, size: int, mask: np.ndarray | None = None) -> 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, opacity: float = 0.45) -> np.ndarray:
     """Blend a jet-coloured heatmap over an RGB image (both S x S); returns RGB uint8."""
-    colours = cv2.applyColorMap(np.uint8(np.round(heat * 255)), cv2.COLORMAP_JET)[:, :, ::-1]
+    levels = np.round(heat * 255).astype(np.uint8)
+    colours = np.asarray(cv2.applyColorMap(levels, cv2.COLORMAP_JET))[:, :, ::-1]
     alpha = (opacity * np.clip(heat * 1.5, 0, 1))[:, :, None]
-    return np.uint8(np.clip(rgb * (1 - alpha) + colours * alpha, 0, 255))
+    blended = np.clip(rgb * (1 - alpha) + colours * alpha, 0, 255)
+    return blended.astype(np.uint8)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

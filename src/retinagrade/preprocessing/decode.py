@@ -129,11 +129,11 @@ def decode_image(
             warnings.simplefilter("ignore")
             img.load()
             stored = img.size
-            img = ImageOps.exif_transpose(img) or img
-        if img.size != stored:
+            oriented: Image.Image = ImageOps.exif_transpose(img) or img
+        if oriented.size != stored:
             # Rotated by its EXIF orientation: report the size in the frame of ``rgb``, or ``scale`` is wrong.
             width, height = height, width
-        rgb = _to_rgb_uint8(img)
+        rgb = _to_rgb_uint8(oriented)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLargeError(f"The image has more than {max_pixels:,} pixels.") from None
     except (OSError, ValueError, SyntaxError, EOFError):

