@@ -40,8 +40,18 @@ def main() -> None:
             shutil.copyfile(src, folder / f"{i:04d}_{src.name}")
         megapixels = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
         out = Path(tmp) / "results.csv"
-        command = [str(Path(sys.executable).with_name("retinagrade")), "grade", str(folder), "-o", str(out), "--quiet",
-                   "--workers", str(args.workers), "--threads", str(args.threads)]
+        command = [
+            str(Path(sys.executable).with_name("retinagrade")),
+            "grade",
+            str(folder),
+            "-o",
+            str(out),
+            "--quiet",
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads),
+        ]
         if args.model is not None:
             command += ["--model", str(args.model)]
         start = time.perf_counter()
@@ -51,8 +61,10 @@ def main() -> None:
             statuses = Counter(row["status"] for row in csv.DictReader(fh))
     print(f"files: {args.images} camera JPEGs ({megapixels:.0f} MB) from {args.data}")
     print(f"statuses: {dict(statuses)}")
-    print(f"whole run: {elapsed:.1f} s -> {args.images / elapsed:.1f} images/s "
-          f"(workers={args.workers}, threads={args.threads})")
+    print(
+        f"whole run: {elapsed:.1f} s -> {args.images / elapsed:.1f} images/s "
+        f"(workers={args.workers}, threads={args.threads})"
+    )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ class _Stopwatch:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="folder holding the JPEGs (or images/)"
-    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding the JPEGs (or images/)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     folder = args.data / "images" if (args.data / "images").is_dir() else args.data
@@ -73,9 +71,7 @@ def main() -> None:
             to_tensor([image], config.mean, config.std)
             watch.lap("to_tensor")
     sizes = sorted({f"{len(b) // 1024} KiB" for b in blobs})
-    print(
-        f"{len(files)} JPEGs in {folder} ({', '.join(sizes)}), {args.rounds} rounds, size {config.input_size}"
-    )
+    print(f"{len(files)} JPEGs in {folder} ({', '.join(sizes)}), {args.rounds} rounds, size {config.input_size}")
     for stage, values in watch.timings.items():
         median = statistics.median(values)
         print(f"{stage:24s} median {median:8.2f} ms   (min {min(values):.2f}, n={len(values)})")

@@ -32,9 +32,7 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "raw-fundus-samples" / "image
 def big_jpeg(sample: Path) -> bytes:
     """A 4288 x 2848 camera-sized JPEG (quality 95) upscaled from a raw sample."""
     buffer = io.BytesIO()
-    Image.open(sample).convert("RGB").resize((4288, 2848), Image.Resampling.BICUBIC).save(
-        buffer, "JPEG", quality=95
-    )
+    Image.open(sample).convert("RGB").resize((4288, 2848), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
 
 
@@ -114,9 +112,7 @@ def run(url: str, images: list[bytes], requests: int, concurrency: int, multipar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="Target a running server (loopback only) instead of starting one.")
     parser.add_argument("--pid", type=int, help="With --url: the server's pid, to report its RSS.")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of camera JPEGs.")

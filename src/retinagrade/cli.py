@@ -20,8 +20,16 @@ from retinagrade.errors import InputError, RetinagradeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
 err = Console(stderr=True)
 
-CSV_COLUMNS = ["image", "status", "grade", "grade_name", "referable", "confidence",
-               *[f"p{k}" for k in range(NUM_GRADES)], "quality"]
+CSV_COLUMNS = [
+    "image",
+    "status",
+    "grade",
+    "grade_name",
+    "referable",
+    "confidence",
+    *[f"p{k}" for k in range(NUM_GRADES)],
+    "quality",
+]
 
 ModelOption = Annotated[Path | None, typer.Option(help="Model spec (.json) or ONNX file; default: the shipped model.")]
 
@@ -56,8 +64,12 @@ def _row(image: str, result: Any) -> dict[str, Any]:
     if decision is None:
         row["referable"] = "false"
         return row
-    row.update(grade=decision.grade, grade_name=decision.grade_name, referable=str(decision.referable).lower(),
-               confidence=round(decision.confidence, 4))
+    row.update(
+        grade=decision.grade,
+        grade_name=decision.grade_name,
+        referable=str(decision.referable).lower(),
+        confidence=round(decision.confidence, 4),
+    )
     for k, p in enumerate(decision.probabilities):
         row[f"p{k}"] = round(p, 4)
     return row
@@ -81,8 +93,9 @@ def _read(path: Path) -> bytes | Exception:
         return exc
 
 
-def grade_files(pipeline: Any, files: list[Path], workers: int, chunk: int = 8,
-                progress: Progress | None = None) -> list[dict[str, Any]]:
+def grade_files(
+    pipeline: Any, files: list[Path], workers: int, chunk: int = 8, progress: Progress | None = None
+) -> list[dict[str, Any]]:
     """Grade files with ``workers`` threads preparing images while the model runs batches."""
     rows: list[dict[str, Any]] = []
     task = progress.add_task("grading", total=len(files)) if progress else None
@@ -144,9 +157,20 @@ def grade(
 
         table = Table("image", "status", "grade", "referable", "confidence", "quality", "note")
         for r in rows:
-            note = r.get("error", {}).get("message", "") if r["status"] == "error" else ", ".join(r.get("quality_reasons", []))
-            table.add_row(Path(r["image"]).name, r["status"], f"{r['grade']} {r['grade_name']}".strip(),
-                          r["referable"], str(r["confidence"]), str(r["quality"]), note)
+            note = (
+                r.get("error", {}).get("message", "")
+                if r["status"] == "error"
+                else ", ".join(r.get("quality_reasons", []))
+            )
+            table.add_row(
+                Path(r["image"]).name,
+                r["status"],
+                f"{r['grade']} {r['grade_name']}".strip(),
+                r["referable"],
+                str(r["confidence"]),
+                str(r["quality"]),
+                note,
+            )
         Console(file=sys.stdout if output is None else sys.stderr).print(table)
     failed = sum(r["status"] == "error" for r in rows)
     if failed:
@@ -157,7 +181,9 @@ def grade(
 @app.command()
 def evaluate(
     data: Annotated[list[Path], typer.Option(help="Label CSV(s): image,grade / EyePACS / APTOS layouts.")] = [],  # noqa: B006
-    predictions: Annotated[Path | None, typer.Option(help="Score an out-of-fold predictions CSV from training instead.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Score an out-of-fold predictions CSV from training instead.")
+    ] = None,
     model: ModelOption = None,
     out: Annotated[Path, typer.Option(help="Folder for metrics.json and metrics.md.")] = Path("reports/evaluation"),
     workers: int = 2,
@@ -198,16 +224,34 @@ def train(
     cache_dir: Path = Path("cache"),
     no_final: Annotated[bool, typer.Option("--no-final", help="Cross-validate only.")] = False,
     source_ablation: Annotated[bool, typer.Option(help="Also cross-validate with each source alone.")] = False,
+    cross_source: Annotated[bool, typer.Option(help="Also train on each source alone and test on the others.")] = False,
+    oversample: Annotated[list[str], typer.Option(help="SOURCE=K: sample a source's images K times as often.")] = [],  # noqa: B006
 ) -> None:
     """Cross-validate, calibrate and choose the operating point out of fold, train on all data, export ONNX."""
     from retinagrade.training.train import TrainConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = TrainConfig(
-        labels=[str(p) for p in labels], out_dir=str(out), cache_dir=str(cache_dir), arch=arch, input_size=input_size,
-        frozen_stages=frozen_stages, cache_features=not no_cache, views=views, epochs=epochs, batch_size=batch_size,
-        lr=lr, folds=folds, seed=seed, device=device, threads=threads, pretrained_weights=pretrained_weights,
-        train_final=not no_final, source_ablation=source_ablation,
+        labels=[str(p) for p in labels],
+        out_dir=str(out),
+        cache_dir=str(cache_dir),
+        arch=arch,
+        input_size=input_size,
+        frozen_stages=frozen_stages,
+        cache_features=not no_cache,
+        views=views,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        folds=folds,
+        seed=seed,
+        device=device,
+        threads=threads,
+        pretrained_weights=pretrained_weights,
+        train_final=not no_final,
+        source_ablation=source_ablation,
+        cross_source=cross_source,
+        oversample={name: int(k) for name, k in (item.split("=", 1) for item in oversample)},
     )
     summary = run(cfg)
     cv = summary.get("cv", {})
@@ -217,8 +261,12 @@ def train(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (holds final.pt and train_config.json).")],
-    out: Annotated[Path, typer.Option(help="Folder to write <name>.onnx, <name>.json and gate.json into.")] = Path("models"),
-    gate: Annotated[Path, typer.Option(help="Quality-gate parameters to ship beside the model.")] = Path("models/gate.json"),
+    out: Annotated[Path, typer.Option(help="Folder to write <name>.onnx, <name>.json and gate.json into.")] = Path(
+        "models"
+    ),
+    gate: Annotated[Path, typer.Option(help="Quality-gate parameters to ship beside the model.")] = Path(
+        "models/gate.json"
+    ),
 ) -> None:
     """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, and install it in ``out``."""
     from retinagrade.training.export import export_run
@@ -237,8 +285,15 @@ def serve(
     import uvicorn
 
     # The service logs one JSON line per request itself; uvicorn's access log would duplicate it.
-    uvicorn.run("retinagrade.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_config=None, access_log=False)
+    uvicorn.run(
+        "retinagrade.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,4 @@ Status = Literal["graded", "ungradable", "not_fundus", "error"]
 STATUSES: Final[tuple[str, ...]] = ("graded", "ungradable", "not_fundus", "error")
 
 #: File suffixes the CLI picks up when it walks a folder.
-IMAGE_SUFFIXES: Final[frozenset[str]] = frozenset(
-    {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jfif"}
-)
+IMAGE_SUFFIXES: Final[frozenset[str]] = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".jfif"})

@@ -71,8 +71,9 @@ def _ms(start: float) -> float:
 class GradingPipeline:
     """The model, its spec and the quality gate, loaded once."""
 
-    def __init__(self, spec: ModelSpec, gate: GateParams, threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, spec: ModelSpec, gate: GateParams, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.spec = spec
         self.gate = gate
         self.grader = OnnxGrader(spec, threads=threads)
@@ -83,8 +84,9 @@ class GradingPipeline:
         self._ood_limit = float(ood["distance_limit"]) if "distance_limit" in ood else None
 
     @classmethod
-    def load(cls, model: str | Path | None = None, threads: int | None = None,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> GradingPipeline:
+    def load(
+        cls, model: str | Path | None = None, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> GradingPipeline:
         """Load a model spec (or the ONNX file beside it) and its gate; fail loudly if anything is off."""
         spec = ModelSpec.load(model or DEFAULT_MODEL)
         gate_path = spec.gate_path
@@ -121,8 +123,9 @@ class GradingPipeline:
         outputs = self.grader.run(batch)
         elapsed = _ms(start)
         for j, i in enumerate(todo):
-            results[i] = ModelOutputs(outputs.logits[j], outputs.regression[j : j + 1], outputs.cam[j],
-                                      outputs.embedding[j])
+            results[i] = ModelOutputs(
+                outputs.logits[j], outputs.regression[j : j + 1], outputs.cam[j], outputs.embedding[j]
+            )
             requests[i].timings_ms["inference"] = elapsed
         return results
 
@@ -140,8 +143,9 @@ class GradingPipeline:
             return GradeResult(status, quality, None, request.sha256, size, request.timings_ms)
         distance = self.ood_distance(outputs.embedding)
         if distance is not None and self._ood_limit is not None and distance > self._ood_limit:
-            refused = QualityAssessment(is_fundus=False, gradable=False, score=quality.score,
-                                        reasons=("not_fundus", UNFAMILIAR_REASON))
+            refused = QualityAssessment(
+                is_fundus=False, gradable=False, score=quality.score, reasons=("not_fundus", UNFAMILIAR_REASON)
+            )
             return GradeResult("not_fundus", refused, None, request.sha256, size, request.timings_ms, distance)
         decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec)
         result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, distance)

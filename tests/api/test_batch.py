@@ -9,9 +9,7 @@ from retinagrade.api.referral import TaggedOutcome, patient_referrals
 
 
 @pytest.mark.shared_data
-def test_one_bad_file_never_fails_the_others(
-    client: TestClient, fundus_jpeg: bytes, black_png: bytes
-) -> None:
+def test_one_bad_file_never_fails_the_others(client: TestClient, fundus_jpeg: bytes, black_png: bytes) -> None:
     files = [
         ("files", ("left.jpeg", fundus_jpeg, "image/jpeg")),
         ("files", ("broken.jpeg", fundus_jpeg[: len(fundus_jpeg) // 3], "image/jpeg")),

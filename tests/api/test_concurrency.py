@@ -48,9 +48,7 @@ def test_concurrent_requests_are_all_answered_and_batched(
         assert batched == len(images) + 0 and calls < len(images), "no two requests shared a model call"
 
 
-def test_overload_answers_503_with_retry_after(
-    make_settings: Callable[..., Settings], synthetic_jpeg: bytes
-) -> None:
+def test_overload_answers_503_with_retry_after(make_settings: Callable[..., Settings], synthetic_jpeg: bytes) -> None:
     with TestClient(create_app(make_settings(max_queue=2, retry_after_s=3))) as client:
         files = [("files", (f"{i}.jpeg", synthetic_jpeg, "image/jpeg")) for i in range(3)]
         response = client.post("/v1/grade/batch", files=files)

@@ -20,9 +20,7 @@ def _png_header_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG whose header claims ``width`` x ``height`` but which carries almost no pixels."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -60,9 +58,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[bytes], bytes], set[int]]] = {
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 @pytest.mark.parametrize("as_multipart", [True, False], ids=["multipart", "raw"])
-def test_bad_images_get_client_errors(
-    client: TestClient, synthetic_jpeg: bytes, name: str, as_multipart: bool
-) -> None:
+def test_bad_images_get_client_errors(client: TestClient, synthetic_jpeg: bytes, name: str, as_multipart: bool) -> None:
     make, expected = BAD_INPUTS[name]
     data = make(synthetic_jpeg)
     if as_multipart:
@@ -75,10 +71,7 @@ def test_bad_images_get_client_errors(
         assert body["code"] and body["message"] and body["request_id"]
         assert "Traceback" not in response.text
     # ... and the server keeps serving.
-    assert (
-        client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code
-        == 200
-    )
+    assert client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
 def test_error_codes_are_stable(client: TestClient, synthetic_jpeg: bytes) -> None:
@@ -104,9 +97,7 @@ def test_missing_or_wrong_field_is_422(client: TestClient, synthetic_jpeg: bytes
     assert response.status_code == 422
     assert response.json()["code"] == "validation_error"
     assert response.json()["details"][0]["loc"] == ["body", "file"]
-    response = client.post(
-        "/v1/grade", data={"file": "not a file"}, files={"other": ("a.txt", b"x", "text/plain")}
-    )
+    response = client.post("/v1/grade", data={"file": "not a file"}, files={"other": ("a.txt", b"x", "text/plain")})
     assert response.status_code == 422
 
 
@@ -168,8 +159,6 @@ def test_too_many_pixels_is_413(small_limit_client: TestClient) -> None:
     big = Image.new("RGB", (1200, 1000), (120, 40, 10))
     buffer = io.BytesIO()
     big.save(buffer, "JPEG", quality=50)
-    response = small_limit_client.post(
-        "/v1/grade", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
-    )
+    response = small_limit_client.post("/v1/grade", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 413
     assert response.json()["code"] == "image_too_large"

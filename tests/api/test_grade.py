@@ -52,9 +52,7 @@ def test_request_id_is_echoed_and_accepted_from_the_client(client: TestClient, f
 
 def test_cat_is_not_a_fundus(client: TestClient, shared_data: Path, gate_is_placeholder: bool) -> None:
     if gate_is_placeholder:
-        pytest.skip(
-            "the development model's quality gate is a placeholder (meta.dev); the shipped one is real"
-        )
+        pytest.skip("the development model's quality gate is a placeholder (meta.dev); the shipped one is real")
     cat = (shared_data / "non-fundus" / "images" / "chelsea.png").read_bytes()
     response = client.post("/v1/grade", files={"file": ("cat.png", cat, "image/png")})
     assert response.status_code == 200
@@ -78,9 +76,7 @@ def _png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_explanation_is_a_heatmap_over_the_crop_that_varies(
-    client: TestClient, raw_fundus_paths: list[Path]
-) -> None:
+def test_explanation_is_a_heatmap_over_the_crop_that_varies(client: TestClient, raw_fundus_paths: list[Path]) -> None:
     overlays = []
     for path in raw_fundus_paths[:2]:
         body = _post(client, path.read_bytes(), explain="true")
@@ -91,14 +87,10 @@ def test_explanation_is_a_heatmap_over_the_crop_that_varies(
         assert pixels.std() > 5.0, "the overlay is flat"
         overlays.append(pixels)
     # Computed from each image: two different eyes do not get the same picture.
-    assert (
-        overlays[0].shape != overlays[1].shape or np.abs(overlays[0].astype(int) - overlays[1]).mean() > 1.0
-    )
+    assert overlays[0].shape != overlays[1].shape or np.abs(overlays[0].astype(int) - overlays[1]).mean() > 1.0
 
 
-def test_explain_endpoint_returns_png_whose_heat_is_not_constant(
-    client: TestClient, fundus_jpeg: bytes
-) -> None:
+def test_explain_endpoint_returns_png_whose_heat_is_not_constant(client: TestClient, fundus_jpeg: bytes) -> None:
     response = client.post("/v1/explain", files={"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")})
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"

@@ -49,10 +49,7 @@ def test_ready_only_after_the_model_loaded_and_warmed_up(
     assert before.get("/health/live").status_code == 200
     response = before.get("/health/ready")
     assert response.status_code == 503 and response.json()["code"] == "not_ready"
-    assert (
-        before.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code
-        == 503
-    )
+    assert before.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 503
     with TestClient(app) as client:
         ready = client.get("/health/ready")
         assert ready.status_code == 200
@@ -103,9 +100,7 @@ def test_audit_records_survive_a_restart(
     ids = []
     for _ in range(2):  # two lives of the service on the same store
         with TestClient(create_app(settings)) as client:
-            response = client.post(
-                "/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}
-            )
+            response = client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"})
             assert response.status_code == 200
             ids.append(response.json()["request_id"])
     store = AuditStore(settings.audit_path)
@@ -125,10 +120,7 @@ def test_audit_records_survive_a_restart(
 
 
 def test_metrics_expose_the_named_series(client: TestClient, synthetic_jpeg: bytes) -> None:
-    assert (
-        client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code
-        == 200
-    )
+    assert client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     client.post("/v1/grade", content=b"", headers={"Content-Type": "image/jpeg"})
     text = client.get("/metrics").text
     for series in (

@@ -90,9 +90,7 @@ def _free_socket() -> socket.socket:
 def serve(settings: Settings) -> Iterator[str]:
     """Run the service (lifespan and all) with uvicorn in a background thread; yields its base URL."""
     sock = _free_socket()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on")
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -111,9 +109,7 @@ def serve(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def make_settings(
-    served_model: ServedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., Settings]:
+def make_settings(served_model: ServedModel, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "model": served_model.spec,

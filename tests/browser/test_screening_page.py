@@ -160,9 +160,7 @@ def test_refuses_a_cat_and_says_what_to_do_for_each_photo_not_graded(
     page.screenshot(path=str(screenshot_dir / "not-graded.png"), full_page=True)
 
 
-def test_a_file_that_is_not_an_image_is_explained_in_words(
-    open_page: Callable[..., Any], tmp_path: Path
-) -> None:
+def test_a_file_that_is_not_an_image_is_explained_in_words(open_page: Callable[..., Any], tmp_path: Path) -> None:
     notes = tmp_path / "notes_right.txt"
     notes.write_text("not a photograph")
     page = open_page()
@@ -239,9 +237,7 @@ def test_tablet_portrait_shows_results_without_sideways_scrolling(
 
 
 @pytest.mark.shared_data
-def test_rendered_text_passes_wcag_aa_contrast(
-    open_page: Callable[..., Any], fundus: dict[str, Path]
-) -> None:
+def test_rendered_text_passes_wcag_aa_contrast(open_page: Callable[..., Any], fundus: dict[str, Path]) -> None:
     page = open_page()
     grade(page, [fundus["16_right.jpeg"], fundus["373_left.jpeg"]])
     failures = page.evaluate(CONTRAST_SCRIPT)

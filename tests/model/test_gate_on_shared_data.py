@@ -25,11 +25,7 @@ from retinagrade.preprocessing.quality import (
 from retinagrade.training.fit_gate import EYEQ_SET, FUNDUS_SETS, eyeq_oof_auc, load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = (
-    Path(os.environ["RETINAGRADE_DATA"])
-    if os.environ.get("RETINAGRADE_DATA")
-    else REPO / ".." / "shared" / "data"
-)
+DATA = Path(os.environ["RETINAGRADE_DATA"]) if os.environ.get("RETINAGRADE_DATA") else REPO / ".." / "shared" / "data"
 CACHE = REPO / "cache" / "gate"
 GATE_FILE = REPO / "models" / "gate.json"
 #: Measured 0.915 (95 % CI 0.897-0.932, docs/gate-report.md); the bar leaves a margin for refits.
@@ -37,9 +33,7 @@ EYEQ_AUC_BAR = 0.89
 
 pytestmark = [
     pytest.mark.shared_data,
-    pytest.mark.skipif(
-        not DATA.is_dir(), reason=f"needs the shared data folder {DATA} (absent in a fresh clone)"
-    ),
+    pytest.mark.skipif(not DATA.is_dir(), reason=f"needs the shared data folder {DATA} (absent in a fresh clone)"),
 ]
 
 
@@ -97,9 +91,5 @@ def test_eyeq_out_of_fold_auc() -> None:
 @pytest.mark.parametrize("folder", FUNDUS_SETS)
 def test_no_fundus_photograph_is_called_not_a_fundus(folder: str, gate: GateParams) -> None:
     samples = load_dataset(DATA, folder, CACHE)
-    flagged = [
-        (s.image, decide(s.features, gate).reasons) for s in samples if not decide(s.features, gate).is_fundus
-    ]
-    assert not flagged, (
-        f"{len(flagged)} of {len(samples)} fundus photographs called not a fundus: {flagged[:10]}"
-    )
+    flagged = [(s.image, decide(s.features, gate).reasons) for s in samples if not decide(s.features, gate).is_fundus]
+    assert not flagged, f"{len(flagged)} of {len(samples)} fundus photographs called not a fundus: {flagged[:10]}"

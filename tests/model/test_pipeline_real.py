@@ -41,8 +41,9 @@ def test_non_fundus_images_get_no_grade(grading_pipeline, shared_data: Path) -> 
 
 
 def test_heatmap_is_an_explanation_not_a_constant(grading_pipeline, shared_data: Path) -> None:
-    result = grading_pipeline.grade((shared_data / "raw-fundus-samples/images/16_right.jpeg").read_bytes(),
-                                    explain=True)
+    result = grading_pipeline.grade(
+        (shared_data / "raw-fundus-samples/images/16_right.jpeg").read_bytes(), explain=True
+    )
     heat = result.heatmap
     assert heat is not None and heat.shape == (224, 224)
     inside = heat[result.crop.sum(axis=2) > 0]

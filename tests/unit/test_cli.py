@@ -32,8 +32,9 @@ def mixed_folder(tmp_path: Path, shared_data: Path) -> Path:
 
 def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "results.csv"
-    result = runner.invoke(app, ["grade", str(mixed_folder), "--output", str(out), "--model",
-                                 str(model_path), "--quiet"])
+    result = runner.invoke(
+        app, ["grade", str(mixed_folder), "--output", str(out), "--model", str(model_path), "--quiet"]
+    )
     assert result.exit_code == 1, result.output  # some files failed
     with out.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -54,8 +55,19 @@ def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path
 
 def test_grade_json_output_records_error_codes(mixed_folder: Path, tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "results.json"
-    result = runner.invoke(app, ["grade", str(mixed_folder / "fake.jpg"), str(mixed_folder / "16_right.jpeg"),
-                                 "-o", str(out), "--model", str(model_path), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "grade",
+            str(mixed_folder / "fake.jpg"),
+            str(mixed_folder / "16_right.jpeg"),
+            "-o",
+            str(out),
+            "--model",
+            str(model_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 1
     rows = json.loads(out.read_text())
     assert rows[0]["status"] == "error" and rows[0]["error"]["code"] == "unsupported_format"
@@ -64,14 +76,25 @@ def test_grade_json_output_records_error_codes(mixed_folder: Path, tmp_path: Pat
 
 def test_all_good_files_exit_zero(shared_data: Path, tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "r.csv"
-    result = runner.invoke(app, ["grade", str(shared_data / "raw-fundus-samples/images/373_left.jpeg"), "-o", str(out),
-                                 "--model", str(model_path), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "grade",
+            str(shared_data / "raw-fundus-samples/images/373_left.jpeg"),
+            "-o",
+            str(out),
+            "--model",
+            str(model_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
-    result = runner.invoke(app, ["grade", str(shared_data / "non-fundus/images/retina.jpg"), "--model",
-                                 str(tmp_path / "nope.json")])
+    result = runner.invoke(
+        app, ["grade", str(shared_data / "non-fundus/images/retina.jpg"), "--model", str(tmp_path / "nope.json")]
+    )
     assert result.exit_code == 3
     assert "does not" in result.output and "exist" in result.output
 

@@ -31,9 +31,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the model once, prove it works on a warm-up batch, then open for traffic. Fail fast otherwise."""
     settings: Settings = app.state.settings
     try:
-        pipeline = await asyncio.to_thread(
-            GradingPipeline.load, settings.model, settings.threads, settings.max_pixels
-        )
+        pipeline = await asyncio.to_thread(GradingPipeline.load, settings.model, settings.threads, settings.max_pixels)
         batch_sizes = (1, settings.max_batch_size if settings.batching else 1)
         app.state.warmup_ms = await asyncio.to_thread(warm_up, pipeline, batch_sizes)
     except ModelError as exc:
@@ -82,9 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     batch_path = "/v1/grade/batch"
     app.add_middleware(
         BodyLimitMiddleware,
-        limit_for=lambda path: (
-            settings.max_batch_request_bytes if path == batch_path else settings.max_request_bytes
-        ),
+        limit_for=lambda path: settings.max_batch_request_bytes if path == batch_path else settings.max_request_bytes,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -67,9 +67,7 @@ class _Waiting:
 class DynamicBatcher:
     """Runs ``infer`` on batches of waiting images, one batch at a time, on its own thread."""
 
-    def __init__(
-        self, infer: InferFn, *, max_batch_size: int, max_wait_s: float, metrics: ServiceMetrics
-    ) -> None:
+    def __init__(self, infer: InferFn, *, max_batch_size: int, max_wait_s: float, metrics: ServiceMetrics) -> None:
         self._infer = infer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

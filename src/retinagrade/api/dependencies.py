@@ -62,6 +62,4 @@ def key_matches(given: str, keys: list[str]) -> bool:
 def require_api_key(settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
     """Checks ``X-API-Key`` when keys are configured; open otherwise."""
     if settings.api_keys and (api_key is None or not key_matches(api_key, settings.api_keys)):
-        raise UnauthorizedError(
-            "A valid X-API-Key header is required.", headers={"WWW-Authenticate": "ApiKey"}
-        )
+        raise UnauthorizedError("A valid X-API-Key header is required.", headers={"WWW-Authenticate": "ApiKey"})

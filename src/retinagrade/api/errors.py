@@ -107,9 +107,7 @@ async def _render_domain_error(request: Request, exc: Exception) -> JSONResponse
     if status >= 500 and not isinstance(exc, ApiError):
         # A domain error with a 5xx status is a deployment fault: log it, tell the client nothing internal.
         logger.error("internal error %s", exc.code, exc_info=exc)
-        return JSONResponse(
-            error_body(request, "internal_error", "The server failed to grade the image."), 500
-        )
+        return JSONResponse(error_body(request, "internal_error", "The server failed to grade the image."), 500)
     headers = exc.headers if isinstance(exc, ApiError) else None
     details = exc.details if isinstance(exc, ApiError) else None
     return JSONResponse(error_body(request, exc.code, exc.message, details), status, headers=headers)
@@ -126,9 +124,7 @@ async def _render_validation_error(request: Request, exc: Exception) -> JSONResp
         for err in exc.errors()
     ]
     return JSONResponse(
-        error_body(
-            request, "validation_error", "The request is missing a field or has an invalid value.", details
-        ),
+        error_body(request, "validation_error", "The request is missing a field or has an invalid value.", details),
         422,
     )
 
@@ -143,9 +139,7 @@ async def _render_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _render_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error", exc_info=exc)
-    return JSONResponse(
-        error_body(request, "internal_error", "The server failed to handle the request."), 500
-    )
+    return JSONResponse(error_body(request, "internal_error", "The server failed to handle the request."), 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

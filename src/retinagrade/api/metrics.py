@@ -27,9 +27,7 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
-            "retinagrade_http_requests_in_flight", "HTTP requests being handled.", registry=r
-        )
+        self.in_flight = Gauge("retinagrade_http_requests_in_flight", "HTTP requests being handled.", registry=r)
         self.inference_latency = Histogram(
             "retinagrade_inference_duration_seconds",
             "Duration of one model call (a whole batch).",
@@ -39,15 +37,11 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "retinagrade_inference_batch_size", "Images per model call.", buckets=_BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge(
-            "retinagrade_admitted_images", "Images admitted and not yet answered.", registry=r
-        )
+        self.queue_depth = Gauge("retinagrade_admitted_images", "Images admitted and not yet answered.", registry=r)
         self.rejected = Counter(
             "retinagrade_overload_rejections", "Requests refused with 503 (queue full).", registry=r
         )
-        self.results = Counter(
-            "retinagrade_results", "Images answered, by result status.", ["status"], registry=r
-        )
+        self.results = Counter("retinagrade_results", "Images answered, by result status.", ["status"], registry=r)
         self.grades = Counter(
             "retinagrade_grades", "Graded images, by ICDR grade.", ["grade", "grade_name"], registry=r
         )

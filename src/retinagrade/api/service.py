@@ -44,8 +44,7 @@ def warm_up(pipeline: GradingPipeline, batch_sizes: tuple[int, ...]) -> float:
         outputs = pipeline.grader.run(np.zeros((n, 3, size, size), np.float32))
         if outputs.logits.shape != (n, NUM_GRADES) or not np.isfinite(outputs.logits).all():
             raise ModelError(
-                f"warm-up inference on a batch of {n} gave logits of shape "
-                f"{outputs.logits.shape} or non-finite values"
+                f"warm-up inference on a batch of {n} gave logits of shape {outputs.logits.shape} or non-finite values"
             )
     return round((time.perf_counter() - start) * 1000.0, 1)
 
@@ -75,9 +74,7 @@ class GradingService:
             max_wait_s=settings.max_batch_wait_ms / 1000.0,
             metrics=metrics,
         )
-        self._prepare_pool = ThreadPoolExecutor(
-            settings.prepare_workers, thread_name_prefix="retinagrade-prepare"
-        )
+        self._prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="retinagrade-prepare")
         self._audit_pool = ThreadPoolExecutor(1, thread_name_prefix="retinagrade-audit")
 
     def start(self) -> None:
@@ -178,9 +175,7 @@ class GradingService:
             if isinstance(item, InputError):
                 answers.append(item)
                 continue
-            result, response, _ = await self._respond(
-                item, next(outputs), f"{request_id}.{index}", started, explain
-            )
+            result, response, _ = await self._respond(item, next(outputs), f"{request_id}.{index}", started, explain)
             pairs.append((result, response))
             answers.append(response)
         await self._record(pairs)
@@ -219,9 +214,7 @@ class GradingService:
                 reasons=list(quality.reasons),
             ),
             model=self.model_ref,
-            image=ImageInfo(
-                sha256=result.sha256, width=result.original_size[0], height=result.original_size[1]
-            ),
+            image=ImageInfo(sha256=result.sha256, width=result.original_size[0], height=result.original_size[1]),
             timings_ms=Timings(
                 decode=timings.get("decode", 0.0),
                 preprocess=timings.get("preprocess", 0.0),

@@ -21,12 +21,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RETINAGRADE_", extra="ignore", frozen=True)
 
-    model: Path | None = Field(
-        default=None, description="Model spec (.json) or ONNX file; default: the shipped model."
-    )
-    threads: int | None = Field(
-        default=None, ge=1, description="ONNX Runtime intra-op threads; default min(4, CPUs)."
-    )
+    model: Path | None = Field(default=None, description="Model spec (.json) or ONNX file; default: the shipped model.")
+    threads: int | None = Field(default=None, ge=1, description="ONNX Runtime intra-op threads; default min(4, CPUs).")
     prepare_workers: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1),
         ge=1,
@@ -45,12 +41,8 @@ class Settings(BaseSettings):
         description="Most images admitted at once; beyond it requests get 503 with Retry-After.",
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with a 503.")
-    max_image_bytes: int = Field(
-        default=32 * 1024 * 1024, ge=1024, description="Largest accepted image file."
-    )
-    max_pixels: int = Field(
-        default=64_000_000, ge=10_000, description="Largest accepted image in pixels (header)."
-    )
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
+    max_pixels: int = Field(default=64_000_000, ge=10_000, description="Largest accepted image in pixels (header).")
     max_batch_images: int = Field(default=16, ge=1, le=256, description="Most images in one batch request.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated API keys; empty: no authentication."
@@ -60,9 +52,7 @@ class Settings(BaseSettings):
     )
     audit_enabled: bool = Field(default=True, description="Write an audit record per graded image.")
     audit_path: Path = Field(default=Path("var/retinagrade-audit.sqlite3"), description="SQLite audit store.")
-    heatmap_opacity: float = Field(
-        default=0.45, ge=0.0, le=1.0, description="Opacity of the heatmap overlay."
-    )
+    heatmap_opacity: float = Field(default=0.45, ge=0.0, le=1.0, description="Opacity of the heatmap overlay.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -83,9 +83,7 @@ def _media_type(request: Request) -> str:
 
 
 def _missing(field: str, message: str) -> FieldValidationError:
-    return FieldValidationError(
-        message, details=[{"loc": ["body", field], "message": message, "type": "missing"}]
-    )
+    return FieldValidationError(message, details=[{"loc": ["body", field], "message": message, "type": "missing"}])
 
 
 async def _read_file(upload: UploadFile, max_bytes: int) -> bytes | InputError:
@@ -112,9 +110,7 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
             if len(parts) > 1 or not isinstance(parts[0], UploadFile):
                 raise FieldValidationError(
                     "The field `file` must hold exactly one file (use /v1/grade/batch for several).",
-                    details=[
-                        {"loc": ["body", "file"], "message": "expected one file", "type": "value_error"}
-                    ],
+                    details=[{"loc": ["body", "file"], "message": "expected one file", "type": "value_error"}],
                 )
             data = await _read_file(parts[0], max_bytes)
         if isinstance(data, InputError):
@@ -122,9 +118,7 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
         return data
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         return await request.body()
-    raise UnsupportedMediaTypeError(
-        "Send the image as multipart/form-data (field `file`) or as a raw image/* body."
-    )
+    raise UnsupportedMediaTypeError("Send the image as multipart/form-data (field `file`) or as a raw image/* body.")
 
 
 def _eye(value: str, index: int) -> Eye | None:
@@ -158,9 +152,7 @@ async def read_batch(request: Request, max_bytes: int, max_images: int) -> Batch
         if not parts:
             raise _missing("files", "The multipart field `files` with the images is missing.")
         if len(parts) > max_images:
-            raise RequestTooLargeError(
-                f"A batch holds at most {max_images} images; this one has {len(parts)}."
-            )
+            raise RequestTooLargeError(f"A batch holds at most {max_images} images; this one has {len(parts)}.")
         if any(not isinstance(p, UploadFile) for p in (*parts,)):
             raise FieldValidationError(
                 "Every `files` part must be a file upload.",

@@ -124,6 +124,20 @@ class ModelSpec:
 
     def public_card(self) -> dict[str, Any]:
         """What the service may show about the model (no paths)."""
-        keys = ("name", "version", "sha256", "architecture", "intended_use", "training", "metrics", "referable",
-                "decision", "calibration", "preprocess", "grade_names", "limitations", "license")
+        keys = (
+            "name",
+            "version",
+            "sha256",
+            "architecture",
+            "intended_use",
+            "training",
+            "metrics",
+            "referable",
+            "decision",
+            "calibration",
+            "preprocess",
+            "grade_names",
+            "limitations",
+            "license",
+        )
         return {k: self.raw[k] for k in keys if k in self.raw}

@@ -107,16 +107,12 @@ def decode_image(
 
     fmt = img.format or ""
     if fmt not in SUPPORTED_FORMATS:
-        raise UnsupportedFormatError(
-            f"Image format {fmt or 'unknown'} is not supported (JPEG, PNG, TIFF, BMP, WebP)."
-        )
+        raise UnsupportedFormatError(f"Image format {fmt or 'unknown'} is not supported (JPEG, PNG, TIFF, BMP, WebP).")
     width, height = img.size
     if width <= 0 or height <= 0:
         raise CorruptImageError("The image has no pixels.")
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"The image is {width}x{height} pixels; the limit is {max_pixels:,} pixels."
-        )
+        raise ImageTooLargeError(f"The image is {width}x{height} pixels; the limit is {max_pixels:,} pixels.")
 
     try:
         if min_side is not None and fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L", "YCbCr", "CMYK"):

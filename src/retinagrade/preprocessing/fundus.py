@@ -250,7 +250,9 @@ def enhance_local_contrast(
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def to_tensor(images: list[np.ndarray], mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+def to_tensor(
+    images: list[np.ndarray], mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> np.ndarray:
     """Stack S x S x 3 uint8 images into a float32 N x 3 x S x S batch, normalised as the model expects."""
     batch = np.stack(images).astype(np.float32)
     batch -= np.asarray(mean, np.float32)

@@ -130,10 +130,7 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
         shrinking = image.shape[0] > FEATURE_SIDE
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         image = cv2.resize(image, (FEATURE_SIDE, FEATURE_SIDE), interpolation=interp)
-        mask = (
-            cv2.resize(mask.astype(np.uint8), (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_NEAREST)
-            > 0
-        )
+        mask = cv2.resize(mask.astype(np.uint8), (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_NEAREST) > 0
     # The rim of the disc carries glare and the crop's black edge; measure a slightly eroded disc.
     inner = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     if inner.sum() < 64:
@@ -165,9 +162,7 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
         ).astype(np.float32)
         / 255.0
     )
-    inner_small = (
-        cv2.resize(inner.astype(np.uint8), lum_small.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-    )
+    inner_small = cv2.resize(inner.astype(np.uint8), lum_small.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
     illumination = cv2.GaussianBlur(lum_small, (0, 0), 4.0)
 
     features: dict[str, float] = {
@@ -211,9 +206,7 @@ def _surround_features(rgb: np.ndarray, prepared: PreparedImage, disc_level: flo
     h, w = rgb.shape[:2]
     scale = min(1.0, _SURROUND_SIDE / max(h, w))
     if scale < 1.0:
-        small = cv2.resize(
-            rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
-        )
+        small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     else:
         small = rgb
     value = small.max(axis=2).astype(np.float32)
@@ -300,9 +293,7 @@ class GateParams:
         n = len(self.features)
         if not (len(self.mean) == len(self.scale) == len(self.coef) == n):
             raise ValueError("GateParams: features, mean, scale and coef must have the same length.")
-        unknown = {*self.features} | {
-            rule.feature for rule in (*self.not_fundus_rules, *self.ungradable_rules)
-        }
+        unknown = {*self.features} | {rule.feature for rule in (*self.not_fundus_rules, *self.ungradable_rules)}
         unknown -= set(FEATURE_NAMES)
         if unknown:
             raise ValueError(f"GateParams: unknown feature(s) {sorted(unknown)}.")

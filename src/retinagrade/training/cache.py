@@ -35,7 +35,9 @@ def _prepare_one(args: tuple[str, dict]) -> np.ndarray:
     return prepare(decoded, config).model_image
 
 
-def prepared_images(samples: Sequence[Sample], config: PreprocessConfig, cache_dir: Path, workers: int = 2) -> np.ndarray:
+def prepared_images(
+    samples: Sequence[Sample], config: PreprocessConfig, cache_dir: Path, workers: int = 2
+) -> np.ndarray:
     """N x S x S x 3 uint8 prepared model images, computed once and memory-mapped afterwards."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(s.path) for s in samples]
@@ -43,8 +45,9 @@ def prepared_images(samples: Sequence[Sample], config: PreprocessConfig, cache_d
     if target.exists():
         return np.load(target, mmap_mode="r")
     size = config.input_size
-    out = np.lib.format.open_memmap(target.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8,
-                                    shape=(len(paths), size, size, 3))
+    out = np.lib.format.open_memmap(
+        target.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+    )
     jobs = [(p, config.to_dict()) for p in paths]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for i, image in enumerate(pool.map(_prepare_one, jobs, chunksize=16)):

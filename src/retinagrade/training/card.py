@@ -46,7 +46,8 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         f"- Backbone: `{spec['architecture']['backbone']}` ({spec['architecture']['pretrained']}); "
         f"{spec['architecture']['trained_stages']}.",
         f"- Heads: {spec['architecture']['heads']}.",
-        f"- Input: {spec['input']['size']} x {spec['input']['size']} px; preprocessing `{json.dumps(spec['preprocess'])}`.",
+        f"- Input: {spec['input']['size']} x {spec['input']['size']} px; "
+        f"preprocessing `{json.dumps(spec['preprocess'])}`.",
         f"- Decision rule: `{spec['decision']['rule']}`, thresholds {spec['decision']['thresholds']}; out-of-fold "
         f"QWK by rule: {json.dumps(spec['decision'].get('qwk_by_rule_out_of_fold', {}))}.",
         f"- Calibration: temperature {spec['calibration']['temperature']:.3f} ({spec['calibration']['method']}).",
@@ -57,7 +58,8 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         "|---|---|---|",
         data_rows,
         "",
-        f"Training: {cfg['folds']}-fold cross-validation (stratified by grade, grouped by patient and duplicate group), "
+        f"Training: {cfg['folds']}-fold cross-validation (stratified by grade, grouped by patient and "
+        "duplicate group), "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, "
         f"{cfg['views']} cached augmented views per image; then the same recipe on all images for the shipped weights.",
         "",
@@ -78,7 +80,12 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
     for section in extra_sections or []:
         parts += ["", section]
-    parts += ["", "## Limitations", LIMITATIONS, f"Decision rule chosen out of fold: {json.dumps(decision, default=str)}"]
+    parts += [
+        "",
+        "## Limitations",
+        LIMITATIONS,
+        f"Decision rule chosen out of fold: {json.dumps(decision, default=str)}",
+    ]
     return "\n".join(parts) + "\n"
 
 

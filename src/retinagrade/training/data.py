@@ -77,9 +77,7 @@ def read_labels(csv_path: str | Path, images_dir: str | Path | None = None, sour
         base = Path(images_dir) if images_dir is not None else root
         for row in rows:
             group = row.get("patient") or row.get("duplicate_group") or ""
-            samples.append(
-                Sample(base / row["image"], int(row["grade"]), f"{source}:{group or row['image']}", source)
-            )
+            samples.append(Sample(base / row["image"], int(row["grade"]), f"{source}:{group or row['image']}", source))
         samples = _resolve_duplicates(samples, rows)
     elif {"image", "level"} <= columns:
         folder = default_dir()

@@ -42,8 +42,12 @@ def evaluate_oof(predictions_csv: Path, out: Path, n_boot: int = 1000) -> dict[s
         )
         sections[source] = metrics
         markdown.append(f"## Out-of-fold: {source}\n\n" + format_metrics_markdown(metrics, heading_level=3))
-    write_report(sections["all"], out, f"Out-of-fold evaluation of {predictions_csv}",
-                 extra={"per_source": sections, "referable_threshold": threshold})
+    write_report(
+        sections["all"],
+        out,
+        f"Out-of-fold evaluation of {predictions_csv}",
+        extra={"per_source": sections, "referable_threshold": threshold},
+    )
     return {"metrics": sections, "markdown": "\n\n".join(markdown)}
 
 
@@ -57,8 +61,9 @@ def _threshold_from_run(predictions_csv: Path) -> float:
     raise FileNotFoundError(f"no cv_metrics.json beside {predictions_csv} to read the operating point from")
 
 
-def evaluate_model(labels: list[Path], model: Path | None, out: Path, workers: int = 2, threads: int = 2,
-                   n_boot: int = 1000) -> dict[str, Any]:
+def evaluate_model(
+    labels: list[Path], model: Path | None, out: Path, workers: int = 2, threads: int = 2, n_boot: int = 1000
+) -> dict[str, Any]:
     """Run the grading pipeline over labelled images and report metrics on those it graded."""
     from retinagrade.cli import grade_files
     from retinagrade.pipeline import GradingPipeline

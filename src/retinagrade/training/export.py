@@ -38,8 +38,9 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
 
 
-def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None,
-               ood_limit: float | None = None) -> dict[str, Any]:
+def export_run(
+    run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None, ood_limit: float | None = None
+) -> dict[str, Any]:
     """Re-export ``run_dir/final.pt`` to ``out/<name>.onnx`` with its spec and the gate file beside it."""
     net, cfg = load_run_model(run_dir)
     name = cfg["name"]
@@ -70,5 +71,9 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
         shutil.copyfile(gate, gate_target)
     spec["gate_file"] = gate_target.name
     (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
-    return {"onnx": str(onnx_path), "sha256": spec["sha256"], "parity_max_abs_diff": diffs,
-            "size_mb": round(onnx_path.stat().st_size / 1e6, 2)}
+    return {
+        "onnx": str(onnx_path),
+        "sha256": spec["sha256"],
+        "parity_max_abs_diff": diffs,
+        "size_mb": round(onnx_path.stat().st_size / 1e6, 2),
+    }

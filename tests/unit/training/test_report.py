@@ -14,9 +14,7 @@ from retinagrade.training.metrics import OperatingPoint, evaluate_predictions, r
 from retinagrade.training.report import format_estimate, format_metrics_markdown, write_report
 
 
-def _metrics(
-    seed: int = 0, n: int = 300, grades: tuple[int, ...] = tuple(range(NUM_GRADES))
-) -> dict[str, Any]:
+def _metrics(seed: int = 0, n: int = 300, grades: tuple[int, ...] = tuple(range(NUM_GRADES))) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     y = rng.choice(np.array(grades), size=n)
     logits = rng.normal(0.0, 1.0, size=(n, NUM_GRADES))

@@ -73,9 +73,7 @@ async def grade_batch(
     """
     upload = await read_batch(request, settings.max_image_bytes, settings.max_batch_images)
     with service.admit(len(upload.images)):
-        answers = await service.grade_many(
-            upload.images, request_id=request_id, started=started, explain=explain
-        )
+        answers = await service.grade_many(upload.images, request_id=request_id, started=started, explain=explain)
     items = []
     outcomes = []
     for index, answer in enumerate(answers):
@@ -86,9 +84,7 @@ async def grade_batch(
             patient_id=upload.patient_ids[index],
         )
         if isinstance(answer, InputError):
-            item.error = ErrorBody(
-                code=answer.code, message=answer.message, request_id=f"{request_id}.{index}"
-            )
+            item.error = ErrorBody(code=answer.code, message=answer.message, request_id=f"{request_id}.{index}")
         else:
             item.result = answer
         items.append(item)
