@@ -45,8 +45,13 @@ def service_metric_samples() -> set[str]:
 
     from retinagrade.api.metrics import ServiceMetrics
 
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",), "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
     names: set[str] = set()
     family: Metric
     for family in ServiceMetrics().registry.collect():

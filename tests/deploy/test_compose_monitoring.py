@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from .conftest import COMPOSE_DIR, PROMETHEUS_DIR, REPO, find_tool
+
+yaml = pytest.importorskip("yaml", reason="pyyaml not installed (pip install -e '.[deploy]')")
 
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 DASHBOARD = COMPOSE_DIR / "grafana" / "dashboards" / "retinagrade.json"
@@ -33,11 +34,15 @@ def _rule_exprs() -> list[str]:
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed (pip install -e '.[deploy]')")
+    jsonschema = pytest.importorskip(
+        "jsonschema", reason="jsonschema not installed (pip install -e '.[deploy]')"
+    )
     try:
         from check_jsonschema.builtin_schemas import get_builtin_schema
     except ImportError:
-        pytest.skip("check-jsonschema (vendored compose-spec schema) not installed (pip install -e '.[deploy]')")
+        pytest.skip(
+            "check-jsonschema (vendored compose-spec schema) not installed (pip install -e '.[deploy]')"
+        )
     schema = get_builtin_schema("vendor.compose-spec")
     jsonschema.validate(_compose(), schema)
 
@@ -60,8 +65,13 @@ def test_podman_compose_renders_the_file() -> None:
     tool = find_tool("podman-compose")
     if tool is None:
         pytest.skip("podman-compose not installed (pip install -e '.[deploy]')")
-    result = subprocess.run([tool, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "GRAFANA_ADMIN_PASSWORD": "x"}, timeout=60)
+    result = subprocess.run(
+        [tool, "-f", str(COMPOSE_FILE), "config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "GRAFANA_ADMIN_PASSWORD": "x"},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "prom/prometheus" in result.stdout
 
@@ -70,8 +80,15 @@ def test_dashboard_loads_and_covers_the_service_signals() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     datasource_uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
     titles = " | ".join(panel["title"].lower() for panel in dashboard["panels"])
-    for topic in ("request rate", "p50 / p95", "error rate", "grades over time", "results by status",
-                  "ungradable rate", "batch size"):
+    for topic in (
+        "request rate",
+        "p50 / p95",
+        "error rate",
+        "grades over time",
+        "results by status",
+        "ungradable rate",
+        "batch size",
+    ):
         assert topic in titles, f"no panel for {topic!r}"
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == datasource_uid
@@ -91,26 +108,43 @@ def test_queries_use_only_metrics_the_service_exports(source: str, service_metri
 
 def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
     # promtool parses expressions inside rule files: each panel query becomes a recording rule.
-    rules = [{"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "5m")}
-             for i, expr in enumerate(_dashboard_exprs())]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "5m")}
+        for i, expr in enumerate(_dashboard_exprs())
+    ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_prometheus_config_is_valid(promtool: str) -> None:
-    result = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=PROMETHEUS_DIR,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", "prometheus.yml"],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alert_rules_pass_their_promtool_unit_tests(promtool: str) -> None:
-    result = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=PROMETHEUS_DIR,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    alerts = {rule.get("alert") for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-              for rule in group["rules"]}
+    alerts = {
+        rule.get("alert")
+        for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    }
     tested = (PROMETHEUS_DIR / "alerts.test.yml").read_text()
     for alert in alerts - {None}:
         assert f"alertname: {alert}" in tested, f"{alert} has no promtool unit test"
@@ -120,6 +154,11 @@ def test_yaml_files_pass_yamllint() -> None:
     tool = find_tool("yamllint")
     if tool is None:
         pytest.skip("yamllint not installed (pip install -e '.[deploy]')")
-    result = subprocess.run([tool, "-s", "-c", str(REPO / "deploy" / "yamllint.yml"), "deploy", ".github/workflows"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool, "-s", "-c", str(REPO / "deploy" / "yamllint.yml"), "deploy", ".github/workflows"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

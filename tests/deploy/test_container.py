@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -36,8 +35,12 @@ def test_dockerfile_runs_as_non_root_with_healthcheck_and_base_argument() -> Non
 
 def test_image_leaves_out_only_what_serving_never_imports() -> None:
     script = REPO / "deploy" / "container" / "serving-requirements.py"
-    out = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml"), *TRAINING_ONLY],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, str(script), str(REPO / "pyproject.toml"), *TRAINING_ONLY],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     names = {line.split("==")[0].lower() for line in out}
     assert "onnxruntime" in names and "fastapi" in names
     assert not names & set(TRAINING_ONLY)
@@ -49,21 +52,30 @@ def test_image_leaves_out_only_what_serving_never_imports() -> None:
         if "training" in path.relative_to(REPO / "src" / "retinagrade").parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names_ = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names_ = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(name.split(".")[0] in modules for name in names_):
                 offenders.append(str(path.relative_to(REPO)))
     assert not offenders, f"serving code imports a dependency the image leaves out: {offenders}"
 
 
-@pytest.mark.skipif(os.environ.get("RETINAGRADE_CONTAINER_TEST") != "1",
-                    reason="builds and runs the image (2-3 min, root, podman, debootstrap, network to PyPI and "
-                           "Debian): set RETINAGRADE_CONTAINER_TEST=1 or run `make container-test`")
+@pytest.mark.skipif(
+    os.environ.get("RETINAGRADE_CONTAINER_TEST") != "1",
+    reason="builds and runs the image (about 2 min, root, podman, debootstrap, network to PyPI and "
+    "Debian): set RETINAGRADE_CONTAINER_TEST=1 or run `make container-test`",
+)
 def test_make_container_test_grades_a_photo_through_the_image() -> None:
     for tool, package in (("podman", "podman runc"), ("debootstrap", "debootstrap")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (apt-get install {package})")
-    result = subprocess.run(["make", "container-test"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        ["make", "container-test"], cwd=REPO, capture_output=True, text=True, timeout=1200
+    )
     last = (result.stdout.strip().splitlines() or [""])[-1]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "PASS" in last or "SKIP run" in last, last

