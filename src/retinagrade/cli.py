@@ -191,7 +191,11 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals.")] = 1000,
 ) -> None:
     """QWK, accuracy, per-grade recall, confusion matrix, referable AUC/sensitivity/specificity with CIs, ECE."""
-    from retinagrade.training.evaluate import evaluate_model, evaluate_oof
+    try:
+        from retinagrade.training.evaluate import evaluate_model, evaluate_oof
+    except ImportError as exc:
+        err.print(f"[red]evaluate needs the [train] extra (pip install 'retinagrade[train]'): {exc}[/red]")
+        raise typer.Exit(2) from None
 
     if predictions is not None:
         result = evaluate_oof(predictions, out, n_boot=bootstrap)
@@ -261,17 +265,21 @@ def train(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (holds final.pt and train_config.json).")],
-    out: Annotated[Path, typer.Option(help="Folder to write <name>.onnx, <name>.json and gate.json into.")] = Path(
-        "models"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Folder to write <name>.onnx, <name>.json, gate.json and README.md.")
+    ] = Path("models"),
     gate: Annotated[Path, typer.Option(help="Quality-gate parameters to ship beside the model.")] = Path(
         "models/gate.json"
     ),
+    parity_image: Annotated[list[Path], typer.Option(help="Real photos for the ONNX-vs-PyTorch check.")] = [],  # noqa: B006
+    ood_limit: Annotated[
+        float | None, typer.Option(help="Embedding distance above which a photo is refused as unfamiliar.")
+    ] = None,
 ) -> None:
-    """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, and install it in ``out``."""
+    """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, install it and write the card."""
     from retinagrade.training.export import export_run
 
-    report = export_run(run_dir, out, gate)
+    report = export_run(run_dir, out, gate, parity_images=parity_image, ood_limit=ood_limit)
     Console().print_json(json.dumps(report))
 
 

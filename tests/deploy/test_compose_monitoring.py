@@ -34,15 +34,11 @@ def _rule_exprs() -> list[str]:
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    jsonschema = pytest.importorskip(
-        "jsonschema", reason="jsonschema not installed (pip install -e '.[deploy]')"
-    )
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed (pip install -e '.[deploy]')")
     try:
         from check_jsonschema.builtin_schemas import get_builtin_schema
     except ImportError:
-        pytest.skip(
-            "check-jsonschema (vendored compose-spec schema) not installed (pip install -e '.[deploy]')"
-        )
+        pytest.skip("check-jsonschema (vendored compose-spec schema) not installed (pip install -e '.[deploy]')")
     schema = get_builtin_schema("vendor.compose-spec")
     jsonschema.validate(_compose(), schema)
 
@@ -114,9 +110,7 @@ def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> No
     ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -73,9 +73,7 @@ def test_make_container_test_grades_a_photo_through_the_image() -> None:
     for tool, package in (("podman", "podman runc"), ("debootstrap", "debootstrap")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (apt-get install {package})")
-    result = subprocess.run(
-        ["make", "container-test"], cwd=REPO, capture_output=True, text=True, timeout=1200
-    )
+    result = subprocess.run(["make", "container-test"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     last = (result.stdout.strip().splitlines() or [""])[-1]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "PASS" in last or "SKIP run" in last, last

@@ -62,8 +62,7 @@ def plugin_dir() -> Path:
     found = _plugin_dir()
     if found is None:
         pytest.skip(
-            "no local AWS provider plugin directory (set TF_PLUGIN_DIR; registry.terraform.io is "
-            "not reachable here)"
+            "no local AWS provider plugin directory (set TF_PLUGIN_DIR; registry.terraform.io is not reachable here)"
         )
     return found
 
@@ -107,9 +106,7 @@ def _tf(terraform: str, workdir: Path, *args: str, timeout: int = 240) -> str:
     result = subprocess.run(
         [terraform, *args, "-no-color"], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert result.returncode == 0, (
-        f"terraform {args[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    )
+    assert result.returncode == 0, f"terraform {args[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
 
@@ -196,9 +193,7 @@ def test_ecr_repository_scans_on_push_and_expires_old_images(applied: dict, aws)
 
 def test_fargate_service_behind_alb_checks_health_ready_and_rolls_back(applied: dict, aws) -> None:
     ecs = aws("ecs")
-    service = ecs.describe_services(cluster=applied["cluster_name"], services=[applied["service_name"]])[
-        "services"
-    ][0]
+    service = ecs.describe_services(cluster=applied["cluster_name"], services=[applied["service_name"]])["services"][0]
     assert service["launchType"] == "FARGATE"
     assert service["desiredCount"] == 2
     # moto 5.2 does not keep deploymentConfiguration: check what Terraform sent (its state), and moto's
@@ -218,20 +213,14 @@ def test_fargate_service_behind_alb_checks_health_ready_and_rolls_back(applied: 
 
 
 def test_task_definition_logs_to_cloudwatch_and_reads_keys_from_secrets_manager(applied: dict, aws) -> None:
-    task = aws("ecs").describe_task_definition(taskDefinition=applied["task_definition_family"])[
-        "taskDefinition"
-    ]
+    task = aws("ecs").describe_task_definition(taskDefinition=applied["task_definition_family"])["taskDefinition"]
     container = task["containerDefinitions"][0]
     assert task["requiresCompatibilities"] == ["FARGATE"] and task["networkMode"] == "awsvpc"
     assert container["image"] == f"{applied['ecr_repository_url']}:latest"
     assert container["logConfiguration"]["logDriver"] == "awslogs"
     assert container["logConfiguration"]["options"]["awslogs-group"] == applied["log_group"]
-    assert container["secrets"] == [
-        {"name": "RETINAGRADE_API_KEYS", "valueFrom": applied["api_keys_secret_arn"]}
-    ]
-    assert not any("KEY" in env["name"] for env in container.get("environment", [])), (
-        "keys must not be plain env"
-    )
+    assert container["secrets"] == [{"name": "RETINAGRADE_API_KEYS", "valueFrom": applied["api_keys_secret_arn"]}]
+    assert not any("KEY" in env["name"] for env in container.get("environment", [])), "keys must not be plain env"
     assert container["healthCheck"]["command"][-1] == "/opt/retinagrade/healthcheck.py"
     groups = aws("logs").describe_log_groups(logGroupNamePrefix=applied["log_group"])["logGroups"]
     assert groups[0]["retentionInDays"] == 90
@@ -243,17 +232,13 @@ def test_task_definition_logs_to_cloudwatch_and_reads_keys_from_secrets_manager(
 def test_autoscaling_tracks_cpu_and_requests_per_target(applied: dict, aws) -> None:
     autoscaling = aws("application-autoscaling")
     resource = f"service/{applied['cluster_name']}/{applied['service_name']}"
-    target = autoscaling.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[resource])[
-        "ScalableTargets"
-    ]
+    target = autoscaling.describe_scalable_targets(ServiceNamespace="ecs", ResourceIds=[resource])["ScalableTargets"]
     assert [(t["MinCapacity"], t["MaxCapacity"]) for t in target] == [(2, 10)]
-    policies = autoscaling.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=resource)[
-        "ScalingPolicies"
-    ]
+    policies = autoscaling.describe_scaling_policies(ServiceNamespace="ecs", ResourceId=resource)["ScalingPolicies"]
     tracked = {
-        p["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"][
-            "PredefinedMetricType"
-        ]: p["TargetTrackingScalingPolicyConfiguration"]
+        p["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"]["PredefinedMetricType"]: p[
+            "TargetTrackingScalingPolicyConfiguration"
+        ]
         for p in policies
         if p["PolicyType"] == "TargetTrackingScaling"
     }
@@ -282,15 +267,11 @@ def test_roles_are_least_privilege(applied: dict, aws) -> None:
     assert iam.list_role_policies(RoleName="retinagrade-task")["PolicyNames"] == []
     assert iam.list_attached_role_policies(RoleName="retinagrade-task")["AttachedPolicies"] == []
     for role in ("retinagrade-execution", "retinagrade-github-deploy"):
-        assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == [], (
-            "no broad managed policy"
-        )
+        assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == [], "no broad managed policy"
         for name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
             document = iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"]
             for statement in document["Statement"]:
-                actions = (
-                    statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-                )
+                actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
                 assert not any(action.endswith("*") for action in actions), statement
                 if statement["Resource"] == "*":
                     assert set(actions) <= {

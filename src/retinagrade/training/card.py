@@ -75,9 +75,20 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         format_metrics_markdown(metrics["all"], heading_level=3) if "all" in metrics else "not measured",
     ]
     for source, section in metrics.items():
-        if source in ("all", "decision") or not isinstance(section, dict):
+        if source in ("all", "decision", "cross_source", "source_ablation") or not isinstance(section, dict):
             continue
         parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
+    if "cross_source" in metrics:
+        parts += [
+            "",
+            "## Cross-source: trained on one source only, tested on every image of the other",
+            "",
+            "| trained on -> tested on | images | referable AUC | QWK (most probable grade) |",
+            "|---|---|---|---|",
+        ]
+        for pair, m in metrics["cross_source"].items():
+            auc = "n/a" if m["referable_auc"] is None else f"{m['referable_auc']:.3f}"
+            parts.append(f"| {pair} | {m['n']} | {auc} | {m['qwk_argmax']:.3f} |")
     for section in extra_sections or []:
         parts += ["", section]
     parts += [

@@ -71,6 +71,9 @@ def export_run(
         shutil.copyfile(gate, gate_target)
     spec["gate_file"] = gate_target.name
     (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    from retinagrade.training.card import write_card
+
+    write_card(out / f"{name}.json", out / "README.md")
     return {
         "onnx": str(onnx_path),
         "sha256": spec["sha256"],
