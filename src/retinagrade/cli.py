@@ -31,7 +31,10 @@ CSV_COLUMNS = [
     "quality",
 ]
 
-ModelOption = Annotated[Path | None, typer.Option(help="Model spec (.json) or ONNX file; default: the shipped model.")]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(envvar="RETINAGRADE_MODEL", help="Model spec (.json) or ONNX file; default: the shipped model."),
+]
 
 
 def collect_images(paths: list[Path]) -> list[Path]:

@@ -86,7 +86,7 @@ def test_grades_a_pair_of_eyes_with_heatmaps_and_a_patient_summary(
         assert f"Grade {result['grade']}" in text
         assert result["grade_name"] in text
         assert any(words in text for words in ACTION_WORDS)
-        assert f"Confidence in this grade: {round(result['confidence'] * 100)}%" in text
+        assert f"Confidence in the referral decision: {round(result['confidence'] * 100)}%" in text
         heatmap = card.locator("img.heatmap")
         heatmap.wait_for()
         assert heatmap.evaluate("img => img.complete && img.naturalWidth") == result["explanation"]["width"]

@@ -45,10 +45,48 @@ def test_heatmap_is_an_explanation_not_a_constant(grading_pipeline, shared_data:
         (shared_data / "raw-fundus-samples/images/16_right.jpeg").read_bytes(), explain=True
     )
     heat = result.heatmap
-    assert heat is not None and heat.shape == (224, 224)
+    size = grading_pipeline.spec.preprocess.input_size
+    assert heat is not None and heat.shape == (size, size)
     inside = heat[result.crop.sum(axis=2) > 0]
     assert inside.std() > 0.05 and inside.max() > 0.5
     assert float(heat[0, 0]) == 0.0  # outside the disc
+
+
+def _paint_lesions(bgr: np.ndarray, cx: float, cy: float, radius: float, seed: int) -> np.ndarray:
+    """Dark-red blots (haemorrhages) and yellow dots (exudates) in the upper-left quadrant of the disc."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    painted = bgr.copy()
+    for _ in range(40):
+        angle, r = rng.uniform(np.pi, 1.5 * np.pi), rng.uniform(0.2, 0.7) * radius
+        centre = (int(cx + r * np.cos(angle)), int(cy + r * np.sin(angle)))
+        if rng.random() < 0.5:
+            cv2.circle(painted, centre, int(rng.uniform(2, 5)), (20, 20, 120), -1)
+        else:
+            cv2.circle(painted, centre, int(rng.uniform(2, 4)), (90, 220, 240), -1)
+    return painted
+
+
+def test_heatmap_concentrates_on_lesions(grading_pipeline, shared_data: Path) -> None:
+    """Lesions painted into one quadrant of healthy eyes draw the evidence there, and raise the grade."""
+    import cv2
+
+    for k, name in enumerate(("1000_left", "1011_left", "1012_right")):
+        bgr = cv2.imread(str(shared_data / f"eyepacs-768/images/{name}.jpg"))
+        healthy = cv2.imencode(".png", bgr)[1].tobytes()
+        geometry = grading_pipeline.prepare(healthy).prepared.geometry
+        before = grading_pipeline.grade(healthy, explain=True)
+        painted = _paint_lesions(bgr, geometry.cx, geometry.cy, geometry.rx, seed=k)
+        after = grading_pipeline.grade(cv2.imencode(".png", painted)[1].tobytes(), explain=True)
+        assert before.status == after.status == "graded"
+        size = after.heatmap.shape[0]
+        yy, xx = np.mgrid[0:size, 0:size]
+        disc = after.crop.sum(axis=2) > 0
+        lesion_quadrant = (xx < size // 2) & (yy < size // 2) & disc
+        background = ~((xx < size // 2) & (yy < size // 2)) & disc
+        assert after.heatmap[lesion_quadrant].mean() > 2 * after.heatmap[background].mean(), name
+        assert after.decision.p_referable > before.decision.p_referable, name
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("torch", reason="needs the [train] extra (PyTorch)")
 pytest.importorskip("timm", reason="needs the [train] extra (timm)")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from retinagrade.cli import app  # noqa: E402
+from retinagrade.cli import app
 
 
 @pytest.fixture

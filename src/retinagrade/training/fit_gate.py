@@ -103,28 +103,31 @@ def measure_image(path: Path, config: PreprocessConfig | None = None) -> dict[st
     return compute_quality_features(decoded, prepared)
 
 
-def _code_key() -> str:
-    """Hash of the source of every module that determines the features (decode, locate, crop, measure)."""
+def _code_key(config: PreprocessConfig) -> str:
+    """Hash of the preprocessing config and of every module that determines the features."""
     from retinagrade.preprocessing import decode, fundus, pipeline, quality
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     for module in (decode, fundus, pipeline, quality):
         digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def load_dataset(data_root: Path, name: str, cache_dir: Path | None = None) -> list[MeasuredImage]:
+def load_dataset(
+    data_root: Path, name: str, cache_dir: Path | None = None, config: PreprocessConfig | None = None
+) -> list[MeasuredImage]:
     """Measure every image of one data folder; features are cached as CSV under ``cache_dir`` if given.
 
     The cache is keyed by the folder name and invalidated when the preprocessing or feature code changes.
     """
+    config = config or PreprocessConfig()
     folder = data_root / name
     rows = _read_labels(folder)
     cache_file = cache_dir / f"{name}.json" if cache_dir is not None else None
     cached: dict[str, dict[str, float]] = {}
     if cache_file is not None and cache_file.exists():
         payload = json.loads(cache_file.read_text(encoding="utf-8"))
-        if payload.get("code_key") == _code_key():
+        if payload.get("code_key") == _code_key(config):
             cached = payload["features"]
     measured: dict[str, dict[str, float]] = {}
     samples = []
@@ -132,7 +135,7 @@ def load_dataset(data_root: Path, name: str, cache_dir: Path | None = None) -> l
         image = row["image"]
         features = cached.get(image)
         if features is None:
-            features = measure_image(folder / image)
+            features = measure_image(folder / image, config)
         measured[image] = features
         samples.append(
             MeasuredImage(
@@ -146,7 +149,7 @@ def load_dataset(data_root: Path, name: str, cache_dir: Path | None = None) -> l
         )
     if cache_file is not None and measured != cached:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps({"code_key": _code_key(), "features": measured}), encoding="utf-8")
+        cache_file.write_text(json.dumps({"code_key": _code_key(config), "features": measured}), encoding="utf-8")
     return samples
 
 
@@ -489,8 +492,9 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         f"    {command}",
         "",
         f"Fit and evaluation took {seconds:.0f} s on 2 CPU cores (features cached under `cache/gate/`).",
-        "Every image goes through the serving path: `decode_image(data, min_side=448)`, `prepare()` with the",
-        "default `PreprocessConfig`, `compute_quality_features()`. Parameters: `models/gate.json`.",
+        "Every image goes through the serving path: `decode_image(data, min_side=decode_min_side)`, `prepare()`",
+        "with the shipped model's preprocessing (`PREPROCESS_CONFIG`), `compute_quality_features()`.",
+        "Parameters: `models/gate.json`.",
         "",
         "## Gradability (EyeQ labels: Reject vs Good + Usable)",
         "",
@@ -603,6 +607,7 @@ def fit_gate(
     keep: float = 0.95,
     n_boot: int = 1000,
     command: str = "python -m retinagrade.training.fit_gate",
+    config: PreprocessConfig | None = None,
 ) -> dict[str, Any]:
     """Measure every image, fit the gate, write ``out`` (JSON) and ``report`` (Markdown).
 
@@ -610,8 +615,10 @@ def fit_gate(
         The evaluation results quoted in the report.
     """
     start = time.perf_counter()
-    samples = [s for name in (*FUNDUS_SETS, NON_FUNDUS_SET) for s in load_dataset(data_root, name, cache_dir)]
+    config = config or PreprocessConfig()
+    samples = [s for name in (*FUNDUS_SETS, NON_FUNDUS_SET) for s in load_dataset(data_root, name, cache_dir, config)]
     meta = {
+        "preprocess": config.to_dict(),
         "fitted_on": f"{EYEQ_SET} (EyeQ Reject vs Good+Usable); rules from {', '.join(FUNDUS_SETS)}",
         "split": f"GroupKFold({N_FOLDS}) by patient, seed {SEED}",
         "keep_good_usable": keep,
@@ -632,7 +639,8 @@ def fit_gate(
     out.write_text(json.dumps(params.to_dict(), indent=2) + "\n", encoding="utf-8")
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(render_report(params, results, command, time.perf_counter() - start), encoding="utf-8")
+        text = render_report(params, results, command, time.perf_counter() - start)
+        report.write_text(text.replace("PREPROCESS_CONFIG", json.dumps(config.to_dict())), encoding="utf-8")
     return results
 
 
@@ -643,7 +651,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, default=Path("docs/gate-report.md"))
     parser.add_argument("--cache", type=Path, default=Path("cache/gate"), help="feature cache ('' to disable)")
     parser.add_argument("--keep", type=float, default=0.95, help="share of Good/Usable EyeQ images kept gradable")
+    parser.add_argument(
+        "--model-spec",
+        type=Path,
+        default=Path("models/retinagrade-dr.json"),
+        help="model spec whose preprocessing the gate sees at serving time (default config if absent)",
+    )
     args = parser.parse_args(argv)
+    config = PreprocessConfig()
+    if args.model_spec.is_file():
+        config = PreprocessConfig.from_dict(json.loads(args.model_spec.read_text())["preprocess"])
     results = fit_gate(
         args.data,
         args.out,
@@ -651,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.cache if str(args.cache) else None,
         keep=args.keep,
         command="python -m retinagrade.training.fit_gate" + (f" --keep {args.keep}" if args.keep != 0.95 else ""),
+        config=config,
     )
     eyeq = results["eyeq"]
     print(

@@ -469,7 +469,7 @@
       el("p", { className: "meaning" }, GRADE_MEANINGS[result.grade] || ""),
       decisionBadge(action, disagreement),
       el("p", { className: "confidence" },
-        `Confidence in this grade: ${percent(result.confidence)}`,
+        `Confidence in the referral decision: ${percent(result.confidence)}`,
         typeof result.p_referable === "number" ? ` · Probability of referable disease: ${percent(result.p_referable)}` : ""),
       el("p", { className: "quality" }, `Image quality: good (${percent(result.quality.score)})`),
       reasonList(result.quality.reasons));
