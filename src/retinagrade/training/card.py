@@ -22,6 +22,24 @@ LIMITATIONS = """\
 """
 
 
+def reproduce_command(cfg: dict[str, Any]) -> str:
+    """The ``retinagrade train`` command line that re-creates a run from its resolved config."""
+    parts = ["retinagrade train", *(f"--labels {path}" for path in cfg["labels"])]
+    parts += [f"--arch {cfg['arch']}", f"--input-size {cfg['input_size']}", f"--frozen-stages {cfg['frozen_stages']}"]
+    parts += [
+        f"--views {cfg['views']}",
+        f"--epochs {cfg['epochs']}",
+        f"--folds {cfg['folds']}",
+        f"--seed {cfg['seed']}",
+    ]
+    parts += [f"--oversample {name}={k}" for name, k in cfg.get("oversample", {}).items()]
+    if cfg.get("cross_source"):
+        parts.append("--cross-source")
+    if not cfg.get("cache_features", True):
+        parts.append("--no-cache")
+    return " ".join(parts)
+
+
 def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -> str:
     metrics = spec.get("metrics", {})
     decision = metrics.get("decision", spec.get("decision", {}))
@@ -63,6 +81,8 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, "
         f"{cfg['views']} cached augmented views per image; then the same recipe on all images for the shipped weights.",
         "",
+        f"Reproduce: `{reproduce_command(cfg)}`.",
+        "",
         "**Licence of the weights.** APTOS 2019 and EyePACS are Kaggle competition data for research and "
         "non-commercial use; these weights are derived from them and inherit that restriction. The code is "
         "Apache-2.0.",
@@ -89,6 +109,27 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         for pair, m in metrics["cross_source"].items():
             auc = "n/a" if m["referable_auc"] is None else f"{m['referable_auc']:.3f}"
             parts.append(f"| {pair} | {m['n']} | {auc} | {m['qwk_argmax']:.3f} |")
+    gate = spec.get("gate_meta")
+    if gate:
+        parts += [
+            "",
+            "## Quality gate",
+            f"Fitted on {gate.get('fitted_on')}; out-of-fold ungradable-vs-gradable AUC {gate.get('eyeq_oof_auc')} "
+            f"(95% CI {gate.get('eyeq_oof_auc_ci95')}); split {gate.get('split')}. Details: `docs/gate-report.md`.",
+        ]
+    ood = spec.get("ood", {})
+    parts += [
+        "",
+        "## Out-of-distribution check",
+        "Not-a-fundus photos are refused by the quality gate's rules. The embedding distance to the training "
+        "images is recorded in the spec but "
+        + (
+            f"refuses photos above {ood['distance_limit']}."
+            if "distance_limit" in ood
+            else "is not used for decisions: measured on this model it did not separate non-fundus images from "
+            "fundus photos of other cameras."
+        ),
+    ]
     for section in extra_sections or []:
         parts += ["", section]
     parts += [

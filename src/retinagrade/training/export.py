@@ -70,6 +70,7 @@ def export_run(
     if gate.resolve() != gate_target.resolve():
         shutil.copyfile(gate, gate_target)
     spec["gate_file"] = gate_target.name
+    spec["gate_meta"] = json.loads(gate_target.read_text()).get("meta", {})
     (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
     from retinagrade.training.card import write_card
 
