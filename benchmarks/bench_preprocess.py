@@ -16,7 +16,6 @@ from pathlib import Path
 
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.fundus import crop_to_fundus, enhance_local_contrast, locate_fundus, to_tensor
-from retinagrade.preprocessing.pipeline import PreprocessConfig
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw-fundus-samples"
 
@@ -41,13 +40,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding the JPEGs (or images/)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", type=Path, default=None, help="model spec whose preprocessing to time")
     args = parser.parse_args()
     folder = args.data / "images" if (args.data / "images").is_dir() else args.data
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise SystemExit(f"No JPEGs in {folder}")
     blobs = [p.read_bytes() for p in files]
-    config = PreprocessConfig()
+    from retinagrade.inference.model_spec import ModelSpec
+    from retinagrade.pipeline import DEFAULT_MODEL
+
+    config = ModelSpec.load(args.model or DEFAULT_MODEL, verify_checksum=False).preprocess
+    print(f"preprocessing of the model spec: input {config.input_size} px, decode_min_side {config.decode_min_side}")
     watch = _Stopwatch()
     reduced = f"decode min_side={config.decode_min_side}"
     for _ in range(args.rounds):
