@@ -111,3 +111,19 @@ def test_train_export_evaluate_round_trip(tiny_labels: Path, tmp_path: Path, sha
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report" / "metrics.md").read_text().count("|") > 20
+
+
+def test_end_to_end_mode_trains_without_a_feature_cache(tiny_labels: Path, tmp_path: Path) -> None:
+    """The GPU recipe (no cache, augmentation on the fly, stem trainable) runs on the CPU too."""
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "--labels", str(tiny_labels), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--input-size", "64", "--no-cache", "--frozen-stages", "0", "--epochs", "1", "--batch-size", "8",
+            "--folds", "2", "--no-final",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "cache").glob("stem-*.npy"))
+    assert json.loads((run_dir / "cv_metrics.json").read_text())["all"]["n_images"] > 0
