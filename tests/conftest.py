@@ -120,12 +120,11 @@ def synthetic_fundus() -> Callable[..., np.ndarray]:
     return draw_synthetic_fundus
 
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "retinagrade-dr.json"
-
-
 def model_under_test() -> Path:
     """The model the end-to-end tests use: ``$RETINAGRADE_MODEL`` if set, else the shipped model."""
-    return Path(os.environ.get("RETINAGRADE_MODEL") or SHIPPED_MODEL)
+    from retinagrade.pipeline import DEFAULT_MODEL
+
+    return Path(os.environ.get("RETINAGRADE_MODEL") or DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,14 @@ from PIL import Image
 
 from retinagrade.api.app import create_app
 from retinagrade.api.settings import Settings
-from retinagrade.pipeline import DEFAULT_MODEL
 
 MODEL_REASON = "needs a model: set RETINAGRADE_MODEL or install models/retinagrade-dr.json"
 
 
-def model_path() -> Path:
-    named = os.environ.get("RETINAGRADE_MODEL")
-    return Path(named) if named else DEFAULT_MODEL
-
-
 @pytest.fixture(scope="session")
-def model_spec_path() -> Path:
-    path = model_path()
+def model_spec_path(model_path: Path) -> Path:
+    """The model under test (``tests/conftest.py``: ``$RETINAGRADE_MODEL`` or the shipped model)."""
+    path = model_path
     if not path.is_file():
         pytest.skip(MODEL_REASON)
     return path

@@ -29,7 +29,6 @@ import uvicorn
 
 from retinagrade.api.app import create_app
 from retinagrade.api.settings import Settings
-from retinagrade.pipeline import DEFAULT_MODEL
 
 CHROMIUM = Path(os.environ.get("RETINAGRADE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -61,9 +60,8 @@ class ServedModel:
 
 
 @pytest.fixture(scope="session")
-def served_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
-    named = os.environ.get("RETINAGRADE_MODEL")
-    spec_path = Path(named) if named else DEFAULT_MODEL
+def served_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    spec_path = model_path
     if not spec_path.is_file():
         pytest.skip(MODEL_REASON)
     spec = json.loads(spec_path.read_text())
