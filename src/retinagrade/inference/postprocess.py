@@ -17,6 +17,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def grade_from_score(score: np.ndarray | float, thresholds: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """Grade = number of thresholds a continuous grade score reaches (works on scalars and arrays)."""
+    return np.searchsorted(np.asarray(thresholds), score, side="right")
+
+
 def consistent_grade(grade: int, referable: bool, probs: np.ndarray) -> int:
     """Make the grade agree with the referral decision, which is set at the validated operating point.
 
@@ -60,7 +65,7 @@ def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> Grad
         raw = int(np.argmax(probs))
     else:
         score = float(probs @ np.arange(len(probs))) if rule == "expected_grade" else float(regression)
-        raw = int(np.searchsorted(np.asarray(spec.decision.thresholds), score, side="right"))
+        raw = int(grade_from_score(score, spec.decision.thresholds))
     referable = p_referable >= spec.referable_threshold
     grade = consistent_grade(raw, referable, probs)
     confidence = p_referable if referable else 1.0 - p_referable

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retinagrade.constants import IMAGE_SUFFIXES, NUM_GRADES
+from retinagrade.constants import NUM_GRADES
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,3 @@ def make_folds(samples: list[Sample], n_folds: int = 5, seed: int = 0) -> np.nda
     for k, (_, test_idx) in enumerate(splitter.split(np.zeros(len(samples)), grades, groups)):
         folds[test_idx] = k
     return folds
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES

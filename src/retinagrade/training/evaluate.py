@@ -52,13 +52,13 @@ def evaluate_oof(predictions_csv: Path, out: Path, n_boot: int = 1000) -> dict[s
 
 
 def _threshold_from_run(predictions_csv: Path) -> float:
+    """The operating point the training run chose, from the ``cv_metrics.json`` beside its predictions."""
     import json
 
-    for name in ("cv_metrics.json",):
-        path = predictions_csv.parent / name
-        if path.exists():
-            return float(json.loads(path.read_text())["decision"]["referable_threshold"])
-    raise FileNotFoundError(f"no cv_metrics.json beside {predictions_csv} to read the operating point from")
+    path = predictions_csv.parent / "cv_metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no cv_metrics.json beside {predictions_csv} to read the operating point from")
+    return float(json.loads(path.read_text())["decision"]["referable_threshold"])
 
 
 def evaluate_model(

@@ -25,6 +25,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
+from retinagrade.inference import postprocess
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -184,7 +185,7 @@ def apply_thresholds(scores: npt.ArrayLike, thresholds: Sequence[float]) -> IntA
     """
     cuts = _check_thresholds(thresholds)
     values = _as_scores(scores, "scores")
-    return np.searchsorted(cuts, values, side="right").astype(np.int64)
+    return np.asarray(postprocess.grade_from_score(values, cuts), dtype=np.int64)
 
 
 def _best_cut(
@@ -306,10 +307,7 @@ def softmax(logits: npt.ArrayLike, temperature: float = 1.0) -> FloatArray:
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float64)
+    return np.asarray(postprocess.softmax(np.asarray(logits), temperature), dtype=np.float64)
 
 
 def fit_temperature(logits: npt.ArrayLike, y_true: npt.ArrayLike, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
