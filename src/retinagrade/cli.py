@@ -292,19 +292,10 @@ def serve(
     port: Annotated[int, typer.Option(envvar="RETINAGRADE_PORT")] = 8000,
     workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
 ) -> None:
-    """Run the REST service (settings from RETINAGRADE_* environment variables)."""
-    import uvicorn
+    """Run the REST service (settings from RETINAGRADE_* environment variables); /metrics on its own port."""
+    from retinagrade.api.server import serve as serve_api
 
-    # The service logs one JSON line per request itself; uvicorn's access log would duplicate it.
-    uvicorn.run(
-        "retinagrade.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-    )
+    serve_api(host, port, workers)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ class ImageTooLargeError(InputError):
     http_status = 413
 
 
+class MultiFrameImageError(InputError):
+    """A multi-page image: which page is the photograph is not ours to guess."""
+
+    code = "multi_frame_not_supported"
+    http_status = 422
+
+
 class ModelError(RetinagradeError):
     """The model file or its spec is missing, corrupt or inconsistent (a deployment fault)."""
 

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from retinagrade.api.app import create_app
+from retinagrade.api.routes.metrics import create_metrics_app
 from retinagrade.api.settings import Settings
 
 MODEL_REASON = "needs a model: set RETINAGRADE_MODEL or install models/retinagrade-dr.json"
@@ -103,3 +104,15 @@ def synthetic_jpeg(synthetic_fundus: Callable[..., np.ndarray]) -> bytes:
 def black_png() -> bytes:
     """A black frame: no field of view, so never a fundus."""
     return encode(np.zeros((480, 640, 3), np.uint8), "PNG")
+
+
+@pytest.fixture(scope="session")
+def metrics_text() -> Callable[[TestClient], str]:
+    """What an app's separate /metrics listener answers (it is not on the API port)."""
+
+    def read(client: TestClient) -> str:
+        response = TestClient(create_metrics_app(client.app.state.metrics)).get("/metrics")  # type: ignore[attr-defined]
+        assert response.status_code == 200
+        return response.text
+
+    return read

@@ -22,7 +22,7 @@ def _metric(text: str, name: str) -> float:
 
 @pytest.mark.shared_data
 def test_concurrent_requests_are_all_answered_and_batched(
-    make_settings: Callable[..., Settings], raw_fundus_paths: list[Path]
+    make_settings: Callable[..., Settings], raw_fundus_paths: list[Path], metrics_text: Callable[[TestClient], str]
 ) -> None:
     images = [p.read_bytes() for p in raw_fundus_paths[:4]] * 3
     settings = make_settings(batching=True, max_batch_size=8, max_batch_wait_ms=100.0)
@@ -42,13 +42,15 @@ def test_concurrent_requests_are_all_answered_and_batched(
             probabilities = by_image.setdefault(body["image"]["sha256"], body["probabilities"])
             # Batched or not, the same image gets the same answer.
             assert body["probabilities"] == pytest.approx(probabilities, abs=1e-5)
-        text = client.get("/metrics").text
+        text = metrics_text(client)
         calls = _metric(text, "retinagrade_inference_batch_size_count")
         batched = _metric(text, "retinagrade_inference_batch_size_sum")
         assert batched == len(images) + 0 and calls < len(images), "no two requests shared a model call"
 
 
-def test_overload_answers_503_with_retry_after(make_settings: Callable[..., Settings], synthetic_jpeg: bytes) -> None:
+def test_overload_answers_503_with_retry_after(
+    make_settings: Callable[..., Settings], synthetic_jpeg: bytes, metrics_text: Callable[[TestClient], str]
+) -> None:
     with TestClient(create_app(make_settings(max_queue=2, retry_after_s=3))) as client:
         files = [("files", (f"{i}.jpeg", synthetic_jpeg, "image/jpeg")) for i in range(3)]
         response = client.post("/v1/grade/batch", files=files)
@@ -56,7 +58,7 @@ def test_overload_answers_503_with_retry_after(make_settings: Callable[..., Sett
         assert response.headers["retry-after"] == "3"
         assert response.json()["code"] == "overloaded"
         assert client.post("/v1/grade/batch", files=files[:2]).status_code == 200
-        assert "retinagrade_overload_rejections_total 1.0" in client.get("/metrics").text
+        assert "retinagrade_overload_rejections_total 1.0" in metrics_text(client)
 
 
 @pytest.mark.shared_data

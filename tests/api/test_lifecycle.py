@@ -72,7 +72,7 @@ def test_api_keys(make_settings: Callable[..., Settings], synthetic_jpeg: bytes)
         assert client.get("/v1/model", headers={"X-API-Key": "k-one"}).status_code == 200
         assert client.get("/health/ready").status_code == 200
         assert client.get("/health/live").status_code == 200
-        assert client.get("/metrics").status_code == 200
+        assert client.get("/metrics").status_code == 404  # on its own listener, never the API port
         assert client.post("/v1/grade", content=b"").json()["code"] == "unauthorized"
 
 
@@ -119,10 +119,12 @@ def test_audit_records_survive_a_restart(
     assert sqlite3.connect(settings.audit_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_metrics_expose_the_named_series(client: TestClient, synthetic_jpeg: bytes) -> None:
+def test_metrics_expose_the_named_series(
+    client: TestClient, synthetic_jpeg: bytes, metrics_text: Callable[[TestClient], str]
+) -> None:
     assert client.post("/v1/grade", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
     client.post("/v1/grade", content=b"", headers={"Content-Type": "image/jpeg"})
-    text = client.get("/metrics").text
+    text = metrics_text(client)
     for series in (
         'retinagrade_http_requests_total{method="POST",route="/v1/grade",status="200"}',
         'retinagrade_http_requests_total{method="POST",route="/v1/grade",status="400"}',

@@ -31,6 +31,8 @@ InferFn = Callable[[list[PreparedRequest]], list[ModelOutputs | None]]
 class Admission:
     """Bounds the images in the service at once; beyond the bound a request is refused with 503.
 
+    Only images that were read and are ready to grade are admitted: a body still arriving holds no place.
+
     Used only from the event loop thread, so plain integers suffice.
     """
 
@@ -39,6 +41,11 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.admitted = 0
+
+    @property
+    def full(self) -> bool:
+        """No room for even one more image: a new request is refused before its body is read."""
+        return self.admitted >= self.limit
 
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:

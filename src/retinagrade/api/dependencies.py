@@ -39,6 +39,11 @@ def get_request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 
+def get_client_request_id(request: Request) -> str | None:
+    value = request.state.client_request_id
+    return None if value is None else str(value)
+
+
 def get_started(request: Request) -> float:
     return float(request.state.started)
 
@@ -47,6 +52,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 ServiceDep = Annotated[GradingService, Depends(get_service)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+ClientRequestIdDep = Annotated[str | None, Depends(get_client_request_id)]
 StartedDep = Annotated[float, Depends(get_started)]
 
 

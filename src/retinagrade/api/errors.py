@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from retinagrade.errors import RetinagradeError
 
@@ -78,11 +79,36 @@ class NotReadyError(ApiError):
     http_status = 503
 
 
+class BodyTimeoutError(ApiError):
+    """The body did not arrive in time or arrived too slowly (a stalled or trickling client)."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class ClientClosedError(ApiError):
+    """The client went away before its request was read. Nobody reads the answer: the status is a label.
+
+    Counted as 499 (nginx's "client closed request"), never as a server error, so it stays out of the 5xx alert.
+    """
+
+    code = "client_closed_request"
+    http_status = 499
+
+
+class AuditUnavailableError(ApiError):
+    """The audit store cannot be written. A result that cannot be audited is not returned."""
+
+    code = "audit_unavailable"
+    http_status = 503
+
+
 _STATUS_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
 }
@@ -137,6 +163,12 @@ async def _render_http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(request, code, message), exc.status_code, headers=exc.headers)
 
 
+async def _render_client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own signal that the client left mid-body (a route that read the request unguarded).
+    closed = ClientClosedError("The client closed the connection before the request was read.")
+    return JSONResponse(error_body(request, closed.code, closed.message), closed.http_status)
+
+
 async def _render_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error", exc_info=exc)
     return JSONResponse(error_body(request, "internal_error", "The server failed to handle the request."), 500)
@@ -147,4 +179,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RetinagradeError, _render_domain_error)
     app.add_exception_handler(RequestValidationError, _render_validation_error)
     app.add_exception_handler(StarletteHTTPException, _render_http_error)
+    app.add_exception_handler(ClientDisconnect, _render_client_disconnect)
     app.add_exception_handler(Exception, _render_unexpected)

@@ -39,8 +39,17 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("retinagrade_admitted_images", "Images admitted and not yet answered.", registry=r)
         self.rejected = Counter(
-            "retinagrade_overload_rejections", "Requests refused with 503 (queue full).", registry=r
+            "retinagrade_overload_rejections",
+            "Requests refused with 503 (queue or body-byte budget full).",
+            registry=r,
         )
+        self.buffered_bytes = Gauge(
+            "retinagrade_buffered_body_bytes", "Request-body bytes charged to the byte budget.", registry=r
+        )
+        self.decoding_bytes = Gauge(
+            "retinagrade_decoding_bytes", "Memory charged to the decodes in progress.", registry=r
+        )
+        self.audit_failures = Counter("retinagrade_audit_failures", "Audit writes or checks that failed.", registry=r)
         self.results = Counter("retinagrade_results", "Images answered, by result status.", ["status"], registry=r)
         self.grades = Counter(
             "retinagrade_grades", "Graded images, by ICDR grade.", ["grade", "grade_name"], registry=r

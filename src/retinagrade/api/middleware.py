@@ -1,86 +1,42 @@
-"""Pure ASGI middleware: request ids, body-size limits while streaming, metrics and the access log."""
+"""Pure ASGI middleware: request ids, metrics and the access log.
+
+Bodies are read by the routes themselves, under the rules of :mod:`retinagrade.api.intake` (size, deadline,
+minimum rate, memory budget), after the API key and the media type were checked.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retinagrade.api.errors import RequestTooLargeError
 from retinagrade.api.metrics import ServiceMetrics
 
 access_log = logging.getLogger("retinagrade.api.access")
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: A client's X-Request-ID is kept (as ``client_request_id``, never as the audit key) only if it is 1-64 of
+#: ``A-Z a-z 0-9 . _ -`` with at least one letter: digits alone are the usual shape of a medical record or
+#: accession number, which must not end up in logs and audit rows. Anything else is dropped, not refused.
+CLIENT_REQUEST_ID = re.compile(r"^(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9._-]{1,64}$")
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over ``limit_for(path)`` bytes: by Content-Length up front, else while they stream."""
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope["path"])
-        message = f"The request body is larger than the limit of {limit:,} bytes."
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    await _send_json(
-                        send,
-                        413,
-                        {
-                            "code": RequestTooLargeError.code,
-                            "message": message,
-                            "request_id": scope.get("state", {}).get("request_id"),
-                        },
-                    )
-                    return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > limit:
-                    # Raised inside the route's body read, so the app's error handler renders it.
-                    raise RequestTooLargeError(message)
-            return msg
-
-        await self.app(scope, counting_receive, send)
-
-
-async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+def client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-ID if it is a valid id, else None."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            return candidate if CLIENT_REQUEST_ID.fullmatch(candidate) else None
+    return None
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (``X-Request-ID``), counts and times it, and logs one JSON line for it."""
+    """Gives each request an id of ours (``X-Request-ID``), counts and times it, and logs one JSON line for it.
+
+    A valid client id is echoed as ``X-Client-Request-ID`` and kept beside ours. A request whose client went
+    away mid-body is labelled 499 (client closed), not 5xx.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -91,19 +47,23 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = uuid.uuid4().hex
+        client_id = client_request_id(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["client_request_id"] = client_id
         state["started"] = started
         status = 500
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        if client_id is not None:
+            extra_headers.append((b"x-client-request-id", client_id.encode()))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message["headers"], *extra_headers]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -121,6 +81,7 @@ class RequestContextMiddleware:
                 "request",
                 extra={
                     "request_id": request_id,
+                    "client_request_id": client_id,
                     "method": scope["method"],
                     "route": template,
                     "status": status,

@@ -65,7 +65,10 @@ class GradeResponse(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    request_id: str
+    request_id: str = Field(description="The service's own id of this answer: the key of its audit record.")
+    client_request_id: str | None = Field(
+        None, description="The caller's X-Request-ID, when it was a valid id (kept beside ours, never as the key)."
+    )
     status: ResultStatus
     grade: int | None = Field(None, ge=0, le=4)
     grade_name: str | None = None
@@ -106,6 +109,7 @@ class PatientReferral(BaseModel):
 
 class BatchResponse(BaseModel):
     request_id: str
+    client_request_id: str | None = None
     items: list[BatchItem]
     patients: list[PatientReferral]
 
@@ -120,3 +124,4 @@ class Readiness(BaseModel):
     status: Literal["ready"]
     model: ModelRef
     warmup_ms: float
+    audit: Literal["ok", "disabled"] = Field(description="The audit store took a probe write (or is disabled).")

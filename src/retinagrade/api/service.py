@@ -2,6 +2,11 @@
 
 Decoding and preprocessing run on a thread pool, the model on the batcher's thread, audit writes on their own
 thread; the event loop only hands work around. Routes call :class:`GradingService` and never the pipeline.
+
+Memory is bounded at each stage: request bodies by a byte budget (:mod:`retinagrade.api.intake`), images in
+the queue by admission control, and decodes by their cost in decoded pixels (a small PNG can claim a large
+canvas): one image over ``max_decoded_bytes`` is refused with 413, and decodes in progress together stay
+under ``decode_budget_bytes`` (the others wait their turn).
 """
 
 from __future__ import annotations
@@ -9,22 +14,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sqlite3
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 
-from retinagrade.api.audit import AuditRecord, AuditStore
+from retinagrade.api.audit import AuditRecord, AuditStore, AuditStoreError
 from retinagrade.api.batching import Admission, DynamicBatcher
+from retinagrade.api.errors import AuditUnavailableError
+from retinagrade.api.intake import BodyIntake, BodyPace, ByteBudget
 from retinagrade.api.metrics import ServiceMetrics
 from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, Timings
 from retinagrade.api.settings import Settings
 from retinagrade.constants import NUM_GRADES
-from retinagrade.errors import InputError, ModelError
+from retinagrade.errors import ImageTooLargeError, InputError, ModelError
 from retinagrade.explain.heatmap import encode_png, overlay
 from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
+from retinagrade.preprocessing.decode import decoded_bytes
 
 logger = logging.getLogger("retinagrade.api.service")
 
@@ -55,6 +66,35 @@ def render_explanation(result: GradeResult, opacity: float) -> bytes:
     return encode_png(overlay(result.crop, result.heatmap, opacity))
 
 
+_MIB = 1024 * 1024
+_AUDIT_FAILED = "The result could not be written to the audit trail, so it is not returned; retry shortly."
+
+
+class DecodeBudget:
+    """Memory charged to the decodes in progress; a decode that does not fit waits. Event-loop thread only."""
+
+    def __init__(self, limit: int, metrics: ServiceMetrics) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.held = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.limit)  # callers refuse larger ones first; never wait forever
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held + size <= self.limit)
+            self.held += size
+        self.metrics.decoding_bytes.set(self.held)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.held -= size
+                self._changed.notify_all()
+            self.metrics.decoding_bytes.set(self.held)
+
+
 class GradingService:
     """The loaded pipeline with its thread pools, batcher, admission control, metrics and audit trail."""
 
@@ -68,6 +108,15 @@ class GradingService:
         spec = pipeline.spec
         self.model_ref = ModelRef(name=spec.name, version=spec.version, sha256=spec.sha256)
         self.admission = Admission(settings.max_queue, settings.retry_after_s, metrics)
+        self.intake = BodyIntake(
+            ByteBudget(settings.buffer_budget_bytes, metrics),
+            self.admission,
+            BodyPace(settings.body_timeout_s, settings.body_min_bytes_per_s, settings.body_grace_s),
+            settings.retry_after_s,
+        )
+        self.decode_budget = DecodeBudget(settings.decode_budget_bytes, metrics)
+        self._audit_checked_at = float("-inf")
+        self._audit_error: str | None = None
         self.batcher = DynamicBatcher(
             pipeline.infer,
             max_batch_size=settings.max_batch_size if settings.batching else 1,
@@ -89,12 +138,55 @@ class GradingService:
         """Reserve room for ``images``; raises OverloadedError (503) when the service is full."""
         return self.admission.admit(images)
 
+    # -- the audit store's health ---------------------------------------------------------------------------
+    def _audit_failed(self, reason: str) -> None:
+        self.metrics.audit_failures.inc()
+        self._audit_error = reason
+        self._audit_checked_at = time.monotonic()
+
+    async def check_audit(self) -> None:
+        """Raise if the audit store cannot take records; a result is cached ``audit_check_interval_s``.
+
+        Raises:
+            AuditUnavailableError: the last check or write failed (the reason goes to the log).
+        """
+        if self.audit is None:
+            return
+        if time.monotonic() - self._audit_checked_at >= self.settings.audit_check_interval_s:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._audit_pool, self.audit.check)
+            except AuditStoreError as exc:
+                if self._audit_error is None:
+                    logger.error("audit store failing: %s", exc)
+                self._audit_failed(str(exc))
+            else:
+                if self._audit_error is not None:
+                    logger.warning("audit store writable again")
+                self._audit_error = None
+                self._audit_checked_at = time.monotonic()
+        if self._audit_error is not None:
+            raise AuditUnavailableError(
+                "The audit trail cannot be written; the service takes no grading requests until it can.",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+
     # -- stages ---------------------------------------------------------------------------------------------
     async def _prepare(self, data: bytes) -> PreparedRequest:
         loop = asyncio.get_running_loop()
         self.batcher.preparing += 1
         try:
-            return await loop.run_in_executor(self._prepare_pool, self.pipeline.prepare, data)
+            min_side = self.pipeline.spec.preprocess.decode_min_side
+            cost = await loop.run_in_executor(self._prepare_pool, partial(decoded_bytes, data, min_side=min_side))
+            limit = self.settings.max_decoded_bytes
+            if cost > limit:
+                raise ImageTooLargeError(
+                    f"Decoding this image would take about {cost / _MIB:,.0f} MiB of memory, over the limit of "
+                    f"{limit / _MIB:,.0f} MiB (a PNG or TIFF costs 4-7 bytes a pixel, whatever its file size); "
+                    "send it as a JPEG or with fewer pixels."
+                )
+            async with self.decode_budget.hold(cost):
+                return await loop.run_in_executor(self._prepare_pool, self.pipeline.prepare, data)
         finally:
             self.batcher.preparing -= 1
 
@@ -106,7 +198,13 @@ class GradingService:
             return exc
 
     async def _respond(
-        self, request: PreparedRequest, outputs: object, request_id: str, started: float, explain: bool
+        self,
+        request: PreparedRequest,
+        outputs: object,
+        request_id: str,
+        started: float,
+        explain: bool,
+        client_request_id: str | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None]:
         result = self.pipeline.finish(request, outputs, explain=explain)  # type: ignore[arg-type]
         png = None
@@ -117,7 +215,7 @@ class GradingService:
             )
         result.timings_ms["total"] = round((time.perf_counter() - started) * 1000.0, 2)
         self.metrics.observe_result(result.status, result.decision.grade if result.decision else None)
-        return result, self.to_response(result, request_id, png), png
+        return result, self.to_response(result, request_id, png, client_request_id), png
 
     async def _record(self, pairs: list[tuple[GradeResult, GradeResponse]]) -> None:
         if self.audit is None or not pairs:
@@ -127,6 +225,7 @@ class GradingService:
             AuditRecord(
                 time=now,
                 request_id=response.request_id,
+                client_request_id=response.client_request_id,
                 image_sha256=result.sha256,
                 model_name=self.model_ref.name,
                 model_version=self.model_ref.version,
@@ -139,16 +238,32 @@ class GradingService:
             for result, response in pairs
         ]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._audit_pool, self.audit.append, records)
+        try:
+            await loop.run_in_executor(self._audit_pool, self.audit.append, records)
+        except (sqlite3.Error, OSError) as exc:
+            # Decided: a result without its audit record is not returned (503; the client may retry), and
+            # readiness turns 503 at once, so the load balancer stops sending traffic here.
+            logger.error("audit write failed; %d results withheld", len(records), exc_info=exc)
+            self._audit_failed(f"audit write failed: {exc}")
+            raise AuditUnavailableError(
+                _AUDIT_FAILED, headers={"Retry-After": str(self.settings.retry_after_s)}
+            ) from None
 
     # -- front-door operations -------------------------------------------------------------------------------
     async def grade(
-        self, data: bytes, *, request_id: str, started: float, explain: bool = False
+        self,
+        data: bytes,
+        *,
+        request_id: str,
+        started: float,
+        explain: bool = False,
+        client_request_id: str | None = None,
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
         Raises:
             InputError: the bytes are not a readable image of an accepted kind and size.
+            AuditUnavailableError: the result could not be audited (and is withheld).
         """
         try:
             request = await self._prepare(data)
@@ -156,12 +271,18 @@ class GradingService:
             self.metrics.input_errors.labels(exc.code).inc()
             raise
         (outputs,) = await self.batcher.infer([request])
-        result, response, png = await self._respond(request, outputs, request_id, started, explain)
+        result, response, png = await self._respond(request, outputs, request_id, started, explain, client_request_id)
         await self._record([(result, response)])
         return response, png
 
     async def grade_many(
-        self, images: list[bytes | InputError], *, request_id: str, started: float, explain: bool = False
+        self,
+        images: list[bytes | InputError],
+        *,
+        request_id: str,
+        started: float,
+        explain: bool = False,
+        client_request_id: str | None = None,
     ) -> list[GradeResponse | InputError]:
         """Grade several images; an unreadable one yields its error and never fails the others."""
         prepared = await asyncio.gather(
@@ -175,13 +296,17 @@ class GradingService:
             if isinstance(item, InputError):
                 answers.append(item)
                 continue
-            result, response, _ = await self._respond(item, next(outputs), f"{request_id}.{index}", started, explain)
+            result, response, _ = await self._respond(
+                item, next(outputs), f"{request_id}.{index}", started, explain, client_request_id
+            )
             pairs.append((result, response))
             answers.append(response)
         await self._record(pairs)
         return answers
 
-    def to_response(self, result: GradeResult, request_id: str, png: bytes | None) -> GradeResponse:
+    def to_response(
+        self, result: GradeResult, request_id: str, png: bytes | None, client_request_id: str | None = None
+    ) -> GradeResponse:
         timings = result.timings_ms
         quality = result.quality
         decision = result.decision
@@ -200,6 +325,7 @@ class GradingService:
             raise ModelError("the pipeline returned an error result")
         return GradeResponse(
             request_id=request_id,
+            client_request_id=client_request_id,
             status=status,
             grade=decision.grade if decision else None,
             grade_name=decision.grade_name if decision else None,

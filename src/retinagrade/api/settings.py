@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from retinagrade.cpus import available_cpus
+from retinagrade.preprocessing.decode import DEFAULT_MAX_DECODED_BYTES
 
 
 def _split_commas(value: object) -> object:
@@ -22,11 +24,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAGRADE_", extra="ignore", frozen=True)
 
     model: Path | None = Field(default=None, description="Model spec (.json) or ONNX file; default: the shipped model.")
-    threads: int | None = Field(default=None, ge=1, description="ONNX Runtime intra-op threads; default min(4, CPUs).")
+    threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime intra-op threads; default min(4, usable CPUs)."
+    )
     prepare_workers: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
+        # The CPUs this process may use (affinity, cgroup quota), not the host's: see retinagrade.cpus.
+        default_factory=available_cpus,
         ge=1,
-        description="Threads decoding and preprocessing uploads.",
+        description="Threads decoding and preprocessing uploads; default the usable CPUs.",
     )
     # Off by default: on 2 CPU cores a batch of 8 costs as much per image as 8 single calls and the HTTP
     # benchmark measured no gain (benchmarks/bench_service.py); turn it on where batches are cheaper.
@@ -38,7 +43,38 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=32,
         ge=1,
-        description="Most images admitted at once; beyond it requests get 503 with Retry-After.",
+        description="Most images (read, ready to grade) admitted at once; beyond it requests get 503.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="Longest a request body may take to arrive; slower ones get 408."
+    )
+    body_min_bytes_per_s: int = Field(
+        default=16 * 1024,
+        ge=1,
+        description="Slowest average rate a body may arrive at, after body_grace_s; slower ones get 408.",
+    )
+    body_grace_s: float = Field(
+        default=5.0, ge=0.0, description="Head start before body_min_bytes_per_s applies (connection set-up)."
+    )
+    max_buffered_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most request-body bytes held at once across all requests; beyond it 503. "
+        "Default: one largest batch request.",
+    )
+    max_decoded_bytes: int = Field(
+        default=DEFAULT_MAX_DECODED_BYTES,
+        ge=1024 * 1024,
+        description="Most memory decoding one image may take (its pixels, decoded); larger images get 413.",
+    )
+    max_decoding_bytes: int | None = Field(
+        default=None,
+        ge=1024 * 1024,
+        description="Most memory all decodes in progress may take together; others wait. Default: twice "
+        "max_decoded_bytes.",
+    )
+    shutdown_timeout_s: int = Field(
+        default=20, ge=1, description="Longest a shutdown waits for requests in flight before closing them."
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with a 503.")
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
@@ -52,6 +88,26 @@ class Settings(BaseSettings):
     )
     audit_enabled: bool = Field(default=True, description="Write an audit record per graded image.")
     audit_path: Path = Field(default=Path("var/retinagrade-audit.sqlite3"), description="SQLite audit store.")
+    audit_min_free_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Free disk space below which the audit store counts as failing (not ready, grading 503).",
+    )
+    audit_check_interval_s: float = Field(
+        default=5.0, ge=0.0, description="How long a readiness check of the audit store is reused."
+    )
+    docs_enabled: bool = Field(
+        default=True, description="Serve /docs, /redoc and /openapi.json (assets served locally, no CDN)."
+    )
+    metrics_port: int = Field(
+        default=9464,
+        ge=1,
+        le=65535,
+        description="Port of the separate /metrics listener (`retinagrade serve`); /metrics is never on the API port.",
+    )
+    metrics_host: str | None = Field(
+        default=None, description="Address of the /metrics listener; default: the API's address."
+    )
     heatmap_opacity: float = Field(default=0.45, ge=0.0, le=1.0, description="Opacity of the heatmap overlay.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 
@@ -59,6 +115,28 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @model_validator(mode="after")
+    def _budgets_fit_one_request(self) -> Settings:
+        # A budget smaller than one allowed request would refuse that request forever with 503.
+        if self.max_buffered_bytes is not None and self.max_buffered_bytes < self.max_batch_request_bytes:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes:,}) is smaller than one batch request "
+                f"({self.max_batch_request_bytes:,} = max_image_bytes x max_batch_images + 256 KiB)"
+            )
+        if self.max_decoding_bytes is not None and self.max_decoding_bytes < self.max_decoded_bytes:
+            raise ValueError("max_decoding_bytes is smaller than max_decoded_bytes")
+        return self
+
+    @property
+    def buffer_budget_bytes(self) -> int:
+        """Most request-body bytes held at once, across requests."""
+        return self.max_buffered_bytes or self.max_batch_request_bytes
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """Most memory all decodes in progress may take together."""
+        return self.max_decoding_bytes or 2 * self.max_decoded_bytes
 
     @property
     def max_request_bytes(self) -> int:

@@ -1,18 +1,21 @@
 """Reading images out of requests: a multipart field, or the raw body with an ``image/*`` type.
 
-The body's size is bounded while it streams in (:class:`~retinagrade.api.middleware.BodyLimitMiddleware`);
-here each file is also held to the per-image limit.
+The media type is checked before a byte of the body is read. The body then streams in under the rules of
+:mod:`retinagrade.api.intake` (size, deadline, memory budget); here each file, multipart part or raw body
+alike, is also held to the per-image limit.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from retinagrade.api.errors import FieldValidationError, UnsupportedMediaTypeError
+from retinagrade.api.errors import FieldValidationError, RequestTooLargeError, UnsupportedMediaTypeError
 from retinagrade.api.schemas import Eye
 from retinagrade.errors import ImageTooLargeError, InputError
 
@@ -26,6 +29,10 @@ _EYES: dict[str, Eye] = {
     "od": "right",
 }
 MAX_PATIENT_ID = 128
+#: A patient id is an identifier (MRN, DICOM PatientID), not a name: printable ASCII only. Control characters
+#: would forge log lines and CSV cells; anything beyond ASCII may be bytes that were not UTF-8, which the
+#: multipart parser silently turns into Latin-1 text (the id would no longer match the patient's).
+PATIENT_ID = re.compile(r"[\x20-\x7e]*")
 
 #: OpenAPI description of a one-image body (the routes read the request themselves to accept both forms).
 SINGLE_IMAGE_BODY: dict[str, Any] = {
@@ -60,7 +67,7 @@ BATCH_BODY: dict[str, Any] = {
                         "eye": {"type": "array", "items": {"type": "string", "enum": ["left", "right", ""]}},
                         "patient_id": {
                             "type": "array",
-                            "items": {"type": "string", "maxLength": MAX_PATIENT_ID},
+                            "items": {"type": "string", "maxLength": MAX_PATIENT_ID, "pattern": "^[\\x20-\\x7e]*$"},
                         },
                     },
                 },
@@ -117,8 +124,45 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
             raise data
         return data
     if media_type.startswith("image/") or media_type == "application/octet-stream":
-        return await request.body()
+        data = await request.body()
+        if len(data) > max_bytes:
+            raise ImageTooLargeError(f"The image is larger than the limit of {max_bytes:,} bytes.")
+        return data
     raise UnsupportedMediaTypeError("Send the image as multipart/form-data (field `file`) or as a raw image/* body.")
+
+
+def _patient_id(value: str, index: int) -> str | None:
+    value = value.strip()
+    if len(value) > MAX_PATIENT_ID:
+        raise FieldValidationError(
+            f"patient_id #{index + 1} is longer than {MAX_PATIENT_ID} characters.",
+            details=[{"loc": ["body", "patient_id", index], "message": "too long", "type": "string_too_long"}],
+        )
+    if not PATIENT_ID.fullmatch(value):
+        raise FieldValidationError(
+            f"patient_id #{index + 1} holds a control character or a character outside printable ASCII "
+            "(or bytes that are not UTF-8); send the identifier as plain ASCII text.",
+            details=[
+                {
+                    "loc": ["body", "patient_id", index],
+                    "message": "printable ASCII only",
+                    "type": "string_pattern_mismatch",
+                }
+            ],
+        )
+    return value or None
+
+
+async def _batch_form(request: Request, max_images: int) -> FormData:
+    """The parsed multipart body; more files than ``max_images`` is 413 like any other over-size batch."""
+    try:
+        # One file over the limit still parses, so the count below can say how many files there were.
+        return await request.form(max_files=max_images + 1, max_fields=4 * max_images + 8)
+    except HTTPException as exc:
+        # Starlette reports its own file limit as a 400; only its message tells it from a malformed body.
+        if exc.status_code == 400 and "Too many files" in str(exc.detail):
+            raise RequestTooLargeError(f"A batch holds at most {max_images} images; this one has more.") from None
+        raise
 
 
 def _eye(value: str, index: int) -> Eye | None:
@@ -141,11 +185,10 @@ async def read_batch(request: Request, max_bytes: int, max_images: int) -> Batch
         FieldValidationError: no files, tags not one per file, or a malformed tag.
         RequestTooLargeError: more files than ``max_images``.
     """
-    from retinagrade.api.errors import RequestTooLargeError
-
     if _media_type(request) != "multipart/form-data":
         raise UnsupportedMediaTypeError("Send the images as multipart/form-data (repeated field `files`).")
-    async with request.form(max_files=2 * max_images, max_fields=4 * max_images + 8) as form:
+    form = await _batch_form(request, max_images)
+    try:
         parts = form.getlist("files")
         eyes_raw = form.getlist("eye")
         patients_raw = form.getlist("patient_id")
@@ -170,13 +213,10 @@ async def read_batch(request: Request, max_bytes: int, max_images: int) -> Batch
                     details=[{"loc": ["body", name], "message": "expected text", "type": "value_error"}],
                 )
         eyes = [_eye(str(v), i) for i, v in enumerate(eyes_raw)] or [None] * len(parts)
-        patient_ids = [str(v).strip() or None for v in patients_raw] or [None] * len(parts)
-        if any(p is not None and len(p) > MAX_PATIENT_ID for p in patient_ids):
-            raise FieldValidationError(
-                f"A patient_id is longer than {MAX_PATIENT_ID} characters.",
-                details=[{"loc": ["body", "patient_id"], "message": "too long", "type": "string_too_long"}],
-            )
+        patient_ids = [_patient_id(str(v), i) for i, v in enumerate(patients_raw)] or [None] * len(parts)
         uploads = [p for p in parts if isinstance(p, UploadFile)]
         images = [await _read_file(p, max_bytes) for p in uploads]
         filenames = [p.filename for p in uploads]
+    finally:
+        await form.close()
     return BatchUpload(images=images, filenames=filenames, eyes=eyes, patient_ids=patient_ids)

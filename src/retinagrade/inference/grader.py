@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from retinagrade.cpus import available_cpus
 from retinagrade.errors import ModelError
 from retinagrade.inference.model_spec import ModelSpec
 
@@ -31,7 +31,7 @@ class OnnxGrader:
 
         self.spec = spec
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or min(4, available_cpus())
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:

@@ -18,12 +18,27 @@ from retinagrade.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
+    MultiFrameImageError,
     UnsupportedFormatError,
 )
 
 #: Formats accepted from clients. MPO is what many cameras write for JPEGs with a preview frame.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP"})
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Most memory one decode may take (see :func:`decoded_bytes`): a 24-megapixel colour PNG or TIFF fits, a
+#: 7999 x 7999 PNG (448 MB decoded from a 186 KB file) does not. JPEGs are decoded at reduced scale and cost
+#: far less than their pixel count suggests.
+DEFAULT_MAX_DECODED_BYTES = 192 * 1024 * 1024
+
+#: File signatures of the accepted formats: a file that starts like one but does not open is damaged (400),
+#: not of an unsupported type (415).
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
 
 # Never hand half a picture to the model: a truncated file is an error, not a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -97,6 +112,11 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        claimed = claimed_format(data)
+        if claimed is not None:
+            raise CorruptImageError(
+                f"The file starts like a {claimed} image but is damaged and cannot be read."
+            ) from None
         raise UnsupportedFormatError(
             "The file is not an image in a supported format (JPEG, PNG, TIFF, BMP, WebP)."
         ) from None
@@ -113,14 +133,10 @@ def decode_image(
         raise CorruptImageError("The image has no pixels.")
     if width * height > max_pixels:
         raise ImageTooLargeError(f"The image is {width}x{height} pixels; the limit is {max_pixels:,} pixels.")
+    refuse_multi_frame(img)
 
     try:
-        if min_side is not None and fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L", "YCbCr", "CMYK"):
-            # draft() picks the smallest DCT scale whose size is still >= the requested size.
-            shorter = min(width, height)
-            factor = max(1, shorter // max(min_side, 1))
-            if factor >= 2:
-                img.draft(img.mode, (max(1, width // factor), max(1, height // factor)))
+        draft_for(img, min_side)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
@@ -139,6 +155,64 @@ def decode_image(
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise CorruptImageError("The image has no usable pixels.")
     return DecodedImage(rgb=rgb, original_size=(width, height), format=fmt)
+
+
+def draft_for(img: Image.Image, min_side: int | None) -> None:
+    """Ask a JPEG to decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps its shorter side >= ``min_side``."""
+    if min_side is not None and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "YCbCr", "CMYK"):
+        width, height = img.size
+        factor = max(1, min(width, height) // max(min_side, 1))
+        if factor >= 2:
+            # draft() picks the smallest DCT scale whose size is still >= the requested size.
+            img.draft(img.mode, (max(1, width // factor), max(1, height // factor)))
+
+
+def claimed_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def refuse_multi_frame(img: Image.Image) -> None:
+    """Refuse a multi-page TIFF: grading page 1 silently could grade the wrong photograph.
+
+    MPO (a JPEG with a camera preview frame) is not refused: its first frame is the photograph by definition.
+
+    Raises:
+        MultiFrameImageError: the TIFF holds more than one page.
+    """
+    frames = int(getattr(img, "n_frames", 1))
+    if img.format == "TIFF" and frames > 1:
+        raise MultiFrameImageError(f"The TIFF holds {frames} pages; send each photograph as its own single-page image.")
+
+
+def _pixel_bytes(mode: str) -> int:
+    """Bytes per pixel of Pillow's buffer for ``mode``: multi-band images are stored 4 bytes a pixel."""
+    if mode.startswith("I;16"):
+        return 2
+    if mode in ("1", "L", "P"):
+        return 1
+    return 4
+
+
+def decoded_bytes(data: bytes, *, min_side: int | None = None) -> int:
+    """The memory decoding ``data`` takes at its peak, from the header alone (no pixel is decoded).
+
+    Pillow's pixel buffer at the size the decode will use (JPEGs at the reduced scale ``min_side`` allows,
+    as :func:`decode_image` does) plus the RGB array made from it. A PNG cannot be decoded at reduced scale,
+    so its cost follows its pixel count, whatever its file size. Returns 0 when the header cannot be read:
+    :func:`decode_image` then refuses the file with the right error.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            draft_for(img, min_side)
+            width, height = img.size
+            return width * height * (_pixel_bytes(img.mode) + 3)
+    except Exception:  # any unreadable header: decode_image classifies it
+        return 0
 
 
 def load_image(path: str | Path, **kwargs: int | None) -> DecodedImage:

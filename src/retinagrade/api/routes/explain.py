@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from retinagrade.api.dependencies import RequestIdDep, ServiceDep, SettingsDep, StartedDep
+from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.errors import NotExplainableError
 from retinagrade.api.routes.grade import ERRORS
 from retinagrade.api.uploads import SINGLE_IMAGE_BODY, read_image
@@ -34,11 +34,16 @@ async def explain(
     service: ServiceDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    client_request_id: ClientRequestIdDep,
     started: StartedDep,
 ) -> Response:
-    with service.admit(1):
-        data = await read_image(request, settings.max_image_bytes)
-        answer, png = await service.grade(data, request_id=request_id, started=started, explain=True)
+    await service.check_audit()
+    with service.intake.guard(request, settings.max_request_bytes) as body:
+        data = await read_image(body, settings.max_image_bytes)
+        with service.admit(1):
+            answer, png = await service.grade(
+                data, request_id=request_id, started=started, explain=True, client_request_id=client_request_id
+            )
     if png is None:
         raise NotExplainableError(
             f"The image was not graded (status {answer.status}; reasons: "

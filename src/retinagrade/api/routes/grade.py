@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from retinagrade.api.dependencies import RequestIdDep, ServiceDep, SettingsDep, StartedDep
+from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.referral import TaggedOutcome, patient_referrals
 from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, GradeResponse
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, read_batch, read_image
@@ -21,10 +21,11 @@ ERRORS: dict[int | str, dict[str, object]] = {
     for status, text in {
         400: "Empty, corrupt or truncated image, or a malformed body.",
         401: "Missing or wrong X-API-Key (when keys are configured).",
-        413: "Image or body too large (bytes or pixels).",
+        408: "The body arrived too slowly or not at all (the connection is closed).",
+        413: "Image, batch or body too large (bytes, pixels, decoded size or number of files).",
         415: "Not an accepted image type.",
-        422: "Missing or invalid field.",
-        503: "At capacity (see Retry-After) or still starting.",
+        422: "Missing or invalid field, or a multi-page TIFF.",
+        503: "At capacity (see Retry-After), still starting, or the audit trail cannot be written.",
     }.items()
 }
 
@@ -41,13 +42,22 @@ async def grade(
     service: ServiceDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
 ) -> GradeResponse:
-    """An ungradable or non-fundus image is a 200 with that ``status``, not an error."""
-    with service.admit(1):
-        data = await read_image(request, settings.max_image_bytes)
-        response, _ = await service.grade(data, request_id=request_id, started=started, explain=explain)
+    """An ungradable or non-fundus image is a 200 with that ``status``, not an error.
+
+    The body is read first (its bytes charged to the service's byte budget), and only an image that was
+    read takes a place in the queue.
+    """
+    await service.check_audit()
+    with service.intake.guard(request, settings.max_request_bytes) as body:
+        data = await read_image(body, settings.max_image_bytes)
+        with service.admit(1):
+            response, _ = await service.grade(
+                data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+            )
     return response
 
 
@@ -63,6 +73,7 @@ async def grade_batch(
     service: ServiceDep,
     settings: SettingsDep,
     request_id: RequestIdDep,
+    client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
 ) -> BatchResponse:
@@ -71,9 +82,17 @@ async def grade_batch(
     Images tagged with a ``patient_id`` get a referral decision per patient from both eyes: refer if either
     eye is referable; ``cannot_decide`` if an image was not graded or an eye is missing and none is referable.
     """
-    upload = await read_batch(request, settings.max_image_bytes, settings.max_batch_images)
-    with service.admit(len(upload.images)):
-        answers = await service.grade_many(upload.images, request_id=request_id, started=started, explain=explain)
+    await service.check_audit()
+    with service.intake.guard(request, settings.max_batch_request_bytes) as body:
+        upload = await read_batch(body, settings.max_image_bytes, settings.max_batch_images)
+        with service.admit(len(upload.images)):
+            answers = await service.grade_many(
+                upload.images,
+                request_id=request_id,
+                started=started,
+                explain=explain,
+                client_request_id=client_request_id,
+            )
     items = []
     outcomes = []
     for index, answer in enumerate(answers):
@@ -92,4 +111,9 @@ async def grade_batch(
         if patient is not None:
             referable = None if isinstance(answer, InputError) else answer.referable
             outcomes.append(TaggedOutcome(index, patient, upload.eyes[index], referable))
-    return BatchResponse(request_id=request_id, items=items, patients=patient_referrals(outcomes))
+    return BatchResponse(
+        request_id=request_id,
+        client_request_id=client_request_id,
+        items=items,
+        patients=patient_referrals(outcomes),
+    )

@@ -43,12 +43,12 @@ def _serve(name: str) -> Response:
     return Response(_asset(name), media_type=ASSETS[name], headers=SECURITY_HEADERS)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 def index() -> Response:
     return _serve("index.html")
 
 
-@router.get("/static/{name}")
+@router.api_route("/static/{name}", methods=["GET", "HEAD"])
 def static_asset(name: str) -> Response:
     if name not in ASSETS:
         raise HTTPException(status_code=404, detail="No such file.")
