@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from retinagrade.api.app import create_app
-from retinagrade.api.routes.metrics import create_metrics_app
 from retinagrade.api.settings import Settings
 
 MODEL_REASON = "needs a model: set RETINAGRADE_MODEL or install models/retinagrade-dr.json"
@@ -110,9 +115,70 @@ def black_png() -> bytes:
 def metrics_text() -> Callable[[TestClient], str]:
     """What an app's separate /metrics listener answers (it is not on the API port)."""
 
+    from retinagrade.api.routes.metrics import create_metrics_app
+
     def read(client: TestClient) -> str:
         response = TestClient(create_metrics_app(client.app.state.metrics)).get("/metrics")  # type: ignore[attr-defined]
         assert response.status_code == 200
         return response.text
 
     return read
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    """A real uvicorn server on loopback, in a thread of this process (so tests can read its app's state)."""
+
+    app: FastAPI
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def connect(self) -> socket.socket:
+        """A raw TCP connection, for clients that misbehave below the level of an HTTP library."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+@pytest.fixture
+def live_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
+    """Factory: start the app with these settings under uvicorn on 127.0.0.1; stopped after the test."""
+    started: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: Any) -> LiveServer:
+        app = create_app(make_settings(**overrides))
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+            )
+        )
+        thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+        thread.start()
+        started.append((server, thread))
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return LiveServer(app, port)
+
+    yield start
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(timeout=30)
