@@ -54,6 +54,7 @@ def test_ready_only_after_the_model_loaded_and_warmed_up(
         ready = client.get("/health/ready")
         assert ready.status_code == 200
         assert ready.json()["warmup_ms"] > 0 and ready.json()["model"]["sha256"]
+        assert ready.json()["audit"] == "ok"
     assert TestClient(app).get("/health/ready").status_code == 503  # stopped again
 
 
