@@ -23,8 +23,7 @@ from prometheus_client import generate_latest
 
 def request_head(path: str, content_type: str, length: int) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 
 
@@ -50,12 +49,12 @@ def readable(sock: socket.socket) -> bool:
 
 def request_count(server: Any, route: str, status: str) -> float:
     text = generate_latest(server.app.state.metrics.registry).decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("retinagrade_http_requests_total{") and f'route="{route}"' in line:
-            if f'status="{status}"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    wanted = ("retinagrade_http_requests_total{", f'route="{route}"', f'status="{status}"')
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(wanted[0]) and wanted[1] in line and wanted[2] in line
+    )
 
 
 def test_slow_uploads_hold_no_queue_place_and_get_408(live_server: Callable[..., Any], synthetic_jpeg: bytes) -> None:

@@ -207,3 +207,40 @@ def test_damaged_files_raise_only_retinagrade_errors(fundus_pil):
                 continue
             assert decoded.rgb.ndim == 3
             assert decoded.rgb.shape[2] == 3
+
+
+def test_decoded_bytes_follow_the_pixels_not_the_file_size():
+    from retinagrade.preprocessing.decode import decoded_bytes
+
+    png = _encode(Image.new("RGB", (4000, 3000)), "PNG")
+    assert len(png) < 200_000
+    assert decoded_bytes(png) == 4000 * 3000 * (4 + 3)  # Pillow's 4-byte pixels plus the RGB array
+    grey = _encode(Image.new("L", (1000, 1000)), "PNG")
+    assert decoded_bytes(grey) == 1000 * 1000 * (1 + 3)
+    assert decoded_bytes(b"not an image") == 0
+
+
+def test_decoded_bytes_of_a_jpeg_count_its_reduced_scale():
+    from retinagrade.preprocessing.decode import decoded_bytes
+
+    jpeg = _encode(Image.new("RGB", (4000, 3000), (120, 40, 10)), "JPEG", quality=80)
+    full = decoded_bytes(jpeg)
+    assert decoded_bytes(jpeg, min_side=500) * 16 <= full  # decoded at 1/4 scale or smaller
+    assert decode_image(jpeg, min_side=500).rgb.size * 16 <= 4000 * 3000 * 3
+
+
+def test_a_damaged_file_of_an_accepted_type_is_corrupt_not_unsupported():
+    data = bytearray(_encode(Image.new("RGB", (32, 32)), "PNG"))
+    data[29] ^= 0xFF  # IHDR CRC
+    with pytest.raises(RetinagradeError) as info:
+        decode_image(bytes(data))
+    assert info.value.code == "corrupt_image" and "PNG" in info.value.message
+
+
+def test_a_multi_page_tiff_is_refused(fundus_pil):
+    buf = io.BytesIO()
+    fundus_pil.save(buf, "TIFF", save_all=True, append_images=[fundus_pil, fundus_pil])
+    with pytest.raises(RetinagradeError) as info:
+        decode_image(buf.getvalue())
+    assert info.value.code == "multi_frame_not_supported" and info.value.http_status == 422
+    assert "3 pages" in info.value.message
