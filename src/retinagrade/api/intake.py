@@ -93,15 +93,22 @@ class _GuardedBody:
 
     def _overloaded(self) -> OverloadedError:
         self.admission.metrics.rejected.inc()
+        # Connection: close, so uvicorn drops the unread rest of the body instead of reading it to discard it.
         return OverloadedError(
-            "The service is at capacity; retry shortly.", headers={"Retry-After": str(self.retry_after_s)}
+            "The service is at capacity; retry shortly.",
+            headers={"Retry-After": str(self.retry_after_s), "Connection": "close"},
+        )
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"The request body is larger than the limit of {self.limit:,} bytes.", headers={"Connection": "close"}
         )
 
     def _open(self) -> None:
         """Checks made before the first byte is read: size, room in the queue, room in the byte budget."""
         self.opened = True
         if self.declared is not None and self.declared > self.limit:
-            raise RequestTooLargeError(f"The request body is larger than the limit of {self.limit:,} bytes.")
+            raise self._too_large()
         if self.admission.full:
             raise self._overloaded()
         if self.declared is not None:
@@ -135,7 +142,7 @@ class _GuardedBody:
         chunk = len(message.get("body", b""))
         self.received += chunk
         if self.received > self.limit:
-            raise RequestTooLargeError(f"The request body is larger than the limit of {self.limit:,} bytes.")
+            raise self._too_large()
         if self.received > self.reserved:  # a chunked body (or one longer than declared) is charged as it comes
             extra = self.received - self.reserved
             if not self.budget.try_reserve(extra):
