@@ -122,3 +122,19 @@ def test_an_unusable_audit_path_stops_start_up_with_one_clear_line(model_spec_pa
     assert "Traceback" not in result.stderr
     assert "cannot start the grading service" in result.stderr and "audit store" in result.stderr
     assert "RETINAGRADE_AUDIT_PATH" in result.stderr
+
+
+def test_a_taken_metrics_port_stops_start_up_with_one_clear_line(model_spec_path: Path, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        environment = {
+            **os.environ,
+            "RETINAGRADE_MODEL": str(model_spec_path),
+            "RETINAGRADE_AUDIT_PATH": str(tmp_path / "audit.sqlite3"),
+            "RETINAGRADE_METRICS_PORT": str(port),
+        }
+        result = subprocess.run(
+            _serve_command(_free_port()), env=environment, capture_output=True, text=True, timeout=STARTUP_S
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and f"cannot listen for /metrics on 127.0.0.1:{port}" in result.stderr

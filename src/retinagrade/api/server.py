@@ -2,8 +2,8 @@
 
 ``retinagrade serve`` calls :func:`serve`. What it adds over a bare ``uvicorn.run``:
 
-* a pre-flight check of the settings and the audit store, so a bad configuration stops start-up with one clear
-  line and exit status 2, not a traceback from inside the lifespan;
+* a pre-flight check of the settings, the audit store and the metrics port, so a bad configuration stops
+  start-up with one clear line and exit status 2, not a traceback from inside the lifespan;
 * ``/metrics`` on its own port (``metrics_port``), never on the public one;
 * a bounded shutdown (``shutdown_timeout_s``): requests still in flight then are cancelled, so a stalled client
   cannot hold a deploy.
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import socket
 import sys
 
 import uvicorn
@@ -23,13 +23,11 @@ from retinagrade.api.audit import AuditStoreError
 from retinagrade.api.routes.metrics import create_metrics_app
 from retinagrade.api.settings import Settings
 
-logger = logging.getLogger("retinagrade.api")
-
 #: Exit status of a start-up refused for its configuration (uvicorn uses 3 for a failed lifespan).
 CONFIG_ERROR = 2
 
 
-def preflight() -> Settings:
+def preflight(host: str) -> Settings:
     """The settings, checked before anything starts: exits with a one-line message when they are unusable."""
     try:
         settings = Settings()
@@ -42,6 +40,15 @@ def preflight() -> Settings:
         _refuse(f"{exc} (set RETINAGRADE_AUDIT_PATH to a writable file, or RETINAGRADE_AUDIT_ENABLED=false)")
     if store is not None:
         store.close()
+    metrics_host = settings.metrics_host or host
+    try:
+        with socket.create_server((metrics_host, settings.metrics_port)):
+            pass
+    except OSError as exc:
+        _refuse(
+            f"cannot listen for /metrics on {metrics_host}:{settings.metrics_port}: {exc.strerror or exc} "
+            "(set RETINAGRADE_METRICS_PORT to a free port)"
+        )
     return settings
 
 
@@ -65,7 +72,7 @@ def _config(app: object, host: str, port: int, settings: Settings, *, lifespan: 
 
 def serve(host: str, port: int, workers: int = 1) -> None:
     """Serve the API on ``host:port`` and ``/metrics`` on ``metrics_host:metrics_port`` until a signal."""
-    settings = preflight()
+    settings = preflight(host)
     if workers > 1:
         # Each worker process would need its own metrics port; scale with replicas instead (one model each).
         print(
