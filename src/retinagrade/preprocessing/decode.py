@@ -188,9 +188,15 @@ def refuse_multi_frame(img: Image.Image) -> None:
 
 
 def _pixel_bytes(mode: str) -> int:
-    """Bytes per pixel of Pillow's buffer for ``mode``: multi-band images are stored 4 bytes a pixel."""
+    """Bytes one pixel of ``mode`` takes while it is decoded, before the RGB array.
+
+    Pillow's buffer (multi-band images are stored 4 bytes a pixel) plus, for 16- and 32-bit greyscale, the two
+    float32 working copies :func:`_to_rgb_uint8` makes to stretch it to 8 bits.
+    """
     if mode.startswith("I;16"):
-        return 2
+        return 2 + 8
+    if mode in ("I", "F"):
+        return 4 + 8
     if mode in ("1", "L", "P"):
         return 1
     return 4
@@ -211,8 +217,8 @@ def decoded_bytes(data: bytes, *, min_side: int | None = None) -> int:
             draft_for(img, min_side)
             width, height = img.size
             return width * height * (_pixel_bytes(img.mode) + 3)
-    except Exception:  # any unreadable header: decode_image classifies it
-        return 0
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
+        return 0  # an unreadable header: decode_image refuses the file with the right error
 
 
 def load_image(path: str | Path, **kwargs: int | None) -> DecodedImage:
