@@ -117,6 +117,7 @@ class GradingService:
         self.decode_budget = DecodeBudget(settings.decode_budget_bytes, metrics)
         self._audit_checked_at = float("-inf")
         self._audit_error: str | None = None
+        self._audit_probe = asyncio.Lock()
         self.batcher = DynamicBatcher(
             pipeline.infer,
             max_batch_size=settings.max_batch_size if settings.batching else 1,
@@ -152,19 +153,20 @@ class GradingService:
         """
         if self.audit is None:
             return
-        if time.monotonic() - self._audit_checked_at >= self.settings.audit_check_interval_s:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._audit_pool, self.audit.check)
-            except AuditStoreError as exc:
-                if self._audit_error is None:
-                    logger.error("audit store failing: %s", exc)
-                self._audit_failed(str(exc))
-            else:
-                if self._audit_error is not None:
-                    logger.warning("audit store writable again")
-                self._audit_error = None
-                self._audit_checked_at = time.monotonic()
+        async with self._audit_probe:  # one probe at a time; the requests waiting on it reuse its verdict
+            if time.monotonic() - self._audit_checked_at >= self.settings.audit_check_interval_s:
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self._audit_pool, self.audit.check)
+                except AuditStoreError as exc:
+                    if self._audit_error is None:
+                        logger.error("audit store failing: %s", exc)
+                    self._audit_failed(str(exc))
+                else:
+                    if self._audit_error is not None:
+                        logger.warning("audit store writable again")
+                    self._audit_error = None
+                    self._audit_checked_at = time.monotonic()
         if self._audit_error is not None:
             raise AuditUnavailableError(
                 "The audit trail cannot be written; the service takes no grading requests until it can.",
@@ -182,7 +184,7 @@ class GradingService:
             if cost > limit:
                 raise ImageTooLargeError(
                     f"Decoding this image would take about {cost / _MIB:,.0f} MiB of memory, over the limit of "
-                    f"{limit / _MIB:,.0f} MiB (a PNG or TIFF costs 4-7 bytes a pixel, whatever its file size); "
+                    f"{limit / _MIB:,.0f} MiB (a PNG or TIFF costs several bytes a pixel, whatever its file size); "
                     "send it as a JPEG or with fewer pixels."
                 )
             async with self.decode_budget.hold(cost):
