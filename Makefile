@@ -7,37 +7,54 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 VENV_BIN := $(VENV)/bin
 PIP_FLAGS ?= --disable-pip-version-check --quiet
-# System packages some tests use (browser tests, promtool, podman): installed when apt-get is usable and
-# the tool is missing; without them those tests skip with a stated reason.
-SYSTEM_PACKAGES ?= chromium prometheus
-
+# Exact versions of every Python dependency (pyproject.toml keeps compatible ranges).
+CONSTRAINTS ?= constraints.txt
+# checkov (Terraform checks in tests/deploy) in a venv of its own: its pins conflict with the project's.
+CHECKOV_VENV ?= $(VENV)/checkov
+CHECKOV_CONSTRAINTS ?= deploy/checkov-constraints.txt
+# Debian packages some tests use: chromium (browser tests), prometheus (promtool), podman (podman-compose),
+# shellcheck (actionlint's shell checks). `make system-packages` installs the ones dpkg does not list, when
+# apt-get is usable; without them those tests skip with a stated reason. Adding a tool is one word here.
+SYSTEM_PACKAGES ?= chromium prometheus podman shellcheck
 .PHONY: setup setup-dev system-packages serve test lint typecheck pytest clean
 
-$(VENV)/.serve-installed: pyproject.toml
+$(VENV)/.serve-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PYTHON_BASE) -m venv $(VENV)
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e .
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml
+$(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PYTHON_BASE) -m venv $(VENV)
-	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[train,dev,deploy]'
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[train,dev,deploy]'
 	touch $@ $(VENV)/.serve-installed
+
+$(CHECKOV_VENV)/.installed: $(CHECKOV_CONSTRAINTS)
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON_BASE) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install $(PIP_FLAGS) -c $(CHECKOV_CONSTRAINTS) checkov
+	touch $@
 
 ## setup: install what serving needs (no PyTorch)
 setup: $(VENV)/.serve-installed
 
 ## setup-dev: install everything for training, tests and deployment checks
-setup-dev: $(VENV)/.dev-installed system-packages
+setup-dev: $(VENV)/.dev-installed $(CHECKOV_VENV)/.installed system-packages
 
+## system-packages: install the missing SYSTEM_PACKAGES (apt-get, as root); never fails the build
 system-packages:
 	@missing=""; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing system packages:$$missing"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
-	    >/dev/null 2>&1 || echo "could not install$$missing: the tests that need them will skip"; \
-	fi
+	for package in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$package"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+	  echo "not installed:$$missing (needs root and apt-get): the tests that need them will skip"; exit 0; \
+	fi; \
+	echo "installing system packages:$$missing"; \
+	apt-get update -qq >/dev/null 2>&1 || echo "apt-get update failed: trying the package lists on disk"; \
+	install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@" >/dev/null 2>&1; }; \
+	install $$missing || for package in $$missing; do \
+	  install "$$package" || echo "could not install $$package: the tests that need it will skip"; \
+	done
 
 ## serve: set up and run the service with the shipped model on http://$(HOST):$(PORT)
 HOST ?= 127.0.0.1

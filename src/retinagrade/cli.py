@@ -20,6 +20,24 @@ from retinagrade.errors import InputError, RetinagradeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
 err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from retinagrade import __version__
+
+        typer.echo(f"retinagrade {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Diabetic retinopathy grading of fundus photos."""
+
 CSV_COLUMNS = [
     "image",
     "status",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,25 @@ from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, d
 from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare
 from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality
 
+DEFAULT_MODEL_FILE = "retinagrade-dr.json"
+
+
+def shipped_model_dir() -> Path:
+    """The folder of the shipped model, spec, gate and card.
+
+    An installed package carries them as the package data of ``retinagrade.models`` (pyproject.toml maps
+    that package onto the repository's ``models/``); a source checkout (editable install, ``PYTHONPATH=src``)
+    reads the repository's ``models/`` itself.
+    """
+    packaged = resources.files("retinagrade") / "models"
+    if (packaged / DEFAULT_MODEL_FILE).is_file():
+        # An installed wheel is a folder on disk (ONNX Runtime needs a real file): str() is its path.
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "models"
+
+
 #: The model shipped with the package, used when no other model is named.
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "retinagrade-dr.json"
+DEFAULT_MODEL = shipped_model_dir() / DEFAULT_MODEL_FILE
 
 UNFAMILIAR_REASON = "unfamiliar_image"
 
