@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# retinagrade serving image: ONNX Runtime + FastAPI, the shipped model inside, no PyTorch, no compilers.
+# retinagrade serving image: ONNX Runtime + FastAPI, the shipped model inside (package data), no PyTorch,
+# no compilers.
 #
 #   podman build --format docker --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt -t retinagrade .
 #   (docker build works the same; --format docker keeps the HEALTHCHECK, which the OCI format drops)
@@ -15,22 +16,24 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-# Training-only runtime dependencies of the package, left out of the image (see serving-requirements.py).
-ARG TRAINING_ONLY="scikit-learn scipy"
-COPY pyproject.toml README.md deploy/container/serving-requirements.py ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY src/ src/
+COPY models/ models/
 # The optional secret "ca_bundle" is a CA bundle for pip (a TLS-inspecting proxy); nothing of it stays in
-# the image. Serving dependencies only, pinned by pyproject.toml: no [train] extra (no PyTorch), then the
-# package without its training-only dependencies. The venv's own pip and setuptools go at the end: the
-# runtime never installs anything. Also left out, for size (the image budget is 500 MB): test suites,
-# OpenCV's Haar cascades and ONNX Runtime's model-optimisation tooling, which inference never imports.
+# the image. The serving dependencies only (no extra: no PyTorch, no scikit-learn), at the exact versions of
+# constraints.txt, then the package itself, whose wheel carries the shipped model as package data. The
+# venv's own pip and setuptools go at the end: the runtime never installs anything. Also left out, for size
+# (the image budget is 500 MB): test suites, OpenCV's Haar cascades and ONNX Runtime's model-optimisation
+# tooling, which inference never imports.
 RUN --mount=type=secret,id=ca_bundle \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
-    && python3 serving-requirements.py pyproject.toml $TRAINING_ONLY > requirements-serving.txt \
-    && /opt/venv/bin/pip install --no-warn-script-location -r requirements-serving.txt \
+    && python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+       > requirements.txt \
+    && /opt/venv/bin/pip install --no-warn-script-location -r requirements.txt -c constraints.txt \
     && /opt/venv/bin/pip install --no-warn-script-location --no-deps . \
     && /opt/venv/bin/python -c "import retinagrade.api.app, retinagrade.pipeline, retinagrade.cli" \
+    && /opt/venv/bin/python -c "from retinagrade.pipeline import DEFAULT_MODEL; assert DEFAULT_MODEL.is_file()" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && find /opt/venv -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} + \
     && site=/opt/venv/lib/python3.11/site-packages \
@@ -53,8 +56,8 @@ RUN groupadd --system --gid 10001 retinagrade \
     && mkdir -p /var/lib/retinagrade \
     && chown retinagrade:retinagrade /var/lib/retinagrade
 
+# The shipped model is inside the venv (the package's data); RETINAGRADE_MODEL=... serves another one.
 COPY --from=build /opt/venv /opt/venv
-COPY models/ /opt/retinagrade/models/
 COPY deploy/container/healthcheck.py /opt/retinagrade/healthcheck.py
 
 # Threads: one uvicorn worker per container (scale with replicas, not processes: each worker would load its
@@ -69,7 +72,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     RETINAGRADE_WORKERS=1 \
     RETINAGRADE_THREADS=2 \
     RETINAGRADE_PREPARE_WORKERS=2 \
-    RETINAGRADE_MODEL=/opt/retinagrade/models/retinagrade-dr.json \
     RETINAGRADE_AUDIT_PATH=/var/lib/retinagrade/audit.sqlite3 \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1

@@ -53,9 +53,9 @@ if [[ ! -f models/retinagrade-dr.onnx || ! -f models/retinagrade-dr.json || ! -f
     [[ -f "$dev/retinagrade-dr.onnx" ]] || { say "FAIL: models/ lacks the model and there is none in $dev"; exit 1; }
     scratch="$(mktemp -d /var/tmp/retinagrade-context.XXXXXX)"
     say "models/ lacks the ONNX model, its spec or gate.json: building from a scratch context with the model in $dev"
-    cp -r Dockerfile .dockerignore pyproject.toml README.md src "$scratch/"
+    cp -r Dockerfile .dockerignore pyproject.toml README.md LICENSE constraints.txt src "$scratch/"
     mkdir -p "$scratch/deploy/container" "$scratch/models"
-    cp deploy/container/healthcheck.py deploy/container/serving-requirements.py "$scratch/deploy/container/"
+    cp deploy/container/healthcheck.py "$scratch/deploy/container/"
     cp "$dev"/retinagrade-dr.onnx "$dev"/retinagrade-dr.json "$dev"/gate.json "$scratch/models/"
     context="$scratch"
 fi
