@@ -38,6 +38,7 @@ def main(
 ) -> None:
     """Diabetic retinopathy grading of fundus photos."""
 
+
 CSV_COLUMNS = [
     "image",
     "status",

@@ -224,4 +224,3 @@ def test_built_wheel_carries_the_model_and_grades_outside_the_checkout(tmp_path:
     assert graded.returncode == 0, graded.stdout + graded.stderr
     (row,) = json.loads(out.read_text())
     assert row["image"].endswith("photo.png") and row["status"] != "error", row
-

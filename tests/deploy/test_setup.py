@@ -31,11 +31,12 @@ def _fake_machine(tmp_path: Path, installed: set[str], *, install_fails: set[str
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "apt.log"
+    have, broken = " ".join(sorted(installed)), " ".join(sorted(install_fails))
     scripts = {
         "dpkg-query": f"""for p in "$@"; do :; done
-case " {" ".join(sorted(installed))} " in *" $p "*) printf 'install ok installed';; *) exit 1;; esac""",
+case " {have} " in *" $p "*) printf 'install ok installed';; *) exit 1;; esac""",
         "apt-get": f"""echo "$*" >> {log}
-if [ "$1" = install ]; then for p in "$@"; do case " {" ".join(sorted(install_fails))} " in *" $p "*) exit 100;; esac; done; fi
+if [ "$1" = install ]; then for p in "$@"; do case " {broken} " in *" $p "*) exit 100;; esac; done; fi
 exit 0""",
         "id": "echo 0",
     }
