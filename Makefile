@@ -46,12 +46,13 @@ system-packages:
 	  dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$package"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
-	  echo "not installed:$$missing (needs root and apt-get): the tests that need them will skip"; exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$sudo" = none ]; then \
+	  echo "not installed:$$missing (needs apt-get and root or sudo): the tests that need them will skip"; exit 0; \
 	fi; \
 	echo "installing system packages:$$missing"; \
-	apt-get update -qq >/dev/null 2>&1 || echo "apt-get update failed: trying the package lists on disk"; \
-	install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@" >/dev/null 2>&1; }; \
+	$$sudo apt-get update -qq >/dev/null 2>&1 || echo "apt-get update failed: trying the package lists on disk"; \
+	install() { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@" >/dev/null 2>&1; }; \
 	install $$missing || for package in $$missing; do \
 	  install "$$package" || echo "could not install $$package: the tests that need it will skip"; \
 	done
