@@ -7,7 +7,7 @@ resource "aws_ecr_repository" "api" {
     scan_on_push = true
   }
   encryption_configuration {
-    encryption_type = "AES256"
+    encryption_type = "KMS" # the AWS-managed ECR key
   }
 }
 

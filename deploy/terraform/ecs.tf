@@ -9,6 +9,7 @@ resource "aws_ecs_cluster" "main" {
 locals {
   image          = "${aws_ecr_repository.api.repository_url}:${var.image_tag}"
   container_name = "api"
+  audit_dir      = "/var/lib/retinagrade/audit"
 }
 
 resource "aws_ecs_task_definition" "api" {
@@ -24,15 +25,42 @@ resource "aws_ecs_task_definition" "api" {
     cpu_architecture        = "X86_64"
   }
 
+  # The root file system is read-only; the task writes only to /tmp (task storage) and the audit store.
+  volume {
+    name = "tmp"
+  }
+  volume {
+    name = "audit"
+    efs_volume_configuration {
+      file_system_id     = aws_efs_file_system.audit.id
+      transit_encryption = "ENABLED"
+      authorization_config {
+        access_point_id = aws_efs_access_point.audit.id
+        iam             = "ENABLED"
+      }
+    }
+  }
+
   container_definitions = jsonencode([
     {
       name         = local.container_name
       image        = local.image
       essential    = true
       portMappings = [{ containerPort = 8000, protocol = "tcp" }]
+      # The image's command, with the audit store on EFS: one SQLite file per task (its host name), as
+      # SQLite wants a single writer per file.
+      command = [
+        "/bin/sh", "-c",
+        "RETINAGRADE_AUDIT_PATH=\"${local.audit_dir}/$(cat /proc/sys/kernel/hostname).sqlite3\" exec retinagrade serve --workers \"$RETINAGRADE_WORKERS\"",
+      ]
       environment = [
         { name = "RETINAGRADE_THREADS", value = tostring(var.onnx_threads) },
         { name = "RETINAGRADE_PREPARE_WORKERS", value = tostring(var.onnx_threads) },
+      ]
+      readonlyRootFilesystem = true
+      mountPoints = [
+        { sourceVolume = "tmp", containerPath = "/tmp", readOnly = false },
+        { sourceVolume = "audit", containerPath = local.audit_dir, readOnly = false },
       ]
       secrets = [
         { name = "RETINAGRADE_API_KEYS", valueFrom = local.api_keys_secret_arn },
@@ -61,6 +89,7 @@ resource "aws_ecs_task_definition" "api" {
 }
 
 resource "aws_ecs_service" "api" {
+  #checkov:skip=CKV_AWS_333:a public IP lets the tasks pull from ECR and write logs without a NAT gateway or VPC endpoints; inbound is load-balancer-only (the tasks' security group)
   name                               = var.name
   cluster                            = aws_ecs_cluster.main.id
   task_definition                    = aws_ecs_task_definition.api.arn
@@ -95,5 +124,5 @@ resource "aws_ecs_service" "api" {
     ignore_changes = [desired_count, task_definition]
   }
 
-  depends_on = [aws_lb_listener.http]
+  depends_on = [aws_lb_listener.https, aws_lb_listener.http, aws_efs_mount_target.audit]
 }

@@ -1,5 +1,7 @@
 # GitHub Actions deploys through OIDC: a short-lived role session per workflow run, no stored AWS keys.
-# Only the main branch and v* tags of var.github_repository may assume the role.
+# The deploy job runs in a GitHub environment, and a job with `environment:` gets a token whose subject is
+# repo:OWNER/REPO:environment:NAME (no branch or tag in it): that exact subject is the one trusted. Which
+# refs may deploy is the environment's deployment branch rule in GitHub (main and v* tags).
 locals {
   github_enabled      = var.github_repository != ""
   create_provider     = local.github_enabled && var.github_oidc_provider_arn == ""
@@ -27,13 +29,9 @@ data "aws_iam_policy_document" "github_assume" {
       values   = ["sts.amazonaws.com"]
     }
     condition {
-      test     = "StringLike"
+      test     = "StringEquals"
       variable = "token.actions.githubusercontent.com:sub"
-      values = [
-        "repo:${var.github_repository}:ref:refs/heads/main",
-        "repo:${var.github_repository}:ref:refs/tags/v*",
-        "repo:${var.github_repository}:environment:production",
-      ]
+      values   = ["repo:${var.github_repository}:environment:${var.github_environment}"]
     }
   }
 }

@@ -51,8 +51,28 @@ resource "aws_iam_role_policy" "execution" {
   policy = data.aws_iam_policy_document.execution.json
 }
 
-# Task role: the application calls no AWS API, so it gets no permissions at all.
+# Task role: the application calls no AWS API; the role only mounts and writes the audit file system,
+# through its access point (EFS IAM authorization).
 resource "aws_iam_role" "task" {
   name               = "${var.name}-task"
   assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
+}
+
+data "aws_iam_policy_document" "task" {
+  statement {
+    sid       = "AuditFileSystem"
+    actions   = ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"]
+    resources = [aws_efs_file_system.audit.arn]
+    condition {
+      test     = "StringEquals"
+      variable = "elasticfilesystem:AccessPointArn"
+      values   = [aws_efs_access_point.audit.arn]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "task" {
+  name   = "audit-file-system"
+  role   = aws_iam_role.task.id
+  policy = data.aws_iam_policy_document.task.json
 }

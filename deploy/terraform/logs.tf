@@ -1,10 +1,26 @@
 resource "aws_cloudwatch_log_group" "api" {
+  #checkov:skip=CKV_AWS_158:the service never logs images or patient ids; CloudWatch encrypts log data at rest with its own keys, and a customer-managed key is an account-level choice
   name              = "/ecs/${var.name}"
   retention_in_days = var.log_retention_days
 }
 
+# Every alarm notifies this topic (an existing one, or one created here with alarm_emails subscribed).
+resource "aws_sns_topic" "alarms" {
+  #checkov:skip=CKV_AWS_26:notifications carry alarm names and thresholds only; CloudWatch cannot publish to a topic encrypted with the AWS-managed SNS key
+  count = var.alarm_topic_arn == "" ? 1 : 0
+  name  = "${var.name}-alarms"
+}
+
+resource "aws_sns_topic_subscription" "alarm_email" {
+  for_each  = var.alarm_topic_arn == "" ? toset(var.alarm_emails) : toset([])
+  topic_arn = aws_sns_topic.alarms[0].arn
+  protocol  = "email"
+  endpoint  = each.value
+}
+
 locals {
-  alarm_actions = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
+  alarm_topic_arn = var.alarm_topic_arn != "" ? var.alarm_topic_arn : aws_sns_topic.alarms[0].arn
+  alarm_actions   = [local.alarm_topic_arn]
   lb_dimensions = {
     LoadBalancer = aws_lb.api.arn_suffix
     TargetGroup  = aws_lb_target_group.api.arn_suffix

@@ -29,3 +29,19 @@ output "api_keys_secret_arn" {
 output "github_deploy_role_arn" {
   value = local.github_enabled ? aws_iam_role.github_deploy[0].arn : ""
 }
+
+output "alarm_topic_arn" {
+  value = local.alarm_topic_arn
+}
+
+output "logs_bucket" {
+  value = aws_s3_bucket.logs.id
+}
+
+output "audit_file_system_id" {
+  value = aws_efs_file_system.audit.id
+}
+
+output "audit_access_point_id" {
+  value = aws_efs_access_point.audit.id
+}

@@ -70,9 +70,15 @@ variable "requests_per_target" {
 }
 
 variable "log_retention_days" {
-  description = "CloudWatch log retention."
+  description = "CloudWatch log retention (a year: the service's request log is part of its audit trail)."
   type        = number
-  default     = 90
+  default     = 365
+}
+
+variable "access_log_retention_days" {
+  description = "Days the ALB access logs and VPC flow logs stay in their S3 bucket."
+  type        = number
+  default     = 365
 }
 
 variable "vpc_cidr" {
@@ -88,9 +94,21 @@ variable "allowed_cidrs" {
 }
 
 variable "certificate_arn" {
-  description = "ACM certificate for HTTPS on the load balancer; empty: HTTP only (testing only: images are health data)."
+  description = "ACM certificate for the HTTPS listener. Required unless allow_plain_http = true."
   type        = string
   default     = ""
+}
+
+variable "allow_plain_http" {
+  description = "Explicit opt-in, for a test stack only: without a certificate, serve plain HTTP on port 80 (images are health data: never in production)."
+  type        = bool
+  default     = false
+}
+
+variable "deletion_protection" {
+  description = "Protect the load balancer from deletion (turn off to destroy a test stack)."
+  type        = bool
+  default     = true
 }
 
 variable "api_keys_secret_arn" {
@@ -106,15 +124,27 @@ variable "latency_alarm_seconds" {
 }
 
 variable "alarm_topic_arn" {
-  description = "SNS topic for alarm notifications; empty: alarms without actions."
+  description = "Existing SNS topic for alarm notifications; empty: create one (subscribe with alarm_emails)."
   type        = string
   default     = ""
+}
+
+variable "alarm_emails" {
+  description = "E-mail addresses subscribed to the created alarm topic (each confirms by e-mail)."
+  type        = list(string)
+  default     = []
 }
 
 variable "github_repository" {
   description = "owner/name of the GitHub repository allowed to deploy through OIDC; empty: no deploy role."
   type        = string
   default     = ""
+}
+
+variable "github_environment" {
+  description = "GitHub environment of the deploy job (.github/workflows/deploy.yml): its OIDC token's subject is repo:<github_repository>:environment:<this>. Restrict who may deploy with that environment's deployment branch rules (main and v* tags)."
+  type        = string
+  default     = "production"
 }
 
 variable "github_oidc_provider_arn" {
