@@ -12,10 +12,11 @@ COMPOSE ?= $(VENV_BIN)/podman-compose
 COMPOSE_FILE ?= deploy/compose/docker-compose.yml
 TF_DIR ?= deploy/terraform
 TERRAFORM ?= $(abspath $(VENV_BIN))/terraform
+CHECKOV_VENV ?= .venv/checkov
 
 .PHONY: container-base container-build container-lint container-test \
         deploy-lint deploy-test deploy-compose-config deploy-compose-up deploy-compose-down \
-        infra-init infra-validate infra-plan infra-apply
+        infra-init infra-lock infra-validate infra-plan infra-apply
 
 ## container-base: build the Debian-packaged base image (no registry needed; needs root + debootstrap)
 container-base:
@@ -41,6 +42,7 @@ deploy-lint: container-lint
 	promtool check config deploy/compose/prometheus/prometheus.yml
 	promtool check rules deploy/compose/prometheus/alerts.yml
 	cd $(TF_DIR) && $(TERRAFORM) fmt -check -recursive
+	$(CHECKOV_VENV)/bin/checkov -d $(TF_DIR) --framework terraform --quiet --compact
 
 ## deploy-test: the deployment test suite (compose, dashboards, alerts, workflows, Terraform against moto)
 deploy-test:
@@ -60,6 +62,10 @@ deploy-compose-down:
 ## infra-*: Terraform for AWS (ECR, ECS Fargate, ALB, autoscaling, CloudWatch); needs AWS credentials
 infra-init:
 	cd $(TF_DIR) && $(TERRAFORM) init
+
+## infra-lock: record the provider's checksums for the platforms operators use (needs the registry)
+infra-lock:
+	cd $(TF_DIR) && $(TERRAFORM) providers lock -platform=linux_amd64 -platform=linux_arm64 -platform=darwin_arm64
 
 infra-validate:
 	cd $(TF_DIR) && $(TERRAFORM) init -backend=false -input=false >/dev/null && $(TERRAFORM) validate

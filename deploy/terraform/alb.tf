@@ -7,6 +7,7 @@ locals {
 }
 
 resource "aws_lb" "api" {
+  #checkov:skip=CKV2_AWS_20:no HTTP listener to redirect by default (a client POSTing an image to http:// would send it in the clear before any redirect); the plain one exists only with allow_plain_http = true
   #checkov:skip=CKV2_AWS_28:WAF is an account-level choice (a web ACL to associate with this ALB); the service authenticates every call with an API key and limits request sizes itself
   name                       = var.name
   load_balancer_type         = "application"
@@ -64,7 +65,6 @@ resource "aws_lb_listener" "https" {
 resource "aws_lb_listener" "http" {
   #checkov:skip=CKV_AWS_2:exists only with allow_plain_http = true (explicit opt-in for a test stack); the default is the HTTPS listener alone
   #checkov:skip=CKV_AWS_103:same opt-in plain-HTTP listener; the HTTPS listener uses ELBSecurityPolicy-TLS13-1-2-2021-06
-  #checkov:skip=CKV2_AWS_20:no HTTP listener by default, so nothing to redirect; the opt-in one is for test stacks without a certificate
   count             = local.plain_http ? 1 : 0
   load_balancer_arn = aws_lb.api.arn
   port              = 80

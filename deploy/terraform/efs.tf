@@ -1,8 +1,7 @@
 # The audit store (SQLite) on EFS, so it outlives every task and every deploy. One file per task
 # (ecs.tf names it after the task's host name): SQLite must have a single writer per file, and NFS locks
-# are not to be relied on across hosts.
+# are not to be relied on across hosts. Backups: an AWS Backup plan of the account (docs/operations.md).
 resource "aws_efs_file_system" "audit" {
-  #checkov:skip=CKV2_AWS_18:AWS Backup plans are set per account (docs/operations.md, "Audit store"); this module does not own one
   #checkov:skip=CKV_AWS_184:encrypted at rest with the AWS-managed EFS key; a customer-managed key is an account-level choice
   creation_token = "${var.name}-audit"
   encrypted      = true

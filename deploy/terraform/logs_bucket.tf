@@ -6,7 +6,7 @@ resource "aws_s3_bucket" "logs" {
   #checkov:skip=CKV_AWS_18:this is the log bucket; logging its own access would need a second bucket for the same records
   #checkov:skip=CKV_AWS_144:cross-region replication is an account-level disaster-recovery choice; these are operational logs
   #checkov:skip=CKV_AWS_145:ALB access logs can only be delivered to SSE-S3 (AES256) buckets, not SSE-KMS
-  #checkov:skip=CKV2_AWS_62:nothing consumes object events of access logs
+  #checkov:skip=CKV2_AWS_62:nothing consumes object events of access logs; they are read by people and Athena on demand
   bucket        = "${var.name}-logs-${data.aws_caller_identity.current.account_id}-${var.region}"
   force_destroy = false
 }
