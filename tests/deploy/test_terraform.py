@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -206,6 +207,13 @@ def test_terraform_files_are_formatted(terraform: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, f"not formatted (run terraform fmt): {result.stdout}"
+
+
+def test_provider_lock_file_is_committed_with_a_checksum() -> None:
+    # `terraform init` verifies the provider against this file (the apply below runs init -lockfile=readonly).
+    text = (TERRAFORM_DIR / ".terraform.lock.hcl").read_text()
+    assert 'provider "registry.terraform.io/hashicorp/aws"' in text
+    assert re.search(r'version\s*=\s*"5\.\d+\.\d+"', text) and re.search(r'"h1:[A-Za-z0-9+/=]{44}"', text)
 
 
 def test_ecr_repository_scans_on_push_and_expires_old_images(applied: dict, aws) -> None:
