@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -158,9 +159,27 @@ def test_built_wheel_carries_the_model_and_grades_outside_the_checkout(tmp_path:
     setuptools = pytest.importorskip("setuptools", reason="setuptools not installed (pip install setuptools)")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(f"building needs setuptools>=77 (SPDX licence), this environment has {setuptools.__version__}")
+    # Build from a copy of what the wheel is made of: setuptools writes build/ and *.egg-info where it builds.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("src", "models"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
         check=True,
         timeout=300,
         cwd=tmp_path,
