@@ -1,25 +1,40 @@
-"""The ``retinagrade`` command line: grade, evaluate, train, export, serve."""
+"""The ``retinagrade`` command line: grade, evaluate, train, export, serve.
+
+Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
+
+- 0: every file was graded (or refused by the quality gate, which is a result, not an error);
+- 1: the run finished, and some files could not be read or decoded (their rows have ``status=error``);
+- 2: usage: bad arguments, no image files found, or the output file exists (``--overwrite``) or cannot be
+  created; nothing was graded;
+- 3: the run itself failed: the model could not be loaded, or writing the output failed midway;
+- 130: interrupted (Ctrl-C); every row finished before it is in the output.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import os
+import stat
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Final, TextIO
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from retinagrade.constants import IMAGE_SUFFIXES, NUM_GRADES
-from retinagrade.errors import InputError, RetinagradeError
+from retinagrade.constants import IMAGE_SUFFIXES
+from retinagrade.errors import RetinagradeError
+
+if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
+    from retinagrade.pipeline import GradingPipeline
+    from retinagrade.report import ResultRecord, ResultWriter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
 err = Console(stderr=True)
-
 
 def _print_version(value: bool) -> None:
     if value:
@@ -39,16 +54,11 @@ def main(
     """Diabetic retinopathy grading of fundus photos."""
 
 
-CSV_COLUMNS = [
-    "image",
-    "status",
-    "grade",
-    "grade_name",
-    "referable",
-    "confidence",
-    *[f"p{k}" for k in range(NUM_GRADES)],
-    "quality",
-]
+EXIT_OK: Final[int] = 0
+EXIT_FILE_ERRORS: Final[int] = 1
+EXIT_USAGE: Final[int] = 2
+EXIT_RUN_FAILED: Final[int] = 3
+EXIT_INTERRUPTED: Final[int] = 130
 
 ModelOption = Annotated[
     Path | None,
@@ -56,148 +66,151 @@ ModelOption = Annotated[
 ]
 
 
-def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, and image files found recursively in folders, in a stable order."""
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under ``folder`` whose name has an image suffix, whatever it is, in a stable order.
+
+    Not only regular files: a broken link, a link loop, a FIFO or a folder named ``x.jpg`` is yielded too, so
+    that it gets an error row instead of vanishing from the report. Links to folders are not followed (a loop
+    of links can then never trap the walk).
+    """
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        found.extend(Path(root, name) for name in (*files, *dirs) if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    yield from sorted(found)
+
+
+def collect_images(paths: Iterable[Path]) -> list[Path]:
+    """Files as given (whatever they are: reading decides), and image entries found recursively in folders."""
     found: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            found.append(path)
+        try:
+            is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            is_folder = False  # missing, a broken link or a loop: its row will say so
+        found.extend(_walk(path) if is_folder else [path])
     return found
 
 
-def _row(image: str, result: Any) -> dict[str, Any]:
-    """One output record; ``result`` is a GradeResult or an exception."""
-    from retinagrade.pipeline import GradeResult
-
-    row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
-    row["image"] = image
-    if not isinstance(result, GradeResult):
-        row.update(status="error", referable="false")
-        code = result.code if isinstance(result, RetinagradeError) else "read_error"
-        message = result.message if isinstance(result, RetinagradeError) else str(result)
-        row["error"] = {"code": code, "message": message}
-        return row
-    row["status"] = result.status
-    row["quality"] = round(result.quality.score, 4)
-    row["quality_reasons"] = list(result.quality.reasons)
-    decision = result.decision
-    if decision is None:
-        row["referable"] = "false"
-        return row
-    row.update(
-        grade=decision.grade,
-        grade_name=decision.grade_name,
-        referable=str(decision.referable).lower(),
-        confidence=round(decision.confidence, 4),
-    )
-    for k, p in enumerate(decision.probabilities):
-        row[f"p{k}"] = round(p, 4)
-    return row
+def _note(record: ResultRecord) -> str:
+    return record.error_message if record.status == "error" else ", ".join(record.reasons)
 
 
-def _write(rows: list[dict[str, Any]], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix.lower() == ".json":
-        output.write_text(json.dumps(rows, indent=2))
-        return
-    with output.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _read(path: Path) -> bytes | Exception:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        return exc
-
-
-def grade_files(
-    pipeline: Any, files: list[Path], workers: int, chunk: int = 8, progress: Progress | None = None
-) -> list[dict[str, Any]]:
-    """Grade files with ``workers`` threads preparing images while the model runs batches."""
-    rows: list[dict[str, Any]] = []
-    task = progress.add_task("grading", total=len(files)) if progress else None
-
-    def prep(path: Path) -> Any:
-        data = _read(path)
-        if isinstance(data, Exception):
-            return data
-        try:
-            return pipeline.prepare(data)
-        except InputError as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
-        pending = pool.map(prep, chunks[0]) if chunks else iter(())
-        for n, part in enumerate(chunks):
-            prepared = list(pending)
-            if n + 1 < len(chunks):
-                pending = pool.map(prep, chunks[n + 1])
-            good = [p for p in prepared if not isinstance(p, Exception)]
-            outputs = iter(pipeline.infer(good))
-            for path, item in zip(part, prepared, strict=True):
-                result = item if isinstance(item, Exception) else pipeline.finish(item, next(outputs))
-                rows.append(_row(str(path), result))
-            if progress is not None and task is not None:
-                progress.advance(task, len(part))
-    return rows
-
-
-@app.command()
+@app.command(
+    epilog="Exit codes: 0 all graded; 1 some files had errors; 2 usage (bad arguments, no images, the output "
+    "exists or cannot be created); 3 the run failed (model, writing); 130 interrupted (finished rows are kept)."
+)
 def grade(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results to .csv or .json.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write results as they finish to .csv, .json or .jsonl."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
     model: ModelOption = None,
-    workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Threads reading and preparing images.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime threads.")] = 2,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ) -> None:
-    """Grade fundus photographs. Exits 1 if any file could not be read or decoded."""
-    from retinagrade.pipeline import GradingPipeline
-
+    """Grade fundus photographs; rows are written as each image finishes."""
     files = collect_images(paths)
     if not files:
         err.print("[red]No image files found.[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_USAGE)
+    writer = _open_output(output, overwrite)
+    pipeline = _load_pipeline(model, threads, writer, output)
+    records: list[ResultRecord] = []
     try:
-        pipeline = GradingPipeline.load(model, threads=threads)
-    except RetinagradeError as exc:
-        err.print(f"[red]Cannot load the model:[/red] {exc.message}")
-        raise typer.Exit(3) from None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=quiet) as progress:
-        rows = grade_files(pipeline, files, workers, progress=progress)
-    if output is not None:
-        _write(rows, output)
-    if not quiet or output is None:
-        from rich.table import Table
+        code = _grade_into(pipeline, files, writer, records, workers=workers, quiet=quiet)
+    finally:
+        if writer is not None:
+            writer.close()
+    if code == EXIT_OK and (not quiet or output is None):
+        _print_table(records, sys.stdout if output is None else sys.stderr)
+    failed = sum(r.status == "error" for r in records)
+    if code == EXIT_OK and failed:
+        err.print(f"[yellow]{failed} of {len(records)} files could not be graded (status error).[/yellow]")
+        code = EXIT_FILE_ERRORS
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
-        table = Table("image", "status", "grade", "referable", "confidence", "quality", "note")
-        for r in rows:
-            note = (
-                r.get("error", {}).get("message", "")
-                if r["status"] == "error"
-                else ", ".join(r.get("quality_reasons", []))
-            )
-            table.add_row(
-                Path(r["image"]).name,
-                r["status"],
-                f"{r['grade']} {r['grade_name']}".strip(),
-                r["referable"],
-                str(r["confidence"]),
-                str(r["quality"]),
-                note,
-            )
-        Console(file=sys.stdout if output is None else sys.stderr).print(table)
-    failed = sum(r["status"] == "error" for r in rows)
-    if failed:
-        err.print(f"[yellow]{failed} of {len(rows)} files could not be graded (status error).[/yellow]")
-        raise typer.Exit(1)
+
+def _open_output(output: Path | None, overwrite: bool) -> ResultWriter | None:
+    """The output's writer, created now: a path that cannot be written stops the command before any work."""
+    from retinagrade.report import open_writer, printable_name
+
+    if output is None:
+        return None
+    try:
+        return open_writer(output, overwrite=overwrite)
+    except FileExistsError:
+        err.print(f"[red]{escape(printable_name(output))} exists; pass --overwrite to replace it.[/red]")
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]Cannot write {escape(printable_name(output))}:[/red] {escape(str(exc))}")
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _load_pipeline(
+    model: Path | None, threads: int, writer: ResultWriter | None, output: Path | None
+) -> GradingPipeline:
+    from retinagrade.pipeline import GradingPipeline
+
+    try:
+        return GradingPipeline.load(model, threads=threads)
+    except RetinagradeError as exc:
+        err.print(f"[red]Cannot load the model:[/red] {escape(exc.message)}")
+        if writer is not None and output is not None:
+            writer.close()
+            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
+        raise typer.Exit(EXIT_RUN_FAILED) from None
+
+
+def _grade_into(
+    pipeline: GradingPipeline,
+    files: list[Path],
+    writer: ResultWriter | None,
+    records: list[ResultRecord],
+    *,
+    workers: int,
+    quiet: bool,
+) -> int:
+    """Grade ``files``, writing and collecting each record as it finishes; returns the exit code so far."""
+    from retinagrade.report import to_record
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err, disable=quiet) as progress:
+            task = progress.add_task("grading", total=len(files))
+            for path, outcome in pipeline.grade_paths(files, workers=workers):
+                record = to_record(path, outcome)
+                if writer is not None:
+                    writer.write(record)
+                records.append(record)
+                progress.advance(task)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]Interrupted after {len(records)} of {len(files)} files.[/yellow]")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        err.print(f"[red]Writing the results failed after {len(records)} rows:[/red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def _print_table(records: list[ResultRecord], stream: TextIO) -> None:
+    from rich.table import Table
+
+    table = Table("image", "status", "grade", "referable", "confidence", "quality", "note")
+    for r in records:
+        table.add_row(
+            escape(Path(r.image).name),
+            r.status,
+            f"{r.grade} {r.grade_name}" if r.grade is not None else "",
+            "" if r.referable is None else str(r.referable).lower(),
+            "" if r.confidence is None else str(round(r.confidence, 4)),
+            "" if r.quality is None else str(round(r.quality, 4)),
+            escape(_note(r)),
+        )
+    Console(file=stream).print(table)
 
 
 @app.command()
@@ -294,14 +307,11 @@ def export(
         "models/gate.json"
     ),
     parity_image: Annotated[list[Path], typer.Option(help="Real photos for the ONNX-vs-PyTorch check.")] = [],  # noqa: B006
-    ood_limit: Annotated[
-        float | None, typer.Option(help="Embedding distance above which a photo is refused as unfamiliar.")
-    ] = None,
 ) -> None:
     """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, install it and write the card."""
     from retinagrade.training.export import export_run
 
-    report = export_run(run_dir, out, gate, parity_images=parity_image, ood_limit=ood_limit)
+    report = export_run(run_dir, out, gate, parity_images=parity_image)
     Console().print_json(json.dumps(report))
 
 

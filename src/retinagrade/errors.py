@@ -44,15 +44,43 @@ class ImageTooLargeError(InputError):
     http_status = 413
 
 
-class MultiFrameImageError(InputError):
-    """A multi-page image: which page is the photograph is not ours to guess."""
-
-    code = "multi_frame_not_supported"
-    http_status = 422
-
-
 class ModelError(RetinagradeError):
     """The model file or its spec is missing, corrupt or inconsistent (a deployment fault)."""
 
     code = "model_invalid"
     http_status = 500
+
+
+class DicomNotSupportedError(UnsupportedFormatError):
+    """A DICOM file: recognised, but this installation has no DICOM decoder yet."""
+
+    code = "dicom_not_supported"
+    http_status = 415
+
+
+class MultiFrameImageError(InputError):
+    """A file of several pictures (multi-page TIFF, animated PNG or WebP): which one is the photograph is not
+    ours to guess. 422, not 415: the format is accepted, this content of it is not (code and status agreed
+    with the ``harden`` branch, which made the same change)."""
+
+    code = "multi_frame_not_supported"
+    http_status = 422
+
+
+class FileReadError(InputError):
+    """A path that could not be read as a file (the CLI and evaluation read files; HTTP never does)."""
+
+    code = "unreadable_file"
+    http_status = 400
+
+
+class FileMissingError(FileReadError):
+    """No such file, or a symbolic link whose target is gone."""
+
+    code = "file_not_found"
+
+
+class NotAFileError(FileReadError):
+    """A directory, FIFO, socket or device: reading it would fail or block, so it is refused unread."""
+
+    code = "not_a_file"

@@ -1,28 +1,36 @@
 """The grading pipeline: bytes -> decode -> fundus crop -> quality gate -> model -> decision -> explanation.
 
 Front doors (CLI, HTTP service, evaluation) call :class:`GradingPipeline`. Its stages are separate methods so
-that a server can run the CPU-bound preparation of many requests in parallel and batch the model calls.
+that a server can run the CPU-bound preparation of many requests in parallel and batch the model calls (the
+service schedules them itself); everyone else grades many images through the one batch engine,
+:meth:`GradingPipeline.grade_items` / :meth:`GradingPipeline.grade_paths`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from retinagrade.constants import Status
-from retinagrade.errors import ModelError
+from retinagrade.errors import ModelError, RetinagradeError
 from retinagrade.explain.heatmap import evidence_map
 from retinagrade.inference.grader import ModelOutputs, OnnxGrader
 from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.postprocess import GradeDecision, decide_grade
-from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image_file
 from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare
 from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality
+from retinagrade.referral import Recommendation, recommend
 
 DEFAULT_MODEL_FILE = "retinagrade-dr.json"
 
@@ -44,7 +52,11 @@ def shipped_model_dir() -> Path:
 #: The model shipped with the package, used when no other model is named.
 DEFAULT_MODEL = shipped_model_dir() / DEFAULT_MODEL_FILE
 
-UNFAMILIAR_REASON = "unfamiliar_image"
+#: Images per model call in the batch engine. Also the chunk the CLI used before the engine existed, so
+#: results are bit-identical to it (ONNX Runtime's kernels may round differently at other batch sizes).
+DEFAULT_BATCH_SIZE = 8
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -66,9 +78,10 @@ class PreparedRequest:
 class GradeResult:
     """The answer for one image.
 
-    ``grade``/``decision`` are set only when ``status == "graded"``. ``quality`` is always set for an image
-    that decoded. ``heatmap`` (S x S in [0, 1]) and ``crop`` (S x S x 3 RGB) are set when an explanation was
-    asked for and the image was graded.
+    ``decision`` is set only when ``status == "graded"``. ``quality`` is always set for an image that
+    decoded. ``heatmap`` (S x S in [0, 1]) and ``crop`` (S x S x 3 RGB) are set when an explanation was
+    asked for and the image was graded. ``metadata`` is what the file said about patient and eye
+    (:attr:`DecodedImage.metadata <retinagrade.preprocessing.decode.DecodedImage.metadata>`).
     """
 
     status: Status
@@ -77,13 +90,32 @@ class GradeResult:
     sha256: str
     original_size: tuple[int, int]
     timings_ms: dict[str, float]
-    ood_distance: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
     heatmap: np.ndarray | None = None
     crop: np.ndarray | None = None
+
+    @property
+    def recommendation(self) -> Recommendation:
+        """What to do next (:func:`retinagrade.referral.recommend`)."""
+        return recommend(self.status, self.decision.urgency if self.decision else None)
+
+
+#: One image's outcome in the batch engine: its result, or the error that kept it from being graded.
+Outcome = GradeResult | RetinagradeError
+#: What the engine grades: bytes, a path to read (in a worker thread), or an error found before reading.
+Source = bytes | Path | RetinagradeError
 
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 2)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 class GradingPipeline:
@@ -96,10 +128,6 @@ class GradingPipeline:
         self.gate = gate
         self.grader = OnnxGrader(spec, threads=threads)
         self.max_pixels = max_pixels
-        ood = spec.ood
-        self._ood_mean = np.asarray(ood.get("embedding_mean", []), np.float32)
-        self._ood_std = np.asarray(ood.get("embedding_std", []), np.float32)
-        self._ood_limit = float(ood["distance_limit"]) if "distance_limit" in ood else None
 
     @classmethod
     def load(
@@ -147,26 +175,16 @@ class GradingPipeline:
             requests[i].timings_ms["inference"] = elapsed
         return results
 
-    def ood_distance(self, embedding: np.ndarray) -> float | None:
-        if self._ood_mean.size == 0:
-            return None
-        return float(np.sqrt(np.mean(((embedding - self._ood_mean) / self._ood_std) ** 2)))
-
     def finish(self, request: PreparedRequest, outputs: ModelOutputs | None, explain: bool = False) -> GradeResult:
         """Turn model outputs (or the gate's refusal) into a :class:`GradeResult`."""
         quality = request.quality
         size = request.decoded.original_size
+        metadata = request.decoded.metadata
         if outputs is None:
             status: Status = "not_fundus" if not quality.is_fundus else "ungradable"
-            return GradeResult(status, quality, None, request.sha256, size, request.timings_ms)
-        distance = self.ood_distance(outputs.embedding)
-        if distance is not None and self._ood_limit is not None and distance > self._ood_limit:
-            refused = QualityAssessment(
-                is_fundus=False, gradable=False, score=quality.score, reasons=("not_fundus", UNFAMILIAR_REASON)
-            )
-            return GradeResult("not_fundus", refused, None, request.sha256, size, request.timings_ms, distance)
+            return GradeResult(status, quality, None, request.sha256, size, request.timings_ms, metadata)
         decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec)
-        result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, distance)
+        result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, metadata)
         if explain:
             s = self.spec.preprocess.input_size
             result.heatmap = evidence_map(outputs.cam, s, request.prepared.crop.mask)
@@ -182,16 +200,79 @@ class GradingPipeline:
         result.timings_ms["total"] = _ms(start)
         return result
 
-    def grade_batch(self, items: list[bytes], explain: bool = False) -> list[GradeResult | Exception]:
-        """Grade several images with one model call; a bad image yields its error, the others their results."""
-        from retinagrade.errors import InputError
+    def grade_batch(self, items: list[bytes], explain: bool = False) -> list[GradeResult | RetinagradeError]:
+        """Grade several images; a bad image yields its error, the others their results."""
+        return [outcome for _, outcome in self.grade_items(enumerate(items), workers=1, explain=explain)]
 
-        prepared: list[PreparedRequest | Exception] = []
-        for data in items:
-            try:
-                prepared.append(self.prepare(data))
-            except InputError as exc:
-                prepared.append(exc)
-        good = [p for p in prepared if isinstance(p, PreparedRequest)]
-        outputs = iter(self.infer(good))
-        return [p if isinstance(p, Exception) else self.finish(p, next(outputs), explain) for p in prepared]
+    # -- the batch engine -------------------------------------------------------------------------------
+    def grade_paths(
+        self, paths: Iterable[Path], *, workers: int | None = None, explain: bool = False
+    ) -> Iterator[tuple[Path, Outcome]]:
+        """Grade image files, in order; a file that cannot be read yields its error (a code, never a crash).
+
+        Files are read in the worker threads (:func:`~retinagrade.preprocessing.decode.read_image_file`,
+        which never blocks on a FIFO), so slow storage overlaps with the model too.
+        """
+        return self._run(((path, path) for path in paths), workers=workers, explain=explain)
+
+    def grade_items(
+        self,
+        items: Iterable[tuple[K, bytes | RetinagradeError]],
+        *,
+        workers: int | None = None,
+        explain: bool = False,
+    ) -> Iterator[tuple[K, Outcome]]:
+        """Grade encoded images tagged with any key, in order; an error passed in comes out unchanged."""
+        return self._run(items, workers=workers, explain=explain)
+
+    def _prepare_source(self, source: Source) -> PreparedRequest | RetinagradeError:
+        if isinstance(source, RetinagradeError):
+            return source
+        try:
+            return self.prepare(read_image_file(source) if isinstance(source, Path) else source)
+        except RetinagradeError as exc:
+            return exc
+
+    def _run(
+        self,
+        items: Iterable[tuple[K, Source]],
+        *,
+        workers: int | None,
+        explain: bool,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Iterator[tuple[K, Outcome]]:
+        """Prepare in threads, run the model in batches, yield in input order.
+
+        At most two batches are in flight (one at the model, the next being prepared), so memory stays
+        bounded however many images come in, and each result is yielded as soon as its batch is done, so a
+        caller that writes as it goes loses nothing when the run stops.
+        """
+        workers = max(1, workers if workers is not None else min(4, available_cpus()))
+        window = max(2 * batch_size, workers)
+        pending: deque[tuple[K, Future[PreparedRequest | RetinagradeError]]] = deque()
+        source = iter(items)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retinagrade-grade")
+        try:
+
+            def top_up() -> None:
+                while len(pending) < window:
+                    item = next(source, None)
+                    if item is None:
+                        return
+                    pending.append((item[0], pool.submit(self._prepare_source, item[1])))
+
+            top_up()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                top_up()
+                prepared = [future.result() for _, future in batch]
+                good = [p for p in prepared if isinstance(p, PreparedRequest)]
+                outputs = iter(self.infer(good))
+                for (key, _), item in zip(batch, prepared, strict=True):
+                    if isinstance(item, RetinagradeError):
+                        yield key, item
+                    else:
+                        yield key, self.finish(item, next(outputs), explain=explain)
+        finally:
+            # A caller that stops early (Ctrl-C, a closed generator) must not wait for the whole window.
+            pool.shutdown(wait=True, cancel_futures=True)

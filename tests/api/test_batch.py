@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from retinagrade.api.referral import TaggedOutcome, patient_referrals
+from retinagrade.referral import TaggedOutcome, patient_referrals
 
 
 @pytest.mark.shared_data

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from retinagrade.cli import CSV_COLUMNS, app
+from retinagrade.cli import app
+from retinagrade.report import CSV_COLUMNS
 
 runner = CliRunner()
 
@@ -38,7 +39,7 @@ def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path
     assert result.exit_code == 1, result.output  # some files failed
     with out.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == CSV_COLUMNS
+        assert reader.fieldnames == list(CSV_COLUMNS)
         rows = {Path(r["image"]).name: r for r in reader}
     assert set(rows) == {"16_right.jpeg", "6834_left.jpeg", "cat.png", "empty.jpg", "fake.jpg", "truncated.jpg"}
     graded = rows["16_right.jpeg"]
@@ -70,7 +71,7 @@ def test_grade_json_output_records_error_codes(mixed_folder: Path, tmp_path: Pat
     )
     assert result.exit_code == 1
     rows = json.loads(out.read_text())
-    assert rows[0]["status"] == "error" and rows[0]["error"]["code"] == "unsupported_format"
+    assert rows[0]["status"] == "error" and rows[0]["error_code"] == "unsupported_format"
     assert rows[1]["status"] == "graded"
 
 

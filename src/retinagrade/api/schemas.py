@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retinagrade.referral import Action, Eye, EyeStatus, ReferralDecision, Urgency
+
 ResultStatus = Literal["graded", "ungradable", "not_fundus"]
-Eye = Literal["left", "right"]
-ReferralDecision = Literal["refer", "no_refer", "cannot_decide"]
-EyeStatus = Literal["referable", "not_referable", "not_graded"]
+__all__ = ["Action", "Eye", "EyeStatus", "ReferralDecision", "ResultStatus", "Urgency"]
 
 
 class ErrorBody(BaseModel):
@@ -73,6 +73,8 @@ class GradeResponse(BaseModel):
     grade: int | None = Field(None, ge=0, le=4)
     grade_name: str | None = None
     referable: bool | None = None
+    urgency: Urgency = Field(description="routine, refer, urgent (grade 4), or retake when not graded.")
+    action: Action = Field(description="The recommended next step (retinagrade.referral), a stable code.")
     probabilities: list[float] | None = Field(None, min_length=5, max_length=5)
     p_referable: float | None = None
     confidence: float | None = None
@@ -103,6 +105,7 @@ class EyeSummary(BaseModel):
 class PatientReferral(BaseModel):
     patient_id: str
     decision: ReferralDecision
+    urgency: Urgency | None = Field(description="The most urgent referable image when referred; null if undecided.")
     reason: str
     eyes: list[EyeSummary]
 

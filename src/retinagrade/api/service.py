@@ -29,13 +29,14 @@ from retinagrade.api.batching import Admission, DynamicBatcher
 from retinagrade.api.errors import AuditUnavailableError
 from retinagrade.api.intake import BodyIntake, BodyPace, ByteBudget
 from retinagrade.api.metrics import ServiceMetrics
-from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, Timings
+from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, ResultStatus, Timings
 from retinagrade.api.settings import Settings
 from retinagrade.constants import NUM_GRADES
 from retinagrade.errors import ImageTooLargeError, InputError, ModelError
 from retinagrade.explain.heatmap import encode_png, overlay
 from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
 from retinagrade.preprocessing.decode import decoded_bytes
+from retinagrade.report import ResultRecord, to_record
 
 logger = logging.getLogger("retinagrade.api.service")
 
@@ -235,7 +236,7 @@ class GradingService:
                 status=result.status,
                 grade=response.grade,
                 referable=response.referable,
-                result=response.model_dump(mode="json", exclude={"explanation", "timings_ms"}),
+                result=to_record(response.request_id, result).without_identifiers(),
             )
             for result, response in pairs
         ]
@@ -309,9 +310,9 @@ class GradingService:
     def to_response(
         self, result: GradeResult, request_id: str, png: bytes | None, client_request_id: str | None = None
     ) -> GradeResponse:
+        """The HTTP answer, built from the same :class:`~retinagrade.report.ResultRecord` as every report."""
+        record = to_record(request_id, result)
         timings = result.timings_ms
-        quality = result.quality
-        decision = result.decision
         explanation = None
         if png is not None and result.heatmap is not None and result.crop is not None:
             height, width = result.heatmap.shape[:2]
@@ -322,27 +323,26 @@ class GradingService:
                 heatmap_png_base64=base64.b64encode(png).decode("ascii"),
                 fundus_png_base64=base64.b64encode(encode_png(result.crop)).decode("ascii"),
             )
-        status = result.status
-        if status == "error":  # pragma: no cover - the pipeline reports errors by raising
-            raise ModelError("the pipeline returned an error result")
         return GradeResponse(
             request_id=request_id,
             client_request_id=client_request_id,
-            status=status,
-            grade=decision.grade if decision else None,
-            grade_name=decision.grade_name if decision else None,
-            referable=decision.referable if decision else None,
-            probabilities=list(decision.probabilities) if decision else None,
-            p_referable=decision.p_referable if decision else None,
-            confidence=decision.confidence if decision else None,
+            status=_served_status(record),
+            grade=record.grade,
+            grade_name=record.grade_name,
+            referable=record.referable,
+            urgency=record.urgency,
+            action=record.action,
+            probabilities=list(record.probabilities) or None,
+            p_referable=record.p_referable,
+            confidence=record.confidence,
             quality=Quality(
-                score=quality.score,
-                is_fundus=quality.is_fundus,
-                gradable=quality.gradable,
-                reasons=list(quality.reasons),
+                score=result.quality.score,
+                is_fundus=result.quality.is_fundus,
+                gradable=result.quality.gradable,
+                reasons=list(record.reasons),
             ),
             model=self.model_ref,
-            image=ImageInfo(sha256=result.sha256, width=result.original_size[0], height=result.original_size[1]),
+            image=ImageInfo(sha256=record.sha256, width=result.original_size[0], height=result.original_size[1]),
             timings_ms=Timings(
                 decode=timings.get("decode", 0.0),
                 preprocess=timings.get("preprocess", 0.0),
@@ -352,6 +352,12 @@ class GradingService:
             ),
             explanation=explanation,
         )
+
+
+def _served_status(record: ResultRecord) -> ResultStatus:
+    if record.status == "error":  # pragma: no cover - the pipeline reports errors by raising
+        raise ModelError("the pipeline returned an error result")
+    return record.status
 
 
 async def _done(error: InputError) -> InputError:

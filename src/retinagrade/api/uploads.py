@@ -17,9 +17,11 @@ from starlette.requests import Request
 
 from retinagrade.api.errors import FieldValidationError, RequestTooLargeError, UnsupportedMediaTypeError
 from retinagrade.api.schemas import Eye
+from retinagrade.constants import IMAGE_MIME_TYPES
 from retinagrade.errors import ImageTooLargeError, InputError
 
-RAW_TYPES = ("image/jpeg", "image/png", "image/tiff", "image/bmp", "image/webp", "application/octet-stream")
+#: Media types of a raw image body: the accepted formats' (constants.ACCEPTED_FORMATS), and "any bytes".
+RAW_TYPES = (*IMAGE_MIME_TYPES, "application/octet-stream")
 _EYES: dict[str, Eye] = {
     "left": "left",
     "l": "left",

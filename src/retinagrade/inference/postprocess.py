@@ -8,9 +8,11 @@ import numpy as np
 
 from retinagrade.constants import GRADE_NAMES, REFERABLE_MIN_GRADE
 from retinagrade.inference.model_spec import ModelSpec
+from retinagrade.referral import Urgency, urgency_of_grade
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated probabilities (float64, so that rows sum to 1 within metrics' tolerance)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -19,7 +21,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def grade_from_score(score: np.ndarray | float, thresholds: tuple[float, ...] | np.ndarray) -> np.ndarray:
     """Grade = number of thresholds a continuous grade score reaches (works on scalars and arrays)."""
-    return np.searchsorted(np.asarray(thresholds), score, side="right")
+    return np.asarray(np.searchsorted(np.asarray(thresholds), score, side="right"))
 
 
 def consistent_grade(grade: int, referable: bool, probs: np.ndarray) -> int:
@@ -46,6 +48,8 @@ class GradeDecision:
         probabilities: calibrated P(grade = k), k = 0..4.
         p_referable: calibrated P(grade >= 2).
         confidence: calibrated probability that the reported referral decision is right.
+        urgency: how soon to refer (:func:`~retinagrade.referral.urgency_of_grade`), so that every door
+            shows the same clinical rule.
     """
 
     grade: int
@@ -54,6 +58,7 @@ class GradeDecision:
     probabilities: tuple[float, ...]
     p_referable: float
     confidence: float
+    urgency: Urgency
 
 
 def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> GradeDecision:
@@ -76,4 +81,5 @@ def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> Grad
         probabilities=tuple(float(p) for p in probs),
         p_referable=p_referable,
         confidence=float(confidence),
+        urgency=urgency_of_grade(grade, bool(referable)),
     )

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from retinagrade.constants import NUM_GRADES
-from retinagrade.training.data import read_labels
+from retinagrade.errors import RetinagradeError
+from retinagrade.inference.postprocess import GradeDecision
+from retinagrade.training.data import Sample, read_labels
 from retinagrade.training.metrics import evaluate_predictions
 from retinagrade.training.report import format_metrics_markdown, write_report
 
@@ -64,26 +66,32 @@ def _threshold_from_run(predictions_csv: Path) -> float:
 def evaluate_model(
     labels: list[Path], model: Path | None, out: Path, workers: int = 2, threads: int = 2, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """Run the grading pipeline over labelled images and report metrics on those it graded."""
-    from retinagrade.cli import grade_files
+    """Run the grading pipeline over labelled images and report metrics on those it graded.
+
+    The results come from the same batch engine as ``retinagrade grade`` and are used as the typed
+    :class:`~retinagrade.pipeline.GradeResult` s they are, at full precision (no door's rounded output).
+    """
     from retinagrade.pipeline import GradingPipeline
 
     pipeline = GradingPipeline.load(model, threads=threads)
     samples = [s for path in labels for s in read_labels(path)]
-    rows = grade_files(pipeline, [s.path for s in samples], workers)
-    statuses = Counter(r["status"] for r in rows)
-    refused_by_grade = {
-        str(g): sum(1 for s, r in zip(samples, rows, strict=True) if s.grade == g and r["status"] != "graded")
-        for g in range(NUM_GRADES)
-    }
-    graded = [(s, r) for s, r in zip(samples, rows, strict=True) if r["status"] == "graded"]
+    outcomes = [outcome for _, outcome in pipeline.grade_paths((s.path for s in samples), workers=workers)]
+    statuses = Counter("error" if isinstance(o, RetinagradeError) else o.status for o in outcomes)
+    graded: list[tuple[Sample, GradeDecision]] = []
+    refused_by_grade = dict.fromkeys((str(g) for g in range(NUM_GRADES)), 0)
+    for sample, outcome in zip(samples, outcomes, strict=True):
+        decision = None if isinstance(outcome, RetinagradeError) else outcome.decision
+        if decision is None:
+            refused_by_grade[str(sample.grade)] += 1
+        else:
+            graded.append((sample, decision))
     if not graded:
         raise ValueError("the pipeline graded none of the images")
     metrics = evaluate_predictions(
         np.array([s.grade for s, _ in graded]),
-        np.array([[float(r[f"p{k}"]) for k in range(NUM_GRADES)] for _, r in graded]),
-        np.array([int(r["grade"]) for _, r in graded]),
-        np.array([sum(float(r[f"p{k}"]) for k in range(2, NUM_GRADES)) for _, r in graded]),
+        np.array([d.probabilities for _, d in graded]),
+        np.array([d.grade for _, d in graded]),
+        np.array([d.p_referable for _, d in graded]),
         pipeline.spec.referable_threshold,
         groups=np.array([s.group for s, _ in graded]),
         n_boot=n_boot,

@@ -38,9 +38,7 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
 
 
-def export_run(
-    run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None, ood_limit: float | None = None
-) -> dict[str, Any]:
+def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None) -> dict[str, Any]:
     """Re-export ``run_dir/final.pt`` to ``out/<name>.onnx`` with its spec and the gate file beside it."""
     net, cfg = load_run_model(run_dir)
     name = cfg["name"]
@@ -64,8 +62,6 @@ def export_run(
     spec["sha256"] = sha256_file(onnx_path)
     spec["model_file"] = onnx_path.name
     spec["export"] = {"parity_max_abs_diff": diffs, "parity_images": len(images)}
-    if ood_limit is not None:
-        spec["ood"]["distance_limit"] = ood_limit
     gate_target = out / "gate.json"
     if gate.resolve() != gate_target.resolve():
         shutil.copyfile(gate, gate_target)

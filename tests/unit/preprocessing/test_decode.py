@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from retinagrade.errors import RetinagradeError
-from retinagrade.preprocessing.decode import decode_image
+from retinagrade.preprocessing.decode import decode_image, is_dicom, read_image_file, sniff_format
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -244,3 +245,47 @@ def test_a_multi_page_tiff_is_refused(fundus_pil):
         decode_image(buf.getvalue())
     assert info.value.code == "multi_frame_not_supported" and info.value.http_status == 422
     assert "3 pages" in info.value.message
+
+
+# -- Magic-byte dispatch, multi-frame files, reading files ---------------------------------------------
+
+
+def test_dicom_is_recognised_and_refused_with_a_message_that_says_so():
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64
+    assert is_dicom(data) and sniff_format(data) == "DICOM"
+    with pytest.raises(RetinagradeError) as raised:
+        decode_image(data)
+    assert raised.value.code == "dicom_not_supported" and raised.value.http_status == 415
+    assert "DICOM" in raised.value.message
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "BMP", "WEBP"])
+def test_magic_numbers_name_every_accepted_format(fundus_pil, fmt):
+    assert sniff_format(_encode(fundus_pil, fmt)) == fmt
+
+
+def test_decoded_images_carry_an_empty_metadata_mapping(fundus_pil):
+    assert dict(decode_image(_encode(fundus_pil, "PNG")).metadata) == {}
+
+
+def test_reading_refuses_what_is_not_a_regular_file_without_blocking(tmp_path, fundus_pil):
+    good = tmp_path / "good.png"
+    good.write_bytes(_encode(fundus_pil, "PNG"))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    assert read_image_file(good) == good.read_bytes()
+    expected = {
+        "pipe.jpg": "not_a_file",
+        "folder.jpg": "not_a_file",
+        "broken.jpg": "file_not_found",
+        "missing.jpg": "file_not_found",
+        "loop.jpg": "unreadable_file",
+    }
+    for name, code in expected.items():
+        with pytest.raises(RetinagradeError) as raised:
+            read_image_file(tmp_path / name)
+        assert raised.value.code == code, name

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
-from retinagrade.api.referral import TaggedOutcome, patient_referrals
-from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, GradeResponse
+from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, EyeSummary, GradeResponse, PatientReferral
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, read_batch, read_image
 from retinagrade.errors import InputError
+from retinagrade.referral import TaggedOutcome, patient_referrals
 
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
 
@@ -109,11 +109,23 @@ async def grade_batch(
         items.append(item)
         patient = upload.patient_ids[index]
         if patient is not None:
-            referable = None if isinstance(answer, InputError) else answer.referable
-            outcomes.append(TaggedOutcome(index, patient, upload.eyes[index], referable))
+            graded = None if isinstance(answer, InputError) else answer
+            referable = graded.referable if graded else None
+            urgency = graded.urgency if graded and graded.status == "graded" else None
+            outcomes.append(TaggedOutcome(index, patient, upload.eyes[index], referable, urgency))
+    patients = [
+        PatientReferral(
+            patient_id=r.patient_id,
+            decision=r.decision,
+            urgency=r.urgency,
+            reason=r.reason,
+            eyes=[EyeSummary(eye=e.eye, images=list(e.images), status=e.status) for e in r.eyes],
+        )
+        for r in patient_referrals(outcomes)
+    ]
     return BatchResponse(
         request_id=request_id,
         client_request_id=client_request_id,
         items=items,
-        patients=patient_referrals(outcomes),
+        patients=patients,
     )

@@ -1,0 +1,345 @@
+"""Results rendered once: one flat record per image, and a registry of streaming writers by output format.
+
+Every door reports from :class:`ResultRecord`: the CLI writes records with a writer from the registry, the
+service builds its response and its audit row from a record, and evaluation reads the typed results. A new
+output format is one class registered here (:func:`register_writer`), not an edit of four files.
+
+Writers stream: each record is written and flushed as it arrives, so an interrupted run keeps every row
+that finished. Text cells that a spreadsheet would run as a formula are neutralised in CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any, ClassVar, Final, Protocol
+
+from retinagrade.constants import METADATA_KEYS, NUM_GRADES, Status
+from retinagrade.errors import RetinagradeError
+from retinagrade.pipeline import GradeResult
+from retinagrade.referral import Action, Urgency, recommend
+
+#: Digits the CSV prints for probabilities, confidence and quality (enough for a person, exact enough to compare).
+CSV_DECIMALS: Final[int] = 4
+#: Leading characters that make a spreadsheet treat a cell as a formula (OWASP "CSV injection").
+_FORMULA_LEADS: Final[tuple[str, ...]] = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One image's outcome as every report shows it.
+
+    Attributes:
+        image: the image's name (a path for the CLI, the upload's file name or index for the service), made
+            printable: bytes of a file name that are not UTF-8 appear as ``\\xNN``.
+        status: ``graded``, ``ungradable``, ``not_fundus`` or ``error``.
+        grade, grade_name, referable, confidence, p_referable, probabilities: the decision; None (empty
+            probabilities) unless graded.
+        urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
+        quality, is_fundus, gradable, reasons: the quality gate's verdict; None (no reasons) for an error.
+        error_code, error_message: why an image was not read; empty unless ``status == "error"``.
+        sha256, width, height: the image's bytes and full size; empty/None for an error.
+        site: the site profile the result was made under (empty when none).
+        metadata: what the file said about patient and eye, keyed by DICOM keyword.
+    """
+
+    image: str
+    status: Status
+    urgency: Urgency
+    action: Action
+    grade: int | None = None
+    grade_name: str | None = None
+    referable: bool | None = None
+    confidence: float | None = None
+    probabilities: tuple[float, ...] = ()
+    p_referable: float | None = None
+    quality: float | None = None
+    is_fundus: bool | None = None
+    gradable: bool | None = None
+    reasons: tuple[str, ...] = ()
+    error_code: str = ""
+    error_message: str = ""
+    sha256: str = ""
+    width: int | None = None
+    height: int | None = None
+    site: str = ""
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat, JSON-ready mapping: ``probabilities`` become ``p0``..``p4``; ``metadata`` stays a mapping."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "probabilities":
+                flat.update({f"p{k}": value[k] if value else None for k in range(NUM_GRADES)})
+            elif f.name == "reasons":
+                flat["reasons"] = list(value)
+            elif f.name == "metadata":
+                flat["metadata"] = dict(value)
+            else:
+                flat[f.name] = value
+        return flat
+
+    def without_identifiers(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the image's name and metadata, for the audit trail (no patient identifiers)."""
+        flat = self.to_dict()
+        del flat["image"], flat["metadata"]
+        return flat
+
+
+def printable_name(name: str | os.PathLike[str]) -> str:
+    """A file name that any UTF-8 writer can write: undecodable bytes (``surrogateescape``) become ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeError, *, site: str = "") -> ResultRecord:
+    """The record of one image's result or error."""
+    image = printable_name(name)
+    if isinstance(outcome, RetinagradeError):
+        advice = recommend("error", None)
+        return ResultRecord(
+            image=image,
+            status="error",
+            urgency=advice.urgency,
+            action=advice.action,
+            error_code=outcome.code,
+            error_message=outcome.message,
+            site=site,
+        )
+    advice = outcome.recommendation
+    quality = outcome.quality
+    decision = outcome.decision
+    return ResultRecord(
+        image=image,
+        status=outcome.status,
+        urgency=advice.urgency,
+        action=advice.action,
+        grade=decision.grade if decision else None,
+        grade_name=decision.grade_name if decision else None,
+        referable=decision.referable if decision else None,
+        confidence=decision.confidence if decision else None,
+        probabilities=decision.probabilities if decision else (),
+        p_referable=decision.p_referable if decision else None,
+        quality=quality.score,
+        is_fundus=quality.is_fundus,
+        gradable=quality.gradable,
+        reasons=tuple(quality.reasons),
+        sha256=outcome.sha256,
+        width=outcome.original_size[0],
+        height=outcome.original_size[1],
+        site=site,
+        metadata=MappingProxyType(dict(outcome.metadata)),
+    )
+
+
+# -- writers ---------------------------------------------------------------------------------------------
+
+
+class ResultWriter(Protocol):
+    """Writes records as they come; ``close`` finishes the output (a JSON array's closing bracket)."""
+
+    def write(self, record: ResultRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+WriterFactory = Callable[[IO[Any]], ResultWriter]
+
+
+@dataclass(frozen=True)
+class WriterEntry:
+    """A registered output format."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    factory: WriterFactory
+    binary: bool = False
+
+
+WRITERS: dict[str, WriterEntry] = {}
+
+
+def register_writer(name: str, suffixes: tuple[str, ...], *, binary: bool = False) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: make a writer class the one for format ``name`` and these file suffixes."""
+
+    def register(cls: type[Any]) -> type[Any]:
+        WRITERS[name] = WriterEntry(name, suffixes, cls, binary)
+        return cls
+
+    return register
+
+
+def format_for(path: Path) -> str:
+    """The registered format whose suffix the file name ends with (longest suffix first, ``.fhir.json``)."""
+    lowered = path.name.lower()
+    matches = [(len(s), e.name) for e in WRITERS.values() for s in e.suffixes if lowered.endswith(s)]
+    if not matches:
+        known = ", ".join(sorted(s for e in WRITERS.values() for s in e.suffixes))
+        raise ValueError(f"no output format for {path.name!r}; use one of {known}")
+    return max(matches)[1]
+
+
+def open_writer(target: Path | IO[Any], fmt: str | None = None, *, overwrite: bool = False) -> ResultWriter:
+    """A writer for a file (created now, so an unwritable path fails before any work) or an open stream.
+
+    Args:
+        target: a path, or an open text (binary for a binary format) stream that the caller closes.
+        fmt: a registered format name; by default the path's suffix decides (a stream needs ``fmt``).
+        overwrite: replace an existing file; without it an existing file raises ``FileExistsError``.
+
+    Raises:
+        ValueError: an unknown format.
+        OSError: the file cannot be created (``FileExistsError`` when it exists and ``overwrite`` is off).
+    """
+    if fmt is None:
+        if not isinstance(target, Path):
+            raise ValueError("give the format of a stream")
+        fmt = format_for(target)
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown output format {fmt!r}; known: {', '.join(sorted(WRITERS))}")
+    entry = WRITERS[fmt]
+    if not isinstance(target, Path):
+        return entry.factory(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = ("w" if overwrite else "x") + ("b" if entry.binary else "")
+    if entry.binary:
+        return _Closing(entry.factory(target.open(mode)), None)
+    # newline="" lets the csv module write its own line ends; backslashreplace keeps any odd text writable.
+    stream = target.open(mode, encoding="utf-8", errors="backslashreplace", newline="")
+    return _Closing(entry.factory(stream), stream)
+
+
+class _Closing:
+    """A writer that owns its file: closing it closes the file."""
+
+    def __init__(self, writer: ResultWriter, stream: IO[Any] | None) -> None:
+        self._writer = writer
+        self._stream = stream
+
+    def write(self, record: ResultRecord) -> None:
+        self._writer.write(record)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            if self._stream is not None:
+                self._stream.close()
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return str(round(value, CSV_DECIMALS))
+    if isinstance(value, list | tuple):
+        value = ";".join(str(v) for v in value)
+    text = str(value)
+    # Text only (numbers are formatted above): a leading quote makes a spreadsheet show it, not run it.
+    return "'" + text if text.startswith(_FORMULA_LEADS) else text
+
+
+@register_writer("csv", (".csv",))
+class CsvWriter:
+    """One row per image; the columns are :data:`CSV_COLUMNS`."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._csv = csv.writer(stream)
+        self._csv.writerow(CSV_COLUMNS)
+        stream.flush()
+
+    def write(self, record: ResultRecord) -> None:
+        flat = record.to_dict()
+        # A refused or unreadable image is not referred by the model (the action column says what to do);
+        # "false" is what this column has always said for it.
+        if flat["referable"] is None:
+            flat["referable"] = False
+        metadata = flat.pop("metadata")
+        self._csv.writerow([_csv_value(metadata.get(c, "") if c in METADATA_KEYS else flat[c]) for c in CSV_COLUMNS])
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+@register_writer("json", (".json",))
+class JsonWriter:
+    """A JSON array of :meth:`ResultRecord.to_dict` objects, written element by element."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._count = 0
+        stream.write("[")
+        stream.flush()
+
+    def write(self, record: ResultRecord) -> None:
+        self._stream.write(("," if self._count else "") + "\n  " + json.dumps(record.to_dict()))
+        self._stream.flush()
+        self._count += 1
+
+    def close(self) -> None:
+        self._stream.write("\n]\n" if self._count else "]\n")
+        self._stream.flush()
+
+
+@register_writer("jsonl", (".jsonl", ".ndjson"))
+class JsonLinesWriter:
+    """One JSON object per line: every line written is complete, whatever stops the run."""
+
+    binary: ClassVar[bool] = False
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, record: ResultRecord) -> None:
+        self._stream.write(json.dumps(record.to_dict()) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+#: CSV columns: the first twelve in the order the CLI has always written them, then the newer fields.
+CSV_COLUMNS: Final[tuple[str, ...]] = (
+    "image",
+    "status",
+    "grade",
+    "grade_name",
+    "referable",
+    "confidence",
+    *(f"p{k}" for k in range(NUM_GRADES)),
+    "quality",
+    "p_referable",
+    "urgency",
+    "action",
+    "is_fundus",
+    "gradable",
+    "reasons",
+    "error_code",
+    "error_message",
+    "sha256",
+    "width",
+    "height",
+    "site",
+    *METADATA_KEYS,
+)
+
+
+def records_to_csv_text(records: list[ResultRecord]) -> str:
+    """The CSV of some records as a string (for tests and small reports)."""
+    buffer = io.StringIO()
+    writer = open_writer(buffer, "csv")
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return buffer.getvalue()

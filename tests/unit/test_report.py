@@ -1,0 +1,134 @@
+"""Result records and the streaming writers: every format says the same thing, and a bad name never breaks one."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from retinagrade.errors import CorruptImageError
+from retinagrade.inference.postprocess import GradeDecision
+from retinagrade.pipeline import GradeResult
+from retinagrade.preprocessing.quality import QualityAssessment
+from retinagrade.report import CSV_COLUMNS, WRITERS, format_for, open_writer, printable_name, to_record
+
+
+def _graded(grade: int = 4, referable: bool = True) -> GradeResult:
+    decision = GradeDecision(
+        grade=grade,
+        grade_name="proliferative DR",
+        referable=referable,
+        probabilities=(0.1, 0.1, 0.1, 0.1, 0.6),
+        p_referable=0.8,
+        confidence=0.8,
+        urgency="urgent" if grade == 4 else ("refer" if referable else "routine"),
+    )
+    quality = QualityAssessment(is_fundus=True, gradable=True, score=0.95, reasons=())
+    return GradeResult("graded", quality, decision, "ab" * 32, (3000, 2000), {}, {"ImageLaterality": "L"})
+
+
+def test_a_graded_result_becomes_one_flat_record() -> None:
+    record = to_record("eye.jpg", _graded()).to_dict()
+    assert record["status"] == "graded" and record["grade"] == 4 and record["referable"] is True
+    assert record["urgency"] == "urgent" and record["action"] == "refer_urgently"
+    assert [record[f"p{k}"] for k in range(5)] == [0.1, 0.1, 0.1, 0.1, 0.6]
+    assert record["width"] == 3000 and record["metadata"] == {"ImageLaterality": "L"}
+    assert record["error_code"] == ""
+
+
+def test_an_error_becomes_a_record_with_its_code() -> None:
+    record = to_record("bad.jpg", CorruptImageError("The file is damaged.")).to_dict()
+    assert record["status"] == "error" and record["error_code"] == "corrupt_image"
+    assert record["error_message"] == "The file is damaged." and record["grade"] is None
+    assert record["urgency"] == "retake" and record["action"] == "resend_file"
+
+
+def test_the_audit_view_holds_no_names_or_patient_tags() -> None:
+    audit = to_record("Jane Doe right.jpg", _graded()).without_identifiers()
+    assert "image" not in audit and "metadata" not in audit
+    assert "Jane" not in json.dumps(audit) and "ImageLaterality" not in json.dumps(audit)
+
+
+def test_writers_are_chosen_by_suffix() -> None:
+    assert {"csv", "json", "jsonl"} <= set(WRITERS)
+    assert format_for(Path("out/r.CSV")) == "csv"
+    assert format_for(Path("r.json")) == "json"
+    assert format_for(Path("r.ndjson")) == "jsonl"
+    with pytest.raises(ValueError, match="no output format"):
+        format_for(Path("r.xlsx"))
+
+
+def test_json_and_jsonl_are_valid_after_every_row(tmp_path: Path) -> None:
+    for suffix in (".json", ".jsonl"):
+        path = tmp_path / f"r{suffix}"
+        writer = open_writer(path)
+        writer.write(to_record("a.jpg", _graded()))
+        writer.write(to_record("b.jpg", CorruptImageError("damaged")))
+        if suffix == ".jsonl":  # every finished line is complete before close
+            assert [json.loads(line)["image"] for line in path.read_text().splitlines()] == ["a.jpg", "b.jpg"]
+        writer.close()
+        text = path.read_text()
+        rows = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+        assert [r["status"] for r in rows] == ["graded", "error"]
+
+
+def test_an_empty_json_report_is_an_empty_array(tmp_path: Path) -> None:
+    writer = open_writer(tmp_path / "r.json")
+    writer.close()
+    assert json.loads((tmp_path / "r.json").read_text()) == []
+
+
+def test_csv_rows_are_on_disk_before_the_writer_closes(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    writer = open_writer(path)
+    writer.write(to_record("a.jpg", _graded()))
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == ["a.jpg"] and rows[0]["grade"] == "4"
+    writer.close()
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("precious\n")
+    with pytest.raises(FileExistsError):
+        open_writer(path)
+    assert path.read_text() == "precious\n"
+    open_writer(path, overwrite=True).close()
+    assert path.read_text().startswith("image,status")
+
+
+@pytest.mark.parametrize("name", ["=1+2.jpg", "+cmd.jpg", "-2+3.jpg", "@SUM(A1).jpg", "\tx.jpg", "\rx.jpg"])
+def test_csv_neutralises_formula_leading_cells(name: str) -> None:
+    buffer = io.StringIO()
+    writer = open_writer(buffer, "csv")
+    writer.write(to_record(name, CorruptImageError('=HYPERLINK("http://x")')))
+    writer.close()
+    (row,) = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert row["image"] == "'" + name
+    assert row["error_message"].startswith("'=")
+
+
+def test_csv_numbers_are_not_quoted_or_prefixed() -> None:
+    buffer = io.StringIO()
+    writer = open_writer(buffer, "csv")
+    writer.write(to_record("a.jpg", _graded()))
+    (row,) = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert row["p4"] == "0.6" and row["quality"] == "0.95" and row["referable"] == "true"
+    assert list(row) == list(CSV_COLUMNS) and row["ImageLaterality"] == "L"
+
+
+def test_a_file_name_that_is_not_utf8_is_written_not_crashed_on(tmp_path: Path) -> None:
+    name = os.fsdecode(b"/photos/caf\xe9-\xff.jpg")  # Latin-1 bytes: surrogate escapes in a str
+    assert printable_name(name) == "/photos/caf\\xe9-\\xff.jpg"
+    for suffix in (".csv", ".json", ".jsonl"):
+        path = tmp_path / f"r{suffix}"
+        writer = open_writer(path)
+        writer.write(to_record(name, _graded()))
+        writer.close()
+        assert "caf\\\\xe9" in path.read_text() or "caf\\xe9" in path.read_text()
+        path.read_bytes().decode("utf-8")  # strict UTF-8 throughout
