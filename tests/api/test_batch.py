@@ -33,6 +33,10 @@ def test_one_bad_file_never_fails_the_others(client: TestClient, fundus_jpeg: by
     left_referable = items[0]["result"]["referable"]
     assert patients["p1"]["decision"] == ("refer" if left_referable else "cannot_decide")
     assert patients["p2"]["decision"] == "cannot_decide"
+    # The clinical rule lives in the domain; the page only words the urgency and action it is given.
+    assert patients["p1"]["urgency"] == (items[0]["result"]["urgency"] if left_referable else None)
+    assert items[0]["result"]["action"] in ("refer_urgently", "refer", "rescreen")
+    assert items[3]["result"]["urgency"] == "retake"
 
 
 @pytest.mark.shared_data

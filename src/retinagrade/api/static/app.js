@@ -16,9 +16,9 @@
     "Widespread bleeding or blocked vessels; a high risk of progressing to proliferative disease.",
     "Fragile new blood vessels are growing; a risk of bleeding inside the eye and of sight loss.",
   ];
-  const FALLBACK_GRADE_NAMES = ["no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR"];
 
-  // Referral states: each has an icon and words, never colour alone.
+  // Referral states: each has an icon and words, never colour alone. Which one applies is the service's
+  // decision (``urgency`` of a result and of a patient, retinagrade.referral); the page only puts it in words.
   const ACTIONS = {
     rescreen: { key: "rescreen", icon: "✓", label: "Not referable", text: "Rescreen in 12 months." },
     refer: { key: "refer", icon: "!", label: "Referable", text: "Refer to an ophthalmologist." },
@@ -33,10 +33,10 @@
     notGraded: { key: "not-graded", icon: "✕", label: "Not graded", text: "" },
   };
 
-  // Quality and refusal reason codes (retinagrade.preprocessing.quality, retinagrade.pipeline) in words.
+  // Quality and refusal reason codes (retinagrade.preprocessing.quality REASON_*) in words; a test checks
+  // that every code has its sentence.
   const REASONS = {
     not_fundus: "This does not look like a photograph of the retina.",
-    unfamiliar_image: "The picture is unlike the retinal photographs the model was trained on.",
     fundus_not_found: "No round field of view of a retina could be found in the picture.",
     image_too_small: "The picture has too few pixels to be graded.",
     grayscale: "The picture is black and white; a colour photograph is needed.",
@@ -207,19 +207,11 @@
     }
   }
 
-  function gradeNames() {
-    return (state.card && state.card.grade_names) || FALLBACK_GRADE_NAMES;
-  }
-
-  function referableMinGrade() {
-    return (state.card && state.card.referable && state.card.referable.min_grade) ?? 2;
-  }
-
   function operatingPoint(card) {
     const ref = card.referable || {};
-    const min = ref.min_grade ?? 2;
-    const names = card.grade_names || FALLBACK_GRADE_NAMES;
-    let text = `Referable means grade ${min} (${names[min]}) or worse`;
+    const min = ref.min_grade;
+    const names = card.grade_names || [];
+    let text = typeof min === "number" ? `Referable means grade ${min} (${names[min]}) or worse` : "Referable";
     const parts = [];
     if (typeof ref.threshold === "number") parts.push(`probability of referable disease at least ${ref.threshold.toFixed(2)}`);
     if (typeof ref.sensitivity_out_of_fold === "number") parts.push(`sensitivity ${percent(ref.sensitivity_out_of_fold)}`);
@@ -344,13 +336,12 @@
     }
   }
 
-  function actionFor(result) {
-    if (result.grade === 4) return ACTIONS.urgent;
-    if (result.referable || result.grade >= referableMinGrade()) return ACTIONS.refer;
-    return ACTIONS.rescreen;
-  }
+  // The service's urgency (retinagrade.referral.Urgency) of a graded result or of a patient, in words.
+  const URGENCY_ACTIONS = { routine: ACTIONS.rescreen, refer: ACTIONS.refer, urgent: ACTIONS.urgent };
 
-  const ACTION_RANK = { rescreen: 0, undecided: 1, refer: 2, urgent: 3 };
+  function actionFor(result) {
+    return URGENCY_ACTIONS[result.urgency] || ACTIONS.notGraded;
+  }
 
   function showResults(answer, items, reference) {
     const graded = [];
@@ -455,17 +446,17 @@
         el("p", { className: "todo" }, "Retake the photo of this eye (dilating the pupil may help), then grade it again."));
       return card;
     }
-    const names = gradeNames();
     const action = actionFor(result);
     card.classList.add(`result-${action.key}`);
-    const disagreement = result.referable && result.grade < referableMinGrade()
+    const minGrade = state.card && state.card.referable ? state.card.referable.min_grade : undefined;
+    const disagreement = result.referable && typeof minGrade === "number" && result.grade < minGrade
       ? "The most likely grade is below referable, but the probability of referable disease is above the "
         + "model's operating point."
       : "";
     body.append(
       el("p", { className: "grade" },
         el("span", { className: "grade-number" }, `Grade ${result.grade}`),
-        el("span", { className: "grade-name" }, result.grade_name || names[result.grade])),
+        el("span", { className: "grade-name" }, result.grade_name)),
       el("p", { className: "meaning" }, GRADE_MEANINGS[result.grade] || ""),
       decisionBadge(action, disagreement),
       el("p", { className: "confidence" },
@@ -484,12 +475,8 @@
     for (const e of gradedEntries) {
       if (!worst || e.result.grade > worst.result.grade) worst = e;
     }
-    let action = ACTIONS.undecided;
-    if (patient && patient.decision === "refer") {
-      action = gradedEntries.some((e) => actionFor(e.result) === ACTIONS.urgent) ? ACTIONS.urgent : ACTIONS.refer;
-    } else if (patient && patient.decision === "no_refer") {
-      action = ACTIONS.rescreen;
-    }
+    const decided = patient && patient.decision !== "cannot_decide";
+    const action = (decided && URGENCY_ACTIONS[patient.urgency]) || ACTIONS.undecided;
     const todos = [];
     for (const e of entries) {
       const name = items[e.index].file.name;
@@ -508,10 +495,9 @@
       el("h3", { id: "summary-title" }, who),
       decisionBadge(action, action === ACTIONS.undecided ? "" : "The worse eye decides."));
     if (worst) {
-      const names = gradeNames();
       node.append(el("p", { className: "worst" },
         `Worse eye: ${eyeName(worst.eye || "").toLowerCase()} — grade ${worst.result.grade}, `
-        + `${worst.result.grade_name || names[worst.result.grade]}.`));
+        + `${worst.result.grade_name}.`));
     }
     const eyeLines = ["right", "left"].map((eye) => {
       const mine = gradedEntries.filter((e) => e.eye === eye);
