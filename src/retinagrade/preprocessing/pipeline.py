@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -58,13 +58,12 @@ class PreparedImage:
     Attributes:
         geometry: where the field of view was found in the decoded image.
         crop: the square crop of the field of view (raw colours) with its disc mask.
-        model_image: S x S x 3 uint8 after local-contrast normalisation; :meth:`tensor` makes the batch.
+        model_image: S x S x 3 uint8 after local-contrast normalisation; :func:`batch_tensor` makes the batch.
     """
 
     geometry: FundusGeometry
     crop: FundusCrop
     model_image: np.ndarray
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def prepare(decoded: DecodedImage, config: PreprocessConfig) -> PreparedImage:
