@@ -207,7 +207,11 @@ def open_writer(target: Path | IO[Any], fmt: str | None = None, *, overwrite: bo
     entry = WRITERS[fmt]
     if not isinstance(target, Path):
         return entry.factory(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        # Something on the way is a file: not "the output exists", which --overwrite would answer.
+        raise NotADirectoryError(f"{target.parent} is not a folder") from None
     mode = ("w" if overwrite else "x") + ("b" if entry.binary else "")
     if entry.binary:
         return _Closing(entry.factory(target.open(mode)), None)
