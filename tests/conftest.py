@@ -139,3 +139,31 @@ def grading_pipeline():  # type: ignore[no-untyped-def]
 def model_path() -> Path:
     """Path of the model spec under test (see :func:`model_under_test`)."""
     return model_under_test()
+
+
+#: Tests that take more than a few seconds, by node-id prefix: the training smoke runs, the tests that load
+#: ImageNet weights, and the deployment checks (containers, Terraform against moto, workflows).
+SLOW_TESTS = (
+    "tests/model/test_train_smoke.py",
+    "tests/model/test_export_parity.py::test_onnx_matches_pytorch",
+    "tests/unit/training/test_model.py::test_imagenet_weights",
+    "tests/deploy/",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers that must not depend on each file remembering them.
+
+    ``shared_data`` goes on every test whose fixtures reach the ``shared_data`` fixture (directly or through
+    another fixture), ``train`` on every test of a module that imported PyTorch, ``slow`` on :data:`SLOW_TESTS`;
+    so ``pytest -m "not slow and not shared_data"`` is a fast loop that needs no data.
+    """
+    del config  # part of the hook's signature
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+        module = getattr(item, "module", None)
+        if module is not None and "torch" in vars(module):
+            item.add_marker(pytest.mark.train)
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

@@ -29,7 +29,7 @@ def evidence_map(cam: np.ndarray, size: int, mask: np.ndarray | None = None) -> 
     heat = np.clip(heat, 0.0, 1.0)
     if mask is not None:
         heat = heat * mask
-    return heat
+    return np.asarray(heat)
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, opacity: float = 0.45) -> np.ndarray:

@@ -16,7 +16,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / temperature
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
 def grade_from_score(score: np.ndarray | float, thresholds: tuple[float, ...] | np.ndarray) -> np.ndarray:

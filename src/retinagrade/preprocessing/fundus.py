@@ -247,7 +247,7 @@ def enhance_local_contrast(
     local_mean = cv2.resize(local_mean, (size, size), interpolation=cv2.INTER_LINEAR)
     out = weight * (img - local_mean) + 128.0
     out[~keep] = 128.0
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(out + 0.5, 0, 255), dtype=np.uint8)
 
 
 def to_tensor(
