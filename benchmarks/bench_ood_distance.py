@@ -21,7 +21,7 @@ import numpy as np
 from retinagrade.errors import RetinagradeError
 from retinagrade.pipeline import DEFAULT_MODEL, GradingPipeline
 from retinagrade.preprocessing.decode import decode_image, read_image_file
-from retinagrade.preprocessing.pipeline import batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import batch_tensor, prepare_fundus
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FUNDUS_SETS = ("raw-fundus-samples", "eyepacs-768", "mexico-512", "aptos2019-224")
@@ -46,7 +46,7 @@ def _distances(pipeline: GradingPipeline, paths: list[Path]) -> np.ndarray:
     for path in paths:
         try:
             decoded = decode_image(read_image_file(path), min_side=config.decode_min_side)
-            model_image = prepare(decoded, config).model_image
+            model_image = prepare_fundus(decoded, config).model_image
         except RetinagradeError:
             continue
         embedding = pipeline.grader.run(batch_tensor([model_image], config)).embedding[0]

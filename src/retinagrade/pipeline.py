@@ -28,7 +28,7 @@ from retinagrade.inference.grader import ModelOutputs, OnnxGrader
 from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.postprocess import GradeDecision, decide_grade
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image_file
-from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare_fundus
 from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality
 from retinagrade.referral import Recommendation, recommend
 
@@ -153,7 +153,7 @@ class GradingPipeline:
         decoded = decode_image(data, max_pixels=self.max_pixels, min_side=self.spec.preprocess.decode_min_side)
         timings["decode"] = _ms(start)
         start = time.perf_counter()
-        prepared = prepare(decoded, self.spec.preprocess)
+        prepared = prepare_fundus(decoded, self.spec.preprocess)
         quality = assess_quality(decoded, prepared, self.gate)
         timings["preprocess"] = _ms(start)
         return PreparedRequest(decoded, prepared, quality, digest, timings)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.fundus import disc_mask
-from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
 
 CONFIG = PreprocessConfig()
 
@@ -29,7 +29,7 @@ def _difference(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_prepare_gives_model_input_of_configured_size(synthetic_fundus):
     decoded = decode_image(_jpeg(synthetic_fundus(640, 480, 320, 240, 230)))
-    prepared = prepare(decoded, CONFIG)
+    prepared = prepare_fundus(decoded, CONFIG)
     size = CONFIG.input_size
     assert prepared.geometry.found
     assert prepared.model_image.shape == (size, size, 3)
@@ -47,8 +47,8 @@ def test_same_fundus_at_camera_and_training_resolution(synthetic_fundus):
     # with its aspect ratio lost, as in APTOS: the model must see the same picture.
     camera = synthetic_fundus(3000, 2000, 1500, 1000, 1100)
     resized = np.asarray(Image.fromarray(camera).resize((224, 224), Image.Resampling.BICUBIC))
-    big = prepare(decode_image(_jpeg(camera), min_side=CONFIG.decode_min_side), CONFIG).model_image
-    small = prepare(decode_image(_jpeg(resized)), CONFIG).model_image
+    big = prepare_fundus(decode_image(_jpeg(camera), min_side=CONFIG.decode_min_side), CONFIG).model_image
+    small = prepare_fundus(decode_image(_jpeg(resized)), CONFIG).model_image
     # Measured 5.7 (a flat grey image is 15 away).
     assert _difference(big, small) < 8.0
 
@@ -56,8 +56,8 @@ def test_same_fundus_at_camera_and_training_resolution(synthetic_fundus):
 def test_same_uncut_fundus_at_two_resolutions(synthetic_fundus):
     camera = synthetic_fundus(3000, 2000, 1500, 1000, 950)
     resized = np.asarray(Image.fromarray(camera).resize((336, 224), Image.Resampling.BOX))
-    a = prepare(decode_image(_jpeg(camera), min_side=CONFIG.decode_min_side), CONFIG).model_image
-    b = prepare(decode_image(_jpeg(resized)), CONFIG).model_image
+    a = prepare_fundus(decode_image(_jpeg(camera), min_side=CONFIG.decode_min_side), CONFIG).model_image
+    b = prepare_fundus(decode_image(_jpeg(resized)), CONFIG).model_image
     # Measured 6.3: the 224 px copy has lost the finest vessel contrast, which the gain of 4 shows.
     assert _difference(a, b) < 9.0
 
@@ -74,9 +74,9 @@ def test_real_camera_photo_full_size_and_downscaled(shared_data):
     full = decode_image(data)
     height, width = full.rgb.shape[:2]
     small_pil = Image.fromarray(full.rgb).resize((512, round(512 * height / width)), Image.Resampling.LANCZOS)
-    a = prepare(full, CONFIG)
-    b = prepare(decode_image(_jpeg(np.asarray(small_pil), quality=90)), CONFIG)
-    c = prepare(decode_image(data, min_side=CONFIG.decode_min_side), CONFIG)
+    a = prepare_fundus(full, CONFIG)
+    b = prepare_fundus(decode_image(_jpeg(np.asarray(small_pil), quality=90)), CONFIG)
+    c = prepare_fundus(decode_image(data, min_side=CONFIG.decode_min_side), CONFIG)
     scale = 512 / width
     for got, want in [
         (b.geometry.cx, a.geometry.cx * scale),
