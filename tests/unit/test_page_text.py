@@ -41,3 +41,18 @@ def test_the_page_keeps_no_clinical_rule_or_fallback_of_its_own() -> None:
     text = APP_JS.read_text()
     assert "FALLBACK_GRADE_NAMES" not in text and "?? 2" not in text
     assert "grade === 4" not in text
+
+
+def test_every_error_a_client_can_get_has_a_sentence_on_the_page() -> None:
+    from retinagrade import errors
+    from retinagrade.api import errors as api_errors  # noqa: F401  (its classes join the hierarchy)
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    # File-reading errors come only from the CLI and evaluation, which read paths; HTTP never does.
+    http = {c.code for c in subclasses(errors.RetinagradeError) if not issubclass(c, errors.FileReadError)}
+    # model_invalid is a deployment fault (the generic 500 sentence); not_explainable comes from /v1/explain,
+    # which the page never calls.
+    missing = http - _object_keys("ERRORS") - {"model_invalid", "not_explainable"}
+    assert not missing, f"app.js ERRORS lacks {sorted(missing)}"

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retinagrade.constants import NUM_GRADES
 from retinagrade.referral import Action, Eye, EyeStatus, ReferralDecision, Urgency
 
 ResultStatus = Literal["graded", "ungradable", "not_fundus"]
@@ -70,12 +71,12 @@ class GradeResponse(BaseModel):
         None, description="The caller's X-Request-ID, when it was a valid id (kept beside ours, never as the key)."
     )
     status: ResultStatus
-    grade: int | None = Field(None, ge=0, le=4)
+    grade: int | None = Field(None, ge=0, le=NUM_GRADES - 1)
     grade_name: str | None = None
     referable: bool | None = None
     urgency: Urgency = Field(description="routine, refer, urgent (grade 4), or retake when not graded.")
     action: Action = Field(description="The recommended next step (retinagrade.referral), a stable code.")
-    probabilities: list[float] | None = Field(None, min_length=5, max_length=5)
+    probabilities: list[float] | None = Field(None, min_length=NUM_GRADES, max_length=NUM_GRADES)
     p_referable: float | None = None
     confidence: float | None = None
     quality: Quality
