@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any, ClassVar, Final, Protocol
+from typing import IO, Any, Final, Protocol
 
 from retinagrade.constants import METADATA_KEYS, NUM_GRADES, Status
 from retinagrade.errors import RetinagradeError
@@ -300,8 +299,6 @@ class JsonWriter:
 class JsonLinesWriter:
     """One JSON object per line: every line written is complete, whatever stops the run."""
 
-    binary: ClassVar[bool] = False
-
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
 
@@ -337,13 +334,3 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "site",
     *METADATA_KEYS,
 )
-
-
-def records_to_csv_text(records: list[ResultRecord]) -> str:
-    """The CSV of some records as a string (for tests and small reports)."""
-    buffer = io.StringIO()
-    writer = open_writer(buffer, "csv")
-    for record in records:
-        writer.write(record)
-    writer.close()
-    return buffer.getvalue()
