@@ -10,7 +10,6 @@ from retinagrade.constants import NUM_GRADES
 from retinagrade.referral import Action, Eye, EyeStatus, ReferralDecision, Urgency
 
 ResultStatus = Literal["graded", "ungradable", "not_fundus"]
-__all__ = ["Action", "Eye", "EyeStatus", "ReferralDecision", "ResultStatus", "Urgency"]
 
 
 class ErrorBody(BaseModel):
