@@ -63,7 +63,7 @@
       + "from the fundus camera.",
     dicom_not_supported: "This is a DICOM file, which the service cannot read yet. Export the photo from the "
       + "camera or PACS as a JPEG or PNG and try again.",
-    multi_frame_image: "This file holds several pictures. Export each photo as a file of its own and try again.",
+    multi_frame_not_supported: "This file holds several pictures. Export each photo as a file of its own and try again.",
     image_too_large: "The photo is too large for the service. Export a smaller JPEG from the camera "
       + "and try again.",
     request_too_large: "Too many photos or too much data at once. Grade fewer photos at a time, or "
