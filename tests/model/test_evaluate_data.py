@@ -49,4 +49,5 @@ def test_evaluate_data_on_300_real_images(shared_data: Path, tmp_path: Path, mod
     assert sum(statuses.values()) == N_IMAGES and statuses.get("error", 0) == 0
     assert sum(report["extra"]["not_graded_by_true_grade"].values()) == N_IMAGES - statuses["graded"]
     assert report["metrics"]["n_images"] == statuses["graded"]
-    assert 0.0 < report["metrics"]["qwk"] <= 1.0
+    qwk = report["metrics"]["qwk"]
+    assert 0.0 < qwk["ci_low"] <= qwk["value"] <= qwk["ci_high"] <= 1.0

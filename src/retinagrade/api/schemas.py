@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from retinagrade.constants import NUM_GRADES
-from retinagrade.referral import Action, Eye, EyeStatus, ReferralDecision, Urgency
+from retinagrade.referral import Action, EyeStatus, ReferralDecision, Urgency
+from retinagrade.referral import Eye as Eye  # re-exported: uploads and routes name eyes from here
 
 ResultStatus = Literal["graded", "ungradable", "not_fundus"]
 
