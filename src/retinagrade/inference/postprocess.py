@@ -24,16 +24,16 @@ def grade_from_score(score: np.ndarray | float, thresholds: tuple[float, ...] | 
     return np.asarray(np.searchsorted(np.asarray(thresholds), score, side="right"))
 
 
-def consistent_grade(grade: int, referable: bool, probs: np.ndarray) -> int:
+def consistent_grade(grade: int, referable: bool, probs: np.ndarray, min_grade: int = REFERABLE_MIN_GRADE) -> int:
     """Make the grade agree with the referral decision, which is set at the validated operating point.
 
     A referable eye reported as grade 0-1 (or the reverse) would contradict itself; the referral decision
     wins and the grade becomes the most probable grade on its side of the line.
     """
-    if referable and grade < REFERABLE_MIN_GRADE:
-        return REFERABLE_MIN_GRADE + int(np.argmax(probs[REFERABLE_MIN_GRADE:]))
-    if not referable and grade >= REFERABLE_MIN_GRADE:
-        return int(np.argmax(probs[:REFERABLE_MIN_GRADE]))
+    if referable and grade < min_grade:
+        return min_grade + int(np.argmax(probs[min_grade:]))
+    if not referable and grade >= min_grade:
+        return int(np.argmax(probs[:min_grade]))
     return grade
 
 
@@ -44,7 +44,7 @@ class GradeDecision:
     Attributes:
         grade: ICDR grade 0-4.
         grade_name: its name.
-        referable: grade 2 or worse at the validated operating point.
+        referable: the spec's referable grade (2, moderate NPDR) or worse at the validated operating point.
         probabilities: calibrated P(grade = k), k = 0..4.
         p_referable: calibrated P(grade >= 2).
         confidence: calibrated probability that the reported referral decision is right.
@@ -64,7 +64,8 @@ class GradeDecision:
 def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> GradeDecision:
     """Apply the spec's calibration, decision rule and referable operating point to one image's outputs."""
     probs = softmax(logits, spec.temperature)
-    p_referable = float(probs[REFERABLE_MIN_GRADE:].sum())
+    min_grade = spec.referable_min_grade
+    p_referable = float(probs[min_grade:].sum())
     rule = spec.decision.rule
     if rule == "argmax":
         raw = int(np.argmax(probs))
@@ -72,7 +73,7 @@ def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> Grad
         score = float(probs @ np.arange(len(probs))) if rule == "expected_grade" else float(regression)
         raw = int(grade_from_score(score, spec.decision.thresholds))
     referable = p_referable >= spec.referable_threshold
-    grade = consistent_grade(raw, referable, probs)
+    grade = consistent_grade(raw, referable, probs, min_grade)
     confidence = p_referable if referable else 1.0 - p_referable
     return GradeDecision(
         grade=grade,
