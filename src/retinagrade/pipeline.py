@@ -9,7 +9,6 @@ service schedules them itself); everyone else grades many images through the one
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from retinagrade.constants import Status
+from retinagrade.cpus import available_cpus
 from retinagrade.errors import ModelError, RetinagradeError
 from retinagrade.explain.heatmap import evidence_map
 from retinagrade.inference.grader import ModelOutputs, OnnxGrader
@@ -108,14 +108,6 @@ Source = bytes | Path | RetinagradeError
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 2)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class GradingPipeline:
