@@ -74,6 +74,9 @@
     validation_error: "Part of the form is not valid.",
     unauthorized: "The grading service needs a valid API key. Enter it above.",
     overloaded: "The grading service is busy. Wait a few seconds and try again.",
+    audit_unavailable: "The grading service cannot record results right now, so it does not grade. Try again "
+      + "in a minute; if it keeps failing, tell your IT support.",
+    request_timeout: "The photos took too long to arrive. Check the network connection and try again.",
     not_ready: "The grading service is still starting. Wait a few seconds and try again.",
     not_found: "The grading service does not offer this function. It may be an older version.",
     internal_error: "The grading service failed. Try again; if it keeps failing, tell your IT support.",
