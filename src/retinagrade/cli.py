@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
 err = Console(stderr=True)
 
+
 def _print_version(value: bool) -> None:
     if value:
         from retinagrade import __version__
