@@ -51,13 +51,6 @@ class ModelError(RetinagradeError):
     http_status = 500
 
 
-class DicomNotSupportedError(UnsupportedFormatError):
-    """A DICOM file: recognised, but this installation has no DICOM decoder yet."""
-
-    code = "dicom_not_supported"
-    http_status = 415
-
-
 class MultiFrameImageError(InputError):
     """A file of several pictures (multi-page TIFF, animated PNG or WebP): which one is the photograph is not
     ours to guess. 422, not 415: the format is accepted, this content of it is not (code and status agreed
@@ -84,3 +77,41 @@ class NotAFileError(FileReadError):
     """A directory, FIFO, socket or device: reading it would fail or block, so it is refused unread."""
 
     code = "not_a_file"
+
+
+# -- DICOM input (``retinagrade.preprocessing.dicom``; the ``[dicom]`` extra) --------------------------------
+
+
+class DicomSupportMissingError(UnsupportedFormatError):
+    """A DICOM file arrived but this installation cannot read DICOM (pydicom or a codec plugin is missing)."""
+
+    code = "dicom_support_missing"
+    http_status = 415
+
+
+class DicomUnsupportedTransferSyntaxError(UnsupportedFormatError):
+    """The pixel data is encoded in a transfer syntax retinagrade does not decode (video, JPIP...)."""
+
+    code = "dicom_unsupported_transfer_syntax"
+    http_status = 415
+
+
+class DicomNoPixelDataError(InputError):
+    """A well-formed DICOM object without an image in it (a report, a presentation state...)."""
+
+    code = "dicom_no_pixel_data"
+    http_status = 422
+
+
+class DicomNotPhotographError(InputError):
+    """A DICOM image that is not a colour photograph (CT, MR, ultrasound...): never graded as a fundus."""
+
+    code = "dicom_not_photograph"
+    http_status = 422
+
+
+class DicomMultiFrameError(MultiFrameImageError):
+    """More than one frame in an instance; each photograph must be its own instance to get its own result.
+
+    The same code as any other file of several pictures (a multi-page TIFF): a client handles one case.
+    """

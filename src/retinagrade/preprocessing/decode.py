@@ -4,8 +4,8 @@ Large JPEGs are decoded at reduced scale in the DCT domain (Pillow ``draft``), w
 full decode; the model never needs more than a few hundred pixels across the fundus.
 
 The bytes are first sniffed by their magic number (:func:`sniff_format`). That decides two things Pillow
-alone cannot: a DICOM file is sent to its own decoder (not yet part of this installation, so it is refused
-with a message that says so), and a file that starts like a PNG or JPEG but that Pillow cannot open is
+alone cannot: a DICOM file is sent to its own decoder (:mod:`retinagrade.preprocessing.dicom`, the ``[dicom]``
+extra, imported only then; without it the file is refused with a message that says how to enable it), and a file that starts like a PNG or JPEG but that Pillow cannot open is
 damaged (400), not of an unknown kind (415).
 """
 
@@ -28,7 +28,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from retinagrade.constants import ACCEPTED_FORMAT_NAMES, PILLOW_FORMATS
 from retinagrade.errors import (
     CorruptImageError,
-    DicomNotSupportedError,
+    DicomSupportMissingError,
     EmptyImageError,
     FileMissingError,
     FileReadError,
@@ -91,6 +91,20 @@ class DecodedImage:
 def is_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: a 128-byte preamble, then ``DICM``."""
     return data[_DICOM_PREAMBLE : _DICOM_PREAMBLE + 4] == b"DICM"
+
+
+def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int | None) -> DecodedImage:
+    # pydicom and its codecs are the optional [dicom] extra: imported only when a DICOM file arrives.
+    try:
+        from retinagrade.preprocessing.dicom import decode_dicom
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "pydicom":
+            raise
+        raise DicomSupportMissingError(
+            "This is a DICOM file, and this installation cannot read DICOM: install retinagrade[dicom], or export "
+            f"the photograph from the camera or PACS as JPEG or PNG ({ACCEPTED_FORMAT_NAMES}) and send that."
+        ) from None
+    return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -200,7 +214,8 @@ def decode_image(
 
     Raises:
         EmptyImageError: no bytes.
-        DicomNotSupportedError: a DICOM file (no DICOM decoder in this installation).
+        DicomSupportMissingError: a DICOM file, and the ``[dicom]`` extra is not installed; the DICOM
+            decoder raises its own errors (:func:`retinagrade.preprocessing.dicom.decode_dicom`).
         UnsupportedFormatError: not an image, or a format retinagrade does not accept.
         MultiFrameImageError: a file of several pictures (multi-page TIFF, animated PNG or WebP).
         ImageTooLargeError: more pixels than ``max_pixels``.
@@ -210,10 +225,7 @@ def decode_image(
         raise EmptyImageError("The file is empty.")
     sniffed = sniff_format(data)
     if sniffed == "DICOM":
-        raise DicomNotSupportedError(
-            "This is a DICOM file; this installation does not read DICOM yet. Export the photograph from the "
-            f"camera or PACS as JPEG or PNG ({ACCEPTED_FORMAT_NAMES}) and send that."
-        )
+        return _decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
     img = _open(data, sniffed, max_pixels)
     fmt = _check_header(img, max_pixels)
     width, height = img.size

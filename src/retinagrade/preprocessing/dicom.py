@@ -1,0 +1,261 @@
+"""Decode a DICOM photograph into the :class:`~retinagrade.preprocessing.decode.DecodedImage` the pipeline grades.
+
+Fundus cameras store their photos as Ophthalmic Photography (OP) instances, mostly with the camera's own JPEG
+as the pixel data (encapsulated JPEG baseline). Such a frame is handed, byte for byte, to the same JPEG decoder
+that reads ``.jpeg`` files, with the same reduced-scale DCT decode, so a photo gets exactly the grade its JPEG
+gets. Every other encoding (JPEG lossless, JPEG-LS, JPEG 2000, RLE, native little endian) is decoded by pydicom
+and its pylibjpeg / openjpeg / CharLS plugins (the ``[dicom]`` extra) and brought to 8-bit RGB here: YBR is
+converted to RGB, planar configuration is undone by pydicom, and 12- or 16-bit samples are scaled from their
+stored bit depth (``BitsStored``) to 8 bits, so a dark photo stays dark for the quality gate.
+
+Multi-frame instances are refused (:class:`~retinagrade.errors.DicomMultiFrameError`): a multi-frame OP is a
+stereo pair or a sequence, every front door answers one result per input, and guessing which frame a result
+belongs to would put a grade on the wrong picture. Split such an instance into single-frame instances.
+
+Only photographs are accepted (OP 8/16-bit, VL Photographic, Secondary Capture); a CT or MR slice is refused
+before its pixels are decoded rather than graded as if it were a fundus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Final
+
+import numpy as np
+import pydicom
+from pydicom import uid
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
+
+from retinagrade.errors import (
+    CorruptImageError,
+    DicomMultiFrameError,
+    DicomNoPixelDataError,
+    DicomNotPhotographError,
+    DicomSupportMissingError,
+    DicomUnsupportedTransferSyntaxError,
+    EmptyImageError,
+    ImageTooLargeError,
+    InputError,
+)
+from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+
+OPHTHALMIC_PHOTOGRAPHY_8BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+OPHTHALMIC_PHOTOGRAPHY_16BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
+VL_PHOTOGRAPHIC: Final = "1.2.840.10008.5.1.4.1.1.77.1.4"
+SECONDARY_CAPTURE: Final = "1.2.840.10008.5.1.4.1.1.7"
+MULTIFRAME_TRUE_COLOR_SECONDARY_CAPTURE: Final = "1.2.840.10008.5.1.4.1.1.7.4"
+
+#: SOP classes whose images are photographs retinagrade may grade.
+PHOTOGRAPH_SOP_CLASSES: Final[Mapping[str, str]] = {
+    OPHTHALMIC_PHOTOGRAPHY_8BIT: "Ophthalmic Photography 8 Bit Image",
+    OPHTHALMIC_PHOTOGRAPHY_16BIT: "Ophthalmic Photography 16 Bit Image",
+    VL_PHOTOGRAPHIC: "VL Photographic Image",
+    SECONDARY_CAPTURE: "Secondary Capture Image",
+    MULTIFRAME_TRUE_COLOR_SECONDARY_CAPTURE: "Multi-frame True Color Secondary Capture Image",
+}
+
+#: Transfer syntaxes whose pixel data retinagrade decodes.
+SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
+    {
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRLittleEndian,
+        uid.DeflatedExplicitVRLittleEndian,
+        uid.JPEGBaseline8Bit,
+        uid.JPEGExtended12Bit,
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.JPEGLSLossless,
+        uid.JPEGLSNearLossless,
+        uid.JPEG2000Lossless,
+        uid.JPEG2000,
+        uid.RLELossless,
+    }
+)
+
+#: Encapsulated JPEG whose frame the ordinary JPEG decoder reads (8-bit DCT, what cameras write).
+_PILLOW_JPEG: Final = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit})
+_PILLOW_PHOTOMETRIC: Final = frozenset({"YBR_FULL_422", "YBR_FULL", "MONOCHROME2"})
+
+#: The identifiers that travel with a result (never into logs), under their DICOM keywords.
+METADATA_KEYWORDS: Final[tuple[str, ...]] = (
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+)
+
+
+def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a DICOM Part 10 file.
+
+    Raises:
+        EmptyImageError: no bytes.
+        CorruptImageError: not parseable as DICOM (truncated, damaged, no file meta).
+    """
+    if not data:
+        raise EmptyImageError("The file is empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+            # Element values are parsed lazily; touching every top-level one here turns a damaged file into
+            # one error now instead of a crash later.
+            for element in ds:
+                _ = element.value
+    except InvalidDicomError:
+        raise CorruptImageError("The file is not a readable DICOM file.") from None
+    except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, NotImplementedError):
+        raise CorruptImageError("The DICOM file is truncated or damaged and cannot be read.") from None
+    return ds
+
+
+def laterality(ds: Dataset) -> str | None:
+    """``"R"`` or ``"L"`` from Image Laterality, else the series' Laterality; ``None`` when neither says."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return None
+
+
+def dicom_metadata(ds: Dataset) -> dict[str, str]:
+    """The identifiers of the instance, keyed by DICOM keyword; absent or empty ones are left out."""
+    meta = {key: str(ds.get(key, "") or "").strip() for key in METADATA_KEYWORDS}
+    side = laterality(ds)
+    if side is not None:
+        meta["ImageLaterality"] = side
+    return {key: value for key, value in meta.items() if value}
+
+
+def _check_photograph(ds: Dataset) -> str:
+    """The transfer syntax UID, after refusing what is not a gradable single-frame photograph."""
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class not in PHOTOGRAPH_SOP_CLASSES:
+        name = uid.UID(sop_class).name if sop_class else "no SOP class"
+        modality = str(ds.get("Modality", "") or "unknown")
+        raise DicomNotPhotographError(
+            f"The DICOM object is a {name} (modality {modality}), not a photograph; retinagrade grades "
+            "Ophthalmic Photography, VL Photographic and Secondary Capture images."
+        )
+    if "PixelData" not in ds:
+        raise DicomNoPixelDataError("The DICOM object has no pixel data (no image to grade).")
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        name = uid.UID(syntax).name if syntax else "none given"
+        raise DicomUnsupportedTransferSyntaxError(
+            f"The pixel data's transfer syntax ({name}) is not supported; send JPEG, JPEG-LS, JPEG 2000, RLE "
+            "or uncompressed little-endian pixel data."
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomMultiFrameError(
+            f"The instance holds {frames} frames; send each photograph as its own single-frame instance."
+        )
+    return syntax
+
+
+def _to_uint8(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    if arr.dtype == np.uint8 and bits_stored == 8:
+        return arr
+    values = arr.astype(np.float32)
+    if signed:
+        values += float(2 ** (bits_stored - 1))
+    top = float(2**bits_stored - 1)
+    return np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _decode_with_pydicom(ds: Dataset, syntax: str) -> np.ndarray:
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise DicomUnsupportedTransferSyntaxError(
+            f"The pixel data's transfer syntax ({uid.UID(syntax).name}) is not supported."
+        ) from None
+    if not decoder.is_available:
+        raise DicomSupportMissingError(
+            f"Decoding {uid.UID(syntax).name} needs a codec plugin that is not installed: install retinagrade[dicom]."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr, info = decoder.as_array(ds, index=0, as_rgb=True)
+    except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError, TypeError, IndexError):
+        raise CorruptImageError("The DICOM pixel data is truncated or damaged and cannot be decoded.") from None
+    photometric = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+    bits_stored = int(info.get("bits_stored", ds.get("BitsStored", 8)) or 8)
+    signed = int(info.get("pixel_representation", 0) or 0) == 1
+    if photometric == "PALETTE COLOR":
+        # The lookup table maps each stored value to 8- or 16-bit RGB.
+        rgb = apply_color_lut(arr, ds)
+        bits = 16 if rgb.dtype != np.uint8 else 8
+        return _to_uint8(rgb, bits, signed=False)
+    if photometric.startswith("YBR") and arr.ndim == 3:
+        arr = convert_color_space(arr, photometric, "RGB")
+    arr = _to_uint8(arr, bits_stored, signed)
+    if arr.ndim == 2:
+        if photometric == "MONOCHROME1":
+            arr = 255 - arr
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise CorruptImageError("The DICOM image does not have 1 or 3 samples per pixel.")
+    return np.ascontiguousarray(arr)
+
+
+def _first_frame(ds: Dataset) -> bytes:
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, EOFError, KeyError, TypeError):
+        raise CorruptImageError("The DICOM pixel data is truncated or damaged and cannot be decoded.") from None
+
+
+def decode_dicom(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+) -> DecodedImage:
+    """Decode a single-frame DICOM photograph to 8-bit RGB with its identifiers as metadata.
+
+    Args:
+        data: a DICOM Part 10 file.
+        max_pixels: refuse images with more pixels (checked from Rows x Columns before decoding).
+        min_side: as for :func:`~retinagrade.preprocessing.decode.decode_image`: an encapsulated JPEG frame may
+            be decoded at reduced scale as long as its shorter side stays at least this long.
+
+    Raises:
+        CorruptImageError: truncated or damaged file or pixel data (400).
+        ImageTooLargeError: more than ``max_pixels`` pixels (413).
+        DicomUnsupportedTransferSyntaxError: pixel data in a syntax retinagrade does not decode (415).
+        DicomSupportMissingError: the codec plugin for the syntax is not installed (415).
+        DicomNotPhotographError: a CT, MR or other non-photograph object (422).
+        DicomNoPixelDataError: no pixel data (422).
+        DicomMultiFrameError: more than one frame (422).
+    """
+    ds = read_dataset(data)
+    syntax = _check_photograph(ds)
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise CorruptImageError("The DICOM image has no valid Rows / Columns.") from None
+    if rows <= 0 or columns <= 0:
+        raise CorruptImageError("The DICOM image has no pixels.")
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(f"The image is {columns}x{rows} pixels; the limit is {max_pixels:,} pixels.")
+    metadata = dicom_metadata(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if syntax in _PILLOW_JPEG and int(ds.get("BitsStored", 8) or 8) == 8 and photometric in _PILLOW_PHOTOMETRIC:
+        try:
+            decoded = decode_image(_first_frame(ds), max_pixels=max_pixels, min_side=min_side)
+        except InputError as exc:
+            raise CorruptImageError(f"The DICOM image's JPEG frame cannot be decoded: {exc.message}") from None
+        return dataclasses.replace(decoded, format="DICOM", metadata=metadata)
+    rgb = _decode_with_pydicom(ds, syntax)
+    return DecodedImage(rgb=rgb, original_size=(rgb.shape[1], rgb.shape[0]), format="DICOM", metadata=metadata)
