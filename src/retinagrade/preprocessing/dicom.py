@@ -27,6 +27,7 @@ from typing import Final
 import numpy as np
 import pydicom
 from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -44,6 +45,8 @@ from retinagrade.errors import (
     InputError,
 )
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+
+UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 
 OPHTHALMIC_PHOTOGRAPHY_8BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPHTHALMIC_PHOTOGRAPHY_16BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
@@ -102,10 +105,13 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     """
     if not data:
         raise EmptyImageError("The file is empty.")
+    stream = io.BytesIO(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
+            if _has_short_element(ds):
+                raise CorruptImageError("The DICOM file is truncated and cannot be read.")
             # Element values are parsed lazily; touching every top-level one here turns a damaged file into
             # one error now instead of a crash later.
             for element in ds:
@@ -114,7 +120,23 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
         raise CorruptImageError("The file is not a readable DICOM file.") from None
     except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, NotImplementedError):
         raise CorruptImageError("The DICOM file is truncated or damaged and cannot be read.") from None
+    # pydicom reads a truncated file without raising: it drops an encapsulated element cut short (and stops
+    # there) or warns that the end came before a delimiter. Either way half a picture must not be graded.
+    cut_short = not stop_before_pixels and stream.tell() < len(data)
+    if cut_short or any("End of file" in str(w.message) for w in caught):
+        raise CorruptImageError("The DICOM file is truncated and cannot be read.")
     return ds
+
+
+def _has_short_element(ds: Dataset) -> bool:
+    """Whether an element holds fewer bytes than its header declares (pydicom keeps a value cut by EOF)."""
+    for dataset in (ds.file_meta, ds):
+        for tag in dataset.keys():
+            raw = dataset.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None:
+                if len(raw.value) < raw.length:
+                    return True
+    return False
 
 
 def laterality(ds: Dataset) -> str | None:
