@@ -23,10 +23,10 @@ from pydicom.sequence import Sequence
 
 from retinagrade.preprocessing.dicom import OPHTHALMIC_PHOTOGRAPHY_8BIT, OPHTHALMIC_PHOTOGRAPHY_16BIT
 
-#: SNOMED CT codes of the eyes, as DICOM's CID 4209 (Ophthalmic Anatomic Structure) and CID 244 use them.
+#: SNOMED CT codes of the eyes (the HL7 Eyecare target-site value set: 362502000 right, 362503005 left).
 EYE_CODES: Final[dict[str, tuple[str, str]]] = {
-    "R": ("362503005", "Entire right eye"),
-    "L": ("362502000", "Entire left eye"),
+    "R": ("362502000", "Entire right eye"),
+    "L": ("362503005", "Entire left eye"),
 }
 ROOT_UID_PREFIX: Final = "1.2.826.0.1.3680043.8.498."  # pydicom's registered root, used by its generate_uid
 

@@ -1,0 +1,186 @@
+"""The result for one DICOM photograph as a DICOM Comprehensive SR that a PACS files beside it.
+
+The report is an Imaging Measurement Report (TID 1500, built with highdicom) whose one measurement group
+references the source image (study, series, SOP instance), names the eye as its finding site and the
+algorithm (TID 4019: DCM 111001 Algorithm Name, 111003 Algorithm Version), and codes the findings: the ICDR
+grade (LOINC), referable yes/no, gradable yes/no, P(referable) and the gate's quality score. A photograph
+that could not be graded gets a report too, coding why (the gate's reasons or the error code) and saying it
+in words, so the PACS shows that the photo was seen and a person must look at it.
+
+Patient and study attributes are copied from the source by highdicom, so the SR joins the photo's study. The
+SR's SOP Instance UID is derived from the source's, so storing it twice stores one object: this is what makes
+``retinagrade dicomweb`` restart-safe.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Final
+
+import highdicom as hd
+from pydicom import uid
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from retinagrade.interop.findings import (
+    EYE_SITE,
+    GRADABLE,
+    ICDR_ANSWERS,
+    NO,
+    NOT_GRADED_REASON,
+    P_REFERABLE,
+    PROCEDURE,
+    QUALITY_SCORE,
+    REFERABLE,
+    REPORT_TITLE,
+    SEVERITY,
+    YES,
+    AlgorithmInfo,
+    Concept,
+    EyeFinding,
+    reason_concept,
+)
+
+#: Series Description of every SR retinagrade writes: how it (and a person) recognises its own reports.
+SR_SERIES_DESCRIPTION: Final = "retinagrade DR grading"
+SR_SERIES_NUMBER: Final = 9701
+_UID_PREFIX: Final = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as used by pydicom.uid.generate_uid
+_UNITLESS: Final = hd.sr.CodedConcept("1", "UCUM", "no units")
+_ENTIRE_EYE: Final = hd.sr.CodedConcept("81745001", "SCT", "Eye")
+
+
+def _coded(concept: Concept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(concept.code, concept.scheme, concept.display)
+
+
+def sr_instance_uid(source_sop_instance_uid: str) -> str:
+    """The SOP Instance UID of the SR for a source image: the same source always gives the same UID."""
+    return uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-sr", source_sop_instance_uid])
+
+
+def sr_series_uid(study_instance_uid: str) -> str:
+    """One SR series per study, so all of retinagrade's reports on a study sit together."""
+    return uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-sr-series", study_instance_uid])
+
+
+def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
+    items = [hd.sr.QualitativeEvaluation(_coded(GRADABLE), _coded(YES if finding.gradable else NO))]
+    if finding.grade is not None:
+        items.append(
+            hd.sr.QualitativeEvaluation(_coded(SEVERITY[finding.laterality]), _coded(ICDR_ANSWERS[finding.grade]))
+        )
+    if finding.referable is not None:
+        items.append(hd.sr.QualitativeEvaluation(_coded(REFERABLE), _coded(YES if finding.referable else NO)))
+    items.extend(
+        hd.sr.QualitativeEvaluation(_coded(NOT_GRADED_REASON), _coded(reason_concept(reason)))
+        for reason in finding.reasons
+    )
+    return items
+
+
+def _measurements(finding: EyeFinding) -> list[hd.sr.Measurement]:
+    values = [(P_REFERABLE, finding.p_referable), (QUALITY_SCORE, finding.quality_score)]
+    return [
+        hd.sr.Measurement(name=_coded(concept), value=round(float(value), 6), unit=_UNITLESS)
+        for concept, value in values
+        if value is not None
+    ]
+
+
+def explanation(finding: EyeFinding) -> str:
+    """The finding in one sentence, for a person reading the report."""
+    if finding.status == "graded":
+        refer = "refer" if finding.referable else "do not refer"
+        return f"ICDR grade {finding.grade} ({finding.grade_name}); {refer} (P(referable) {finding.p_referable:.3f})."
+    why = ", ".join(r.replace("_", " ") for r in finding.reasons) or "no reason given"
+    if finding.status == "error":
+        return f"Not graded: the image could not be read ({why}). {finding.message}".strip()
+    return f"Not graded: the photograph is {finding.status.replace('_', ' ')} ({why}); a person must review it."
+
+
+def build_sr(
+    source: Dataset,
+    finding: EyeFinding,
+    algorithm: AlgorithmInfo,
+    *,
+    instance_number: int = 1,
+) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR for ``finding`` on the photograph ``source`` (its header is enough).
+
+    Args:
+        source: the source instance (pixel data not needed): patient, study and references are taken from it.
+        finding: the outcome for that photograph.
+        algorithm: the model that produced it.
+        instance_number: Instance Number of the SR in its series.
+    """
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-device", algorithm.model_sha256]),
+        name=algorithm.name,
+        manufacturer_name="retinagrade",
+        model_name=f"{algorithm.name} {algorithm.version}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+    parameters = [f"model_sha256={algorithm.model_sha256}"]
+    if algorithm.site_profile:
+        parameters.append(f"site_profile={algorithm.site_profile}")
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=parameters, manufacturer="retinagrade"
+    )
+    sites: Sequence[hd.sr.FindingSite] | None = None
+    if finding.laterality is not None:
+        sites = [hd.sr.FindingSite(anatomic_location=_coded(EYE_SITE[finding.laterality]))]
+    else:
+        sites = [hd.sr.FindingSite(anatomic_location=_ENTIRE_EYE)]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-group", str(source.SOPInstanceUID)]),
+            identifier=f"retinagrade {finding.status}",
+        ),
+        finding_type=_coded(SEVERITY[finding.laterality]),
+        algorithm_id=algorithm_id,
+        finding_sites=sites,
+        measurements=_measurements(finding) or None,
+        qualitative_evaluations=_qualitative(finding),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    # The finding in words (TID 1501 allows a TEXT evaluation): what a reader sees first in a PACS viewer.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Finding,
+            value=explanation(finding)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=_coded(PROCEDURE),
+        imaging_measurements=[group],
+        title=_coded(REPORT_TITLE),
+    )
+    return hd.sr.ComprehensiveSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=sr_series_uid(str(source.StudyInstanceUID)),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid(str(source.SOPInstanceUID)),
+        instance_number=instance_number,
+        manufacturer="retinagrade",
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        series_description=SR_SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def sr_bytes(sr: Dataset) -> bytes:
+    """The SR as a DICOM Part 10 file (``application/dicom``)."""
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

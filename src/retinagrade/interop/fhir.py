@@ -1,0 +1,267 @@
+"""Results as a FHIR R4 Bundle for a hospital's record system.
+
+Shape (codes in :mod:`retinagrade.interop.findings`, sources in docs/integration.md):
+
+- one ``Device`` for the algorithm (name, version, model sha256, site profile, intended use): the DICOM-SR-to-
+  FHIR mapping turns the SR's Algorithm Identification (TID 4019) into such a Device referenced by every
+  Observation's ``device``;
+- per photograph one ``Observation`` (status ``preliminary``: no person has verified it) coded with the
+  eye-specific LOINC severity code, the ICDR grade as a LOINC answer, ``bodySite`` the eye (SNOMED CT), and
+  components for referable yes/no, P(referable), gradable yes/no, the gate's quality score and the reasons a
+  photo was not graded (then the value is absent with a ``dataAbsentReason``);
+- per patient and study one ``DiagnosticReport`` listing its Observations, with a conclusion over both eyes
+  (refer if either eye is referable; cannot decide if an eye was not graded and none is referable);
+- a ``Patient`` (identifier only) and an ``ImagingStudy`` (study, series and SOP instance UIDs) when the input
+  was DICOM, so the report links to the images in the PACS.
+
+Every resource is checked with fhir.resources (R4B models, which R4 resources of this shape satisfy) before
+the Bundle is returned, so a malformed Bundle is a bug caught here and never sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from retinagrade.interop.findings import (
+    EYE_SITE,
+    GRADABLE,
+    ICDR_ANSWERS,
+    NO,
+    NOT_GRADED_REASON,
+    P_REFERABLE,
+    QUALITY_SCORE,
+    REFERABLE,
+    REPORT_TITLE,
+    SEVERITY,
+    YES,
+    AlgorithmInfo,
+    Concept,
+    EyeFinding,
+    reason_concept,
+)
+
+FHIR_MEDIA_TYPE: Final = "application/fhir+json"
+DICOM_UID_SYSTEM: Final = "urn:dicom:uid"
+PATIENT_ID_SYSTEM: Final = "urn:retinagrade:patient-id"
+IMAGE_SYSTEM: Final = "urn:retinagrade:image"
+MODEL_SHA256_SYSTEM: Final = "urn:retinagrade:model-sha256"
+DATA_ABSENT: Final = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation-category"
+UCUM: Final = "http://unitsofmeasure.org"
+
+
+@dataclass(frozen=True)
+class FhirItem:
+    """One photograph to report: its name (file or upload), its finding, and who and what it belongs to.
+
+    ``patient_id``, ``study_uid`` and ``laterality`` fall back to the finding's DICOM metadata.
+    """
+
+    name: str
+    finding: EyeFinding
+    patient_id: str | None = None
+
+
+def _codeable(concept: Concept) -> dict[str, Any]:
+    return {"coding": [{"system": concept.system, "code": concept.code, "display": concept.display}]}
+
+
+def _yes_no(value: bool) -> dict[str, Any]:
+    return _codeable(YES if value else NO)
+
+
+def _unitless(value: float) -> dict[str, Any]:
+    return {"value": round(float(value), 6), "unit": "1", "system": UCUM, "code": "1"}
+
+
+def _urn() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def _device(algorithm: AlgorithmInfo) -> dict[str, Any]:
+    device: dict[str, Any] = {
+        "resourceType": "Device",
+        "identifier": [{"system": MODEL_SHA256_SYSTEM, "value": algorithm.model_sha256}],
+        "status": "active",
+        "manufacturer": "retinagrade",
+        "deviceName": [{"name": algorithm.name, "type": "model-name"}],
+        "type": {"text": "Diabetic retinopathy grading software (decision support)"},
+        "version": [{"value": algorithm.version}],
+    }
+    if algorithm.site_profile:
+        device["property"] = [{"type": {"text": "site profile"}, "valueCode": [{"text": algorithm.site_profile}]}]
+    if algorithm.intended_use:
+        device["note"] = [{"text": f"Intended use: {algorithm.intended_use}"}]
+    return device
+
+
+def _components(finding: EyeFinding) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    if finding.referable is not None:
+        parts.append({"code": _codeable(REFERABLE), "valueCodeableConcept": _yes_no(finding.referable)})
+    if finding.p_referable is not None:
+        parts.append({"code": _codeable(P_REFERABLE), "valueQuantity": _unitless(finding.p_referable)})
+    parts.append({"code": _codeable(GRADABLE), "valueCodeableConcept": _yes_no(finding.gradable)})
+    if finding.quality_score is not None:
+        parts.append({"code": _codeable(QUALITY_SCORE), "valueQuantity": _unitless(finding.quality_score)})
+    parts.extend(
+        {"code": _codeable(NOT_GRADED_REASON), "valueCodeableConcept": _codeable(reason_concept(reason))}
+        for reason in finding.reasons
+    )
+    return parts
+
+
+def _observation(
+    item: FhirItem, device_ref: str, patient_ref: str | None, study_ref: str | None, now: str
+) -> dict[str, Any]:
+    finding = item.finding
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "category": [
+            {"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]},
+        ],
+        "code": _codeable(SEVERITY[finding.laterality]),
+        "effectiveDateTime": now,
+        "issued": now,
+        "device": {"reference": device_ref},
+        "component": _components(finding),
+        "note": [{"text": f"Image: {item.name}"}],
+    }
+    sop_uid = finding.metadata.get("SOPInstanceUID")
+    if sop_uid:
+        obs["identifier"] = [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sop_uid}"}]
+    if patient_ref is not None:
+        obs["subject"] = {"reference": patient_ref}
+    if study_ref is not None:
+        obs["derivedFrom"] = [{"reference": study_ref}]
+    if finding.laterality is not None:
+        obs["bodySite"] = _codeable(EYE_SITE[finding.laterality])
+    if finding.grade is not None:
+        obs["valueCodeableConcept"] = _codeable(ICDR_ANSWERS[finding.grade])
+        obs["interpretation"] = [{"text": "referable" if finding.referable else "not referable"}]
+    else:
+        absent = "error" if finding.status == "error" else "not-performed"
+        obs["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
+    return obs
+
+
+def _conclusion(findings: list[EyeFinding]) -> str:
+    if any(f.referable for f in findings):
+        return "Refer: referable diabetic retinopathy in at least one eye (automated, preliminary)."
+    eyes = {f.laterality for f in findings if f.status == "graded"}
+    if any(f.status != "graded" for f in findings) or not {"R", "L"} <= eyes:
+        return "Cannot decide: an eye was not graded or is missing; no graded eye is referable."
+    return "No referable diabetic retinopathy in either eye (automated, preliminary)."
+
+
+def _imaging_study(items: list[FhirItem], study_uid: str, patient_ref: str) -> dict[str, Any]:
+    series: dict[str, dict[str, Any]] = {}
+    for item in items:
+        meta = item.finding.metadata
+        series_uid, sop_uid = meta.get("SeriesInstanceUID"), meta.get("SOPInstanceUID")
+        if not series_uid or not sop_uid:
+            continue
+        entry = series.setdefault(
+            series_uid,
+            {
+                "uid": series_uid,
+                "modality": {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": meta.get("Modality", "OP") or "OP",
+                },
+                "instance": [],
+            },
+        )
+        entry["instance"].append(
+            {"uid": sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{meta['SOPClassUID']}"}}
+            if meta.get("SOPClassUID")
+            else {"uid": sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008"}}
+        )
+    study: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}],
+        "status": "available",
+        "subject": {"reference": patient_ref},
+    }
+    if series:
+        study["series"] = list(series.values())
+    return study
+
+
+def build_bundle(items: Iterable[FhirItem], algorithm: AlgorithmInfo) -> dict[str, Any]:
+    """A FHIR R4 ``collection`` Bundle for the items, validated resource by resource.
+
+    Raises:
+        ValueError: a resource failed validation (a defect in this module, never in the input).
+    """
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    entries: list[dict[str, Any]] = []
+
+    def add(resource: dict[str, Any]) -> str:
+        url = _urn()
+        entries.append({"fullUrl": url, "resource": resource})
+        return url
+
+    device_ref = add(_device(algorithm))
+    groups: dict[tuple[str, str] | int, list[FhirItem]] = {}
+    for index, item in enumerate(items):
+        meta = item.finding.metadata
+        patient = item.patient_id or meta.get("PatientID") or ""
+        study = meta.get("StudyInstanceUID", "")
+        # Untagged photos (plain image files) each get a report of their own: never mix two people.
+        key: tuple[str, str] | int = (patient, study) if patient or study else index
+        groups.setdefault(key, []).append(item)
+    patients: dict[str, str] = {}
+    for key, members in groups.items():
+        patient_id = key[0] if isinstance(key, tuple) else ""
+        study_uid = key[1] if isinstance(key, tuple) else ""
+        patient_ref = None
+        if patient_id:
+            if patient_id not in patients:
+                patients[patient_id] = add(
+                    {"resourceType": "Patient", "identifier": [{"system": PATIENT_ID_SYSTEM, "value": patient_id}]}
+                )
+            patient_ref = patients[patient_id]
+        study_ref = add(_imaging_study(members, study_uid, patient_ref)) if study_uid and patient_ref else None
+        observation_refs = [add(_observation(m, device_ref, patient_ref, study_ref, now)) for m in members]
+        report: dict[str, Any] = {
+            "resourceType": "DiagnosticReport",
+            "status": "preliminary",
+            "code": {**_codeable(REPORT_TITLE), "text": REPORT_TITLE.display},
+            "effectiveDateTime": now,
+            "issued": now,
+            "result": [{"reference": ref} for ref in observation_refs],
+            "conclusion": _conclusion([m.finding for m in members]),
+        }
+        if patient_ref is not None:
+            report["subject"] = {"reference": patient_ref}
+        if study_ref is not None:
+            report["imagingStudy"] = [{"reference": study_ref}]
+        add(report)
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": now,
+        "entry": entries,
+    }
+    validate(bundle)
+    return bundle
+
+
+def validate(bundle: Mapping[str, Any]) -> None:
+    """Check the Bundle and each resource in it against the FHIR models (fhir.resources, R4B).
+
+    Raises:
+        ValueError: the first resource that does not validate, with pydantic's description.
+    """
+    from fhir.resources.R4B import get_fhir_model_class
+
+    get_fhir_model_class("Bundle").model_validate(dict(bundle))
+    for entry in bundle.get("entry", []):
+        resource = entry["resource"]
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)

@@ -1,0 +1,170 @@
+"""One eye's result as the hospital formats (DICOM SR, FHIR) code it, and the codes both use.
+
+Where a published terminology defines a concept it is used (sources in docs/integration.md):
+
+- the ICDR severity as LOINC 71491-5 / 71490-7 ("Right/Left eye Diabetic retinopathy severity level") with
+  the answers of LOINC answer list LL2117-1 (LA18643-9 no apparent retinopathy ... LA18648-8 proliferative);
+- the eye as SNOMED CT 362502000 "Entire right eye" / 362503005 "Entire left eye" (HL7 Eyecare target-site
+  value set), yes/no as SNOMED CT 373066001 / 373067005 (DICOM CID 230);
+- the algorithm as DICOM TID 4019 (DCM 111001 Algorithm Name, 111003 Algorithm Version).
+
+Concepts no terminology defines (referable at this model's operating point, the gate's gradability and its
+reasons, P(referable)) carry retinagrade's own codes, in the private coding scheme ``99RETINAGRADE`` (DICOM)
+and the code system :data:`RETINAGRADE_SYSTEM` (FHIR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from retinagrade.constants import GRADE_NAMES
+from retinagrade.errors import RetinagradeError
+
+LOINC: Final = "http://loinc.org"
+SNOMED: Final = "http://snomed.info/sct"
+RETINAGRADE_SYSTEM: Final = "urn:retinagrade:codes"
+RETINAGRADE_SCHEME: Final = "99RETINAGRADE"
+
+Eye = Literal["R", "L"]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A coded concept: ``system`` is the FHIR URI, ``scheme`` the DICOM coding scheme designator."""
+
+    code: str
+    display: str
+    system: str
+    scheme: str
+
+
+def loinc(code: str, display: str) -> Concept:
+    return Concept(code, display, LOINC, "LN")
+
+
+def snomed(code: str, display: str) -> Concept:
+    return Concept(code, display, SNOMED, "SCT")
+
+
+def local(code: str, display: str) -> Concept:
+    return Concept(code, display, RETINAGRADE_SYSTEM, RETINAGRADE_SCHEME)
+
+
+#: LOINC answer list LL2117-1, indexed by ICDR grade 0-4.
+ICDR_ANSWERS: Final[tuple[Concept, ...]] = (
+    loinc("LA18643-9", "No apparent retinopathy"),
+    loinc("LA18644-7", "Mild non-proliferative retinopathy"),
+    loinc("LA18645-4", "Moderate non-proliferative retinopathy"),
+    loinc("LA18646-2", "Severe non-proliferative retinopathy"),
+    loinc("LA18648-8", "Proliferative retinopathy"),
+)
+assert len(ICDR_ANSWERS) == len(GRADE_NAMES)
+
+SEVERITY: Final[Mapping[Eye | None, Concept]] = {
+    "R": loinc("71491-5", "Right eye Diabetic retinopathy severity level"),
+    "L": loinc("71490-7", "Left eye Diabetic retinopathy severity level"),
+    # No LOINC code names the severity of an eye of unknown side.
+    None: local("dr-severity", "Diabetic retinopathy severity level (ICDR), eye not stated"),
+}
+EYE_SITE: Final[Mapping[Eye, Concept]] = {
+    "R": snomed("362502000", "Entire right eye"),
+    "L": snomed("362503005", "Entire left eye"),
+}
+YES: Final = snomed("373066001", "Yes")
+NO: Final = snomed("373067005", "No")
+
+REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (ICDR moderate NPDR or worse)")
+P_REFERABLE: Final = local("p-referable-dr", "Probability of referable diabetic retinopathy")
+GRADABLE: Final = local("gradable", "Photograph gradable")
+QUALITY_SCORE: Final = local("quality-score", "Photograph gradability score")
+NOT_GRADED_REASON: Final = local("not-graded-reason", "Reason the photograph was not graded")
+PROCEDURE: Final = local("dr-photo-grading", "Automated diabetic retinopathy grading of a fundus photograph")
+REPORT_TITLE: Final = local("dr-screening-report", "Diabetic retinopathy screening report (automated)")
+
+
+def reason_concept(code: str) -> Concept:
+    """A gate reason (``too_dark``...) or error code (``dicom_multiframe``...) as a local concept."""
+    return local(code, code.replace("_", " "))
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """The software that produced a finding (DICOM TID 4019, FHIR Device)."""
+
+    name: str
+    version: str
+    model_sha256: str
+    intended_use: str = ""
+    site_profile: str = ""
+
+
+@dataclass(frozen=True)
+class EyeFinding:
+    """One photograph's outcome, flattened for coding.
+
+    ``status`` is ``graded``, ``ungradable``, ``not_fundus`` or ``error``; grade fields are set only when
+    graded, ``reasons`` (gate reasons, or the error code) only when not.
+    """
+
+    status: str
+    laterality: Eye | None
+    grade: int | None = None
+    referable: bool | None = None
+    p_referable: float | None = None
+    probabilities: tuple[float, ...] = ()
+    quality_score: float | None = None
+    gradable: bool = False
+    reasons: tuple[str, ...] = ()
+    message: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def grade_name(self) -> str | None:
+        return GRADE_NAMES[self.grade] if self.grade is not None else None
+
+
+def eye_of(metadata: Mapping[str, str]) -> Eye | None:
+    side = metadata.get("ImageLaterality", "")
+    return side if side in ("R", "L") else None  # type: ignore[return-value]
+
+
+def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> EyeFinding:
+    """An :class:`EyeFinding` from a :class:`~retinagrade.pipeline.GradeResult` or a RetinagradeError.
+
+    Args:
+        outcome: what the pipeline gave for one image.
+        metadata: the image's DICOM identifiers (``DecodedImage.metadata``); taken from the result when it
+            carries them itself.
+    """
+    from retinagrade.pipeline import GradeResult
+
+    meta: Mapping[str, str] = metadata if metadata is not None else getattr(outcome, "metadata", None) or {}
+    side = eye_of(meta)
+    if isinstance(outcome, RetinagradeError):
+        return EyeFinding("error", side, reasons=(outcome.code,), message=outcome.message, metadata=meta)
+    if not isinstance(outcome, GradeResult):
+        raise TypeError(f"expected a GradeResult or RetinagradeError, got {type(outcome).__name__}")
+    quality = outcome.quality
+    decision = outcome.decision
+    if outcome.status != "graded" or decision is None:
+        return EyeFinding(
+            outcome.status,
+            side,
+            quality_score=quality.score,
+            gradable=False,
+            reasons=quality.reasons,
+            metadata=meta,
+        )
+    return EyeFinding(
+        "graded",
+        side,
+        grade=decision.grade,
+        referable=decision.referable,
+        p_referable=decision.p_referable,
+        probabilities=decision.probabilities,
+        quality_score=quality.score,
+        gradable=True,
+        metadata=meta,
+    )
