@@ -328,5 +328,62 @@ def serve(
     serve_api(host, port, workers)
 
 
+@app.command()
+def dicomweb(
+    url: Annotated[str, typer.Option(help="DICOMweb base URL, e.g. http://pacs:8042/dicom-web.")],
+    watch: Annotated[
+        float | None, typer.Option(help="Run a pass every SECONDS until stopped; default: one pass.")
+    ] = None,
+    auth: Annotated[
+        str | None, typer.Option(envvar="RETINAGRADE_DICOMWEB_AUTH", help="HTTP basic credentials USER:PASSWORD.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="RETINAGRADE_DICOMWEB_TOKEN", help="Bearer token.")] = None,
+    model: ModelOption = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
+    retries: Annotated[int, typer.Option(help="Retries per request on network errors and 5xx answers.")] = 4,
+    backoff: Annotated[float, typer.Option(help="First retry delay in seconds; doubles each retry.")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each HTTP answer.")] = 60.0,
+) -> None:
+    """Grade the PACS's Ophthalmic Photography instances that have no retinagrade SR yet and store one SR each.
+
+    Prints one JSON summary per pass. Exits 1 if an instance failed, 4 if the PACS could not be reached.
+    """
+    try:
+        from dicomweb_client.api import DICOMwebClient
+
+        from retinagrade.interop.dicomweb import PacsGrader, PacsUnavailableError, make_session
+        from retinagrade.interop.findings import AlgorithmInfo
+    except ImportError as exc:
+        err.print(f"[red]dicomweb needs the [dicom] extra (pip install 'retinagrade[dicom]'): {exc.name}[/red]")
+        raise typer.Exit(2) from None
+    from retinagrade.pipeline import GradingPipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The libraries log every request with its UIDs; retinagrade logs its own, shorter lines.
+    for noisy in ("dicomweb_client", "highdicom", "pydicom", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        pipeline = GradingPipeline.load(model, threads=threads)
+    except RetinagradeError as exc:
+        err.print(f"[red]Cannot load the model:[/red] {exc.message}")
+        raise typer.Exit(3) from None
+    spec = pipeline.spec
+    algorithm = AlgorithmInfo(spec.name, spec.version, spec.sha256, str(spec.raw.get("intended_use", "")))
+    client = DICOMwebClient(url, session=make_session(auth, token), timeout=timeout)
+    grader = PacsGrader(client, pipeline.grade, algorithm, retries=retries, backoff_s=backoff)
+    if watch is not None:
+        for summary in grader.watch(watch):
+            print(json.dumps(summary.as_dict()), flush=True)
+        return
+    try:
+        summary = grader.run_once()
+    except PacsUnavailableError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(4) from None
+    print(json.dumps(summary.as_dict()), flush=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -162,7 +162,7 @@ def build_sr(
         imaging_measurements=[group],
         title=_coded(REPORT_TITLE),
     )
-    return hd.sr.ComprehensiveSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=report[0],
         series_instance_uid=sr_series_uid(str(source.StudyInstanceUID)),
@@ -177,6 +177,9 @@ def build_sr(
         is_final=False,
         is_verified=False,
     )
+    # A Part 10 preamble even when a client serialises the SR itself (dicomweb-client's STOW does).
+    sr.preamble = b"\0" * 128
+    return sr
 
 
 def sr_bytes(sr: Dataset) -> bytes:

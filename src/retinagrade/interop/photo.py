@@ -48,6 +48,8 @@ class PhotoIdentity:
 def _base_dataset(identity: PhotoIdentity, sop_class: str, syntax: str) -> Dataset:
     now = datetime.now(UTC)
     ds = Dataset()
+    # A Part 10 preamble even when a client serialises the dataset itself (dicomweb-client's STOW does).
+    ds.preamble = b"\0" * 128
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.TransferSyntaxUID = syntax
