@@ -371,14 +371,20 @@ def dicomweb(
     algorithm = AlgorithmInfo(spec.name, spec.version, spec.sha256, str(spec.raw.get("intended_use", "")))
     client = DICOMwebClient(url, session=make_session(auth, token), timeout=timeout)
     grader = PacsGrader(client, pipeline.grade, algorithm, retries=retries, backoff_s=backoff)
-    if watch is not None:
-        for summary in grader.watch(watch):
-            print(json.dumps(summary.as_dict()), flush=True)
-        return
+    import requests
+
     try:
+        if watch is not None:
+            for summary in grader.watch(watch):
+                print(json.dumps(summary.as_dict()), flush=True)
+            return
         summary = grader.run_once()
     except PacsUnavailableError as exc:
         err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(4) from None
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "no answer"
+        err.print(f"[red]The PACS refused the request (HTTP {status}); check --url and --auth.[/red]")
         raise typer.Exit(4) from None
     print(json.dumps(summary.as_dict()), flush=True)
     if summary.failed:

@@ -15,6 +15,7 @@ failing is left for the next pass. Logs name instances by a short hash of their 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -134,6 +135,8 @@ class PacsGrader:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.client = client
+        # Retries are done here, logged and bounded by ``retries``; the client's own would double them.
+        client.set_http_retry_params(retry=False)
         self.grade = grade
         self.algorithm = algorithm
         self.retries = retries
@@ -158,7 +161,7 @@ class PacsGrader:
     def _pages(self, what: str, search: Callable[[int], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         offset = 0
         while True:
-            page = self._call(what, lambda: search(offset))
+            page = self._call(what, functools.partial(search, offset))
             yield from page
             if len(page) < PAGE_SIZE:
                 return
@@ -173,20 +176,24 @@ class PacsGrader:
             ),
         )
         for series in series_list:
-            study_uid, series_uid = _value(series, _UID_TAGS["StudyInstanceUID"]), _value(
-                series, _UID_TAGS["SeriesInstanceUID"]
+            study_uid, series_uid = (
+                _value(series, _UID_TAGS["StudyInstanceUID"]),
+                _value(series, _UID_TAGS["SeriesInstanceUID"]),
             )
             instances = self._pages(
                 "QIDO instances",
-                lambda offset, st=study_uid, se=series_uid: self.client.search_for_instances(
-                    study_instance_uid=st, series_instance_uid=se, limit=PAGE_SIZE, offset=offset
-                ),
+                functools.partial(self._series_instances, study_uid, series_uid),
             )
             for item in instances:
                 sop_class = _value(item, _SOP_CLASS_TAG)
                 if sop_class and sop_class not in PHOTOGRAPH_SOP_CLASSES:
                     continue
                 yield InstanceRef(study_uid, series_uid, _value(item, _UID_TAGS["SOPInstanceUID"]), sop_class)
+
+    def _series_instances(self, study_uid: str, series_uid: str, offset: int) -> list[dict[str, Any]]:
+        return self.client.search_for_instances(
+            study_instance_uid=study_uid, series_instance_uid=series_uid, limit=PAGE_SIZE, offset=offset
+        )
 
     def existing_reports(self, study_uid: str) -> set[str]:
         """SOP Instance UIDs of the SRs retinagrade already stored in a study."""

@@ -79,9 +79,9 @@ REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (ICDR m
 P_REFERABLE: Final = local("p-referable-dr", "Probability of referable diabetic retinopathy")
 GRADABLE: Final = local("gradable", "Photograph gradable")
 QUALITY_SCORE: Final = local("quality-score", "Photograph gradability score")
-NOT_GRADED_REASON: Final = local("not-graded-reason", "Reason the photograph was not graded")
+NOT_GRADED_REASON: Final = local("ungraded-reason", "Reason the photograph was not graded")
 PROCEDURE: Final = local("dr-photo-grading", "Automated diabetic retinopathy grading of a fundus photograph")
-REPORT_TITLE: Final = local("dr-screening-report", "Diabetic retinopathy screening report (automated)")
+REPORT_TITLE: Final = local("dr-report", "Diabetic retinopathy screening report (automated)")
 
 
 def reason_concept(code: str) -> Concept:

@@ -51,8 +51,8 @@ def _base_dataset(identity: PhotoIdentity, sop_class: str, syntax: str) -> Datas
     # A Part 10 preamble even when a client serialises the dataset itself (dicomweb-client's STOW does).
     ds.preamble = b"\0" * 128
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = uid.UID(sop_class)
+    ds.file_meta.TransferSyntaxUID = uid.UID(syntax)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = identity.sop_instance_uid or uid.generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -161,7 +161,7 @@ def pixels_to_dicom(
     ds["PixelData"].VR = "OW" if bits == 16 else "OB"
     if transfer_syntax != uid.ExplicitVRLittleEndian:
         if transfer_syntax == uid.ImplicitVRLittleEndian:
-            ds.file_meta.TransferSyntaxUID = transfer_syntax
+            ds.file_meta.TransferSyntaxUID = uid.UID(transfer_syntax)
         else:
             ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
     ds.LossyImageCompression = "00"

@@ -22,7 +22,7 @@ import dataclasses
 import io
 import warnings
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import pydicom
@@ -131,11 +131,15 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
 def _has_short_element(ds: Dataset) -> bool:
     """Whether an element holds fewer bytes than its header declares (pydicom keeps a value cut by EOF)."""
     for dataset in (ds.file_meta, ds):
-        for tag in dataset.keys():
+        for tag in list(dataset.keys()):
             raw = dataset.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value is not None:
-                if len(raw.value) < raw.length:
-                    return True
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.length != UNDEFINED_LENGTH
+                and raw.value is not None
+                and len(raw.value) < raw.length
+            ):
+                return True
     return False
 
 
@@ -208,7 +212,8 @@ def _decode_with_pydicom(ds: Dataset, syntax: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr, info = decoder.as_array(ds, index=0, as_rgb=True)
+            options: dict[str, Any] = {"as_rgb": True}  # YBR -> RGB inside the decoder
+            arr, info = decoder.as_array(ds, index=0, **options)
     except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError, TypeError, IndexError):
         raise CorruptImageError("The DICOM pixel data is truncated or damaged and cannot be decoded.") from None
     photometric = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
