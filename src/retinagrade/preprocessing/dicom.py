@@ -31,7 +31,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, convert_color_space
 
 from retinagrade.errors import (
     CorruptImageError,
@@ -195,7 +196,8 @@ def _to_uint8(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
     if signed:
         values += float(2 ** (bits_stored - 1))
     top = float(2**bits_stored - 1)
-    return np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    scaled: np.ndarray = np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    return scaled
 
 
 def _decode_with_pydicom(ds: Dataset, syntax: str) -> np.ndarray:
