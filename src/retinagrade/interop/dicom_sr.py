@@ -64,6 +64,29 @@ def sr_series_uid(study_instance_uid: str) -> str:
     return uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-sr-series", study_instance_uid])
 
 
+def placeholder_source(study_uid: str, series_uid: str, sop_uid: str, sop_class_uid: str) -> Dataset:
+    """A source header for a photograph whose own could not be read: its UIDs, other attributes empty.
+
+    The SR then still sits in the photo's study and references it; the PACS knows the patient by the study.
+    """
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+    ds.SOPClassUID = sop_class_uid
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        setattr(ds, keyword, "")
+    return ds
+
+
 def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
     items = [hd.sr.QualitativeEvaluation(_coded(GRADABLE), _coded(YES if finding.gradable else NO))]
     if finding.grade is not None:
@@ -146,7 +169,7 @@ def build_sr(
         finding_sites=sites,
         measurements=_measurements(finding) or None,
         qualitative_evaluations=_qualitative(finding),
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))],
     )
     # The finding in words (TID 1501 allows a TEXT evaluation): what a reader sees first in a PACS viewer.
     group[0].ContentSequence.append(

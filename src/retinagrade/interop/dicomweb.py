@@ -30,9 +30,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from retinagrade.errors import CorruptImageError, InputError, RetinagradeError
-from retinagrade.interop.dicom_sr import build_sr, sr_series_uid
+from retinagrade.interop.dicom_sr import build_sr, placeholder_source, sr_series_uid
 from retinagrade.interop.findings import AlgorithmInfo, EyeFinding, finding_from
-from retinagrade.preprocessing.dicom import PHOTOGRAPH_SOP_CLASSES, dicom_metadata, read_dataset
+from retinagrade.preprocessing.dicom import (
+    OPHTHALMIC_PHOTOGRAPHY_8BIT,
+    PHOTOGRAPH_SOP_CLASSES,
+    dicom_metadata,
+    read_dataset,
+)
 
 logger = logging.getLogger("retinagrade.dicomweb")
 
@@ -227,11 +232,7 @@ class PacsGrader:
         except InputError:
             pass
         # Unreadable: the SR still needs the photo's identity to sit beside it.
-        ds = Dataset()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = ref.study, ref.series, ref.sop
-        ds.SOPClassUID = ref.sop_class or "1.2.840.10008.5.1.4.1.1.77.1.5.1"
-        ds.PatientID = ds.PatientName = ""
-        return ds
+        return placeholder_source(ref.study, ref.series, ref.sop, ref.sop_class or OPHTHALMIC_PHOTOGRAPHY_8BIT)
 
     def process(self, ref: InstanceRef, instance_number: int = 1) -> EyeFinding:
         """Fetch, grade and store the SR for one instance; returns the finding that was stored."""
