@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from retinagrade.constants import GRADE_NAMES
 from retinagrade.errors import RetinagradeError
@@ -166,5 +166,42 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
         probabilities=decision.probabilities,
         quality_score=quality.score,
         gradable=True,
+        metadata=meta,
+    )
+
+
+class RecordLike(Protocol):
+    """The fields of :class:`retinagrade.report.ResultRecord` a finding is made of."""
+
+    status: str
+    grade: int | None
+    referable: bool | None
+    p_referable: float | None
+    probabilities: tuple[float, ...]
+    quality: float | None
+    gradable: bool | None
+    reasons: tuple[str, ...]
+    error_code: str
+    error_message: str
+    metadata: Mapping[str, str]
+
+
+def finding_from_record(record: RecordLike) -> EyeFinding:
+    """An :class:`EyeFinding` from a result record (the rows every report writer receives)."""
+    meta = dict(record.metadata)
+    if record.status == "error":
+        return EyeFinding(
+            "error", eye_of(meta), reasons=(record.error_code,), message=record.error_message, metadata=meta
+        )
+    return EyeFinding(
+        record.status,
+        eye_of(meta),
+        grade=record.grade,
+        referable=record.referable,
+        p_referable=record.p_referable,
+        probabilities=tuple(record.probabilities),
+        quality_score=record.quality,
+        gradable=bool(record.gradable) and record.status == "graded",
+        reasons=tuple(record.reasons),
         metadata=meta,
     )
