@@ -49,9 +49,11 @@ ACCEPTED_FORMATS: Final[tuple[ImageFormat, ...]] = (
     ImageFormat("TIFF", (".tif", ".tiff"), ("image/tiff",)),
     ImageFormat("BMP", (".bmp",), ("image/bmp",)),
     ImageFormat("WEBP", (".webp",), ("image/webp",)),
+    # Not a Pillow format: recognised by its preamble and read by preprocessing/dicom.py (the [dicom] extra).
+    ImageFormat("DICOM", (".dcm",), ("application/dicom",)),
 )
 #: Pillow format names the decoder accepts.
-PILLOW_FORMATS: Final[frozenset[str]] = frozenset(f.pillow for f in ACCEPTED_FORMATS)
+PILLOW_FORMATS: Final[frozenset[str]] = frozenset(f.pillow for f in ACCEPTED_FORMATS if f.pillow != "DICOM")
 #: File suffixes the CLI picks up when it walks a folder.
 IMAGE_SUFFIXES: Final[frozenset[str]] = frozenset(s for f in ACCEPTED_FORMATS for s in f.suffixes)
 #: Media types of a raw image body, in table order.

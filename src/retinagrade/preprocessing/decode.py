@@ -102,7 +102,7 @@ def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int | None) -> Deco
             raise
         raise DicomSupportMissingError(
             "This is a DICOM file, and this installation cannot read DICOM: install retinagrade[dicom], or export "
-            f"the photograph from the camera or PACS as JPEG or PNG ({ACCEPTED_FORMAT_NAMES}) and send that."
+            "the photograph from the camera or PACS as JPEG or PNG and send that."
         ) from None
     return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
 

@@ -165,8 +165,10 @@ def dicom_metadata(ds: Dataset) -> dict[str, str]:
 def _check_photograph(ds: Dataset) -> str:
     """The transfer syntax UID, after refusing what is not a gradable single-frame photograph."""
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if not sop_class:
+        raise CorruptImageError("The DICOM file names no SOP class: it is damaged or not a DICOM object.")
     if sop_class not in PHOTOGRAPH_SOP_CLASSES:
-        name = uid.UID(sop_class).name if sop_class else "no SOP class"
+        name = uid.UID(sop_class).name
         modality = str(ds.get("Modality", "") or "unknown")
         raise DicomNotPhotographError(
             f"The DICOM object is a {name} (modality {modality}), not a photograph; retinagrade grades "

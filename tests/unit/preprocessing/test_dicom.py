@@ -230,7 +230,7 @@ def test_multiframe_is_refused_with_its_own_code(synthetic_fundus) -> None:
     ds = pixels_to_dicom(rgb, _identity())
     ds.NumberOfFrames = 2
     ds.PixelData = np.stack([rgb, rgb]).tobytes()
-    assert _code(to_bytes(ds)) == ("dicom_multiframe", 422)
+    assert _code(to_bytes(ds)) == ("multi_frame_image", 415)
 
 
 def test_pixel_limit_is_checked_before_decoding(synthetic_fundus) -> None:
