@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, TextIO
 
@@ -31,7 +31,7 @@ from retinagrade.errors import RetinagradeError
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
     from retinagrade.pipeline import GradingPipeline
-    from retinagrade.report import ResultRecord, ResultWriter
+    from retinagrade.report import ResultRecord, ResultWriter, RunContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
 err = Console(stderr=True)
@@ -67,17 +67,30 @@ ModelOption = Annotated[
 ]
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A regular file starting with the DICOM preamble (PACS exports often have no suffix at all)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # never open a FIFO or device just to look at it
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
 def _walk(folder: Path) -> Iterator[Path]:
     """Every entry under ``folder`` whose name has an image suffix, whatever it is, in a stable order.
 
     Not only regular files: a broken link, a link loop, a FIFO or a folder named ``x.jpg`` is yielded too, so
     that it gets an error row instead of vanishing from the report. Links to folders are not followed (a loop
-    of links can then never trap the walk).
+    of links can then never trap the walk). Files without a suffix are taken when they are DICOM.
     """
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs.sort()
         found.extend(Path(root, name) for name in (*files, *dirs) if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+        found.extend(Path(root, name) for name in files if not Path(name).suffix and _is_dicom_file(Path(root, name)))
     yield from sorted(found)
 
 
@@ -105,7 +118,15 @@ def grade(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write results as they finish to .csv, .json or .jsonl."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write results as they finish to .csv, .json or .jsonl, or a FHIR Bundle to .fhir.json.",
+        ),
+    ] = None,
+    output_sr: Annotated[
+        Path | None,
+        typer.Option(help="Also write a DICOM SR for each DICOM input into this folder (<SR UID>.dcm)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
     model: ModelOption = None,
@@ -118,11 +139,13 @@ def grade(
     if not files:
         err.print("[red]No image files found.[/red]")
         raise typer.Exit(EXIT_USAGE)
-    writer = _open_output(output, overwrite)
+    context = _run_context(model)
+    write_sr = _sr_writer(output_sr, context)
+    writer = _open_output(output, overwrite, context)
     pipeline = _load_pipeline(model, threads, writer, output)
     records: list[ResultRecord] = []
     try:
-        code = _grade_into(pipeline, files, writer, records, workers=workers, quiet=quiet)
+        code = _grade_into(pipeline, files, writer, records, workers=workers, quiet=quiet, also=write_sr)
     finally:
         if writer is not None:
             writer.close()
@@ -136,14 +159,54 @@ def grade(
         raise typer.Exit(code)
 
 
-def _open_output(output: Path | None, overwrite: bool) -> ResultWriter | None:
+def _run_context(model: Path | None) -> RunContext:
+    """The model's identity for reports that state it (FHIR, SR); empty when its spec cannot be read (loading
+    the model says why)."""
+    from retinagrade.inference.model_spec import ModelSpec
+    from retinagrade.pipeline import DEFAULT_MODEL
+    from retinagrade.report import RunContext
+
+    try:
+        spec = ModelSpec.load(model or DEFAULT_MODEL, verify_checksum=False)
+    except (RetinagradeError, OSError, ValueError):
+        return RunContext()
+    return RunContext(spec.name, spec.version, spec.sha256, str(spec.raw.get("intended_use", "")))
+
+
+def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, ResultRecord], None] | None:
+    """A function writing the SR of a DICOM input into ``folder`` (``--output-sr``); None without a folder."""
+    if folder is None:
+        return None
+    try:
+        from retinagrade.interop.dicom_sr import report_for_file, sr_bytes
+        from retinagrade.interop.findings import AlgorithmInfo
+    except ImportError:
+        err.print("[red]--output-sr needs the [dicom] extra: pip install 'retinagrade[dicom]'[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.print(f"[red]Cannot create {escape(str(folder))}:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    algorithm = AlgorithmInfo(context.model_name, context.model_version, context.model_sha256, context.intended_use)
+
+    def write(path: Path, record: ResultRecord) -> None:
+        sr = report_for_file(path, record, algorithm)
+        if sr is not None:
+            # Named by the SR's UID, which is derived from the photo's: a re-run rewrites the same report.
+            (folder / f"{sr.SOPInstanceUID}.dcm").write_bytes(sr_bytes(sr))
+
+    return write
+
+
+def _open_output(output: Path | None, overwrite: bool, context: RunContext) -> ResultWriter | None:
     """The output's writer, created now: a path that cannot be written stops the command before any work."""
     from retinagrade.report import open_writer, printable_name
 
     if output is None:
         return None
     try:
-        return open_writer(output, overwrite=overwrite)
+        return open_writer(output, overwrite=overwrite, context=context)
     except FileExistsError:
         err.print(f"[red]{escape(printable_name(output))} exists; pass --overwrite to replace it.[/red]")
     except (OSError, ValueError) as exc:
@@ -174,8 +237,12 @@ def _grade_into(
     *,
     workers: int,
     quiet: bool,
+    also: Callable[[Path, ResultRecord], None] | None = None,
 ) -> int:
-    """Grade ``files``, writing and collecting each record as it finishes; returns the exit code so far."""
+    """Grade ``files``, writing and collecting each record as it finishes; returns the exit code so far.
+
+    ``also`` is called with each file and its record as it finishes (``--output-sr``).
+    """
     from retinagrade.report import to_record
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -186,6 +253,8 @@ def _grade_into(
                 record = to_record(path, outcome)
                 if writer is not None:
                     writer.write(record)
+                if also is not None:
+                    also(path, record)
                 records.append(record)
                 progress.advance(task)
     except KeyboardInterrupt:

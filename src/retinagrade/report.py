@@ -149,27 +149,42 @@ class ResultWriter(Protocol):
     def close(self) -> None: ...
 
 
-WriterFactory = Callable[[IO[Any]], ResultWriter]
+WriterFactory = Callable[..., ResultWriter]
+"""``factory(stream)``, or ``factory(stream, context)`` for a format registered with ``context=True``."""
 
 
 @dataclass(frozen=True)
 class WriterEntry:
-    """A registered output format."""
+    """A registered output format; ``context``: the writer also needs :class:`RunContext`."""
 
     name: str
     suffixes: tuple[str, ...]
     factory: WriterFactory
     binary: bool = False
+    context: bool = False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a report about a whole run may state besides the records: the model that made them."""
+
+    model_name: str = ""
+    model_version: str = ""
+    model_sha256: str = ""
+    intended_use: str = ""
+    site: str = ""
 
 
 WRITERS: dict[str, WriterEntry] = {}
 
 
-def register_writer(name: str, suffixes: tuple[str, ...], *, binary: bool = False) -> Callable[[type[Any]], type[Any]]:
+def register_writer(
+    name: str, suffixes: tuple[str, ...], *, binary: bool = False, context: bool = False
+) -> Callable[[type[Any]], type[Any]]:
     """Class decorator: make a writer class the one for format ``name`` and these file suffixes."""
 
     def register(cls: type[Any]) -> type[Any]:
-        WRITERS[name] = WriterEntry(name, suffixes, cls, binary)
+        WRITERS[name] = WriterEntry(name, suffixes, cls, binary, context)
         return cls
 
     return register
@@ -185,13 +200,20 @@ def format_for(path: Path) -> str:
     return max(matches)[1]
 
 
-def open_writer(target: Path | IO[Any], fmt: str | None = None, *, overwrite: bool = False) -> ResultWriter:
+def open_writer(
+    target: Path | IO[Any],
+    fmt: str | None = None,
+    *,
+    overwrite: bool = False,
+    context: RunContext | None = None,
+) -> ResultWriter:
     """A writer for a file (created now, so an unwritable path fails before any work) or an open stream.
 
     Args:
         target: a path, or an open text (binary for a binary format) stream that the caller closes.
         fmt: a registered format name; by default the path's suffix decides (a stream needs ``fmt``).
         overwrite: replace an existing file; without it an existing file raises ``FileExistsError``.
+        context: the model behind the records, for formats that state it (FHIR names it as a Device).
 
     Raises:
         ValueError: an unknown format.
@@ -204,8 +226,11 @@ def open_writer(target: Path | IO[Any], fmt: str | None = None, *, overwrite: bo
     if fmt not in WRITERS:
         raise ValueError(f"unknown output format {fmt!r}; known: {', '.join(sorted(WRITERS))}")
     entry = WRITERS[fmt]
+    args: tuple[Any, ...] = (context or RunContext(),) if entry.context else ()
+    if entry.context:
+        entry.factory.check(*args)  # type: ignore[attr-defined]  # refuse before the file is created
     if not isinstance(target, Path):
-        return entry.factory(target)
+        return entry.factory(target, *args)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -213,10 +238,10 @@ def open_writer(target: Path | IO[Any], fmt: str | None = None, *, overwrite: bo
         raise NotADirectoryError(f"{target.parent} is not a folder") from None
     mode = ("w" if overwrite else "x") + ("b" if entry.binary else "")
     if entry.binary:
-        return _Closing(entry.factory(target.open(mode)), None)
+        return _Closing(entry.factory(target.open(mode), *args), None)
     # newline="" lets the csv module write its own line ends; backslashreplace keeps any odd text writable.
     stream = target.open(mode, encoding="utf-8", errors="backslashreplace", newline="")
-    return _Closing(entry.factory(stream), stream)
+    return _Closing(entry.factory(stream, *args), stream)
 
 
 class _Closing:
@@ -311,6 +336,38 @@ class JsonLinesWriter:
 
 
 #: CSV columns: the first twelve in the order the CLI has always written them, then the newer fields.
+@register_writer("fhir", (".fhir.json",), context=True)
+class FhirBundleWriter:
+    """A FHIR R4 Bundle (:mod:`retinagrade.interop.fhir`, the ``[dicom]`` extra).
+
+    A Bundle is one JSON document whose per-patient reports need all of a patient's eyes, so records are kept
+    and the Bundle is written by :meth:`close`; an interrupted run still gets the Bundle of what finished.
+    """
+
+    def __init__(self, stream: IO[str], context: RunContext) -> None:
+        self._stream = stream
+        self._context = context
+        self._records: list[ResultRecord] = []
+
+    @staticmethod
+    def check(context: RunContext) -> None:
+        """Raises ValueError when fhir.resources (the [dicom] extra), which validates the Bundle, is missing."""
+        try:
+            import fhir.resources  # noqa: F401
+        except ImportError:
+            raise ValueError("FHIR output needs the [dicom] extra: pip install 'retinagrade[dicom]'") from None
+
+    def write(self, record: ResultRecord) -> None:
+        self._records.append(record)
+
+    def close(self) -> None:
+        from retinagrade.interop.fhir import bundle_from_records
+
+        json.dump(bundle_from_records(self._records, self._context), self._stream, indent=1)
+        self._stream.write("\n")
+        self._stream.flush()
+
+
 CSV_COLUMNS: Final[tuple[str, ...]] = (
     "image",
     "status",

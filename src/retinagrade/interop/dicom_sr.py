@@ -14,8 +14,10 @@ SR's SOP Instance UID is derived from the source's, so storing it twice stores o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import highdicom as hd
@@ -23,6 +25,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from retinagrade.errors import InputError
 from retinagrade.interop.findings import (
     EYE_SITE,
     GRADABLE,
@@ -39,8 +42,13 @@ from retinagrade.interop.findings import (
     AlgorithmInfo,
     Concept,
     EyeFinding,
+    RecordLike,
+    eye_of,
+    finding_from_record,
     reason_concept,
 )
+from retinagrade.preprocessing.decode import is_dicom
+from retinagrade.preprocessing.dicom import dicom_metadata, read_dataset
 
 #: Series Description of every SR retinagrade writes: how it (and a person) recognises its own reports.
 SR_SERIES_DESCRIPTION: Final = "retinagrade DR grading"
@@ -210,3 +218,25 @@ def sr_bytes(sr: Dataset) -> bytes:
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def report_for_file(path: Path, record: RecordLike, algorithm: AlgorithmInfo) -> Dataset | None:
+    """The SR for one graded file, when the file is DICOM with a readable header; None otherwise.
+
+    Also for a DICOM file that could not be graded (several frames, an unsupported syntax): its SR says why.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+        if not is_dicom(head):
+            return None
+        header = read_dataset(path.read_bytes(), stop_before_pixels=True)
+    except (OSError, InputError):
+        return None
+    if "SOPInstanceUID" not in header or "StudyInstanceUID" not in header:
+        return None
+    finding = finding_from_record(record)
+    if not finding.metadata:
+        meta = dicom_metadata(header)
+        finding = dataclasses.replace(finding, laterality=eye_of(meta), metadata=meta)
+    return build_sr(header, finding, algorithm)

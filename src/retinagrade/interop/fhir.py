@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from retinagrade.interop.findings import (
     EYE_SITE,
@@ -41,8 +41,13 @@ from retinagrade.interop.findings import (
     AlgorithmInfo,
     Concept,
     EyeFinding,
+    RecordLike,
+    finding_from_record,
     reason_concept,
 )
+
+if TYPE_CHECKING:
+    from retinagrade.report import RunContext
 
 FHIR_MEDIA_TYPE: Final = "application/fhir+json"
 DICOM_UID_SYSTEM: Final = "urn:dicom:uid"
@@ -265,3 +270,16 @@ def validate(bundle: Mapping[str, Any]) -> None:
     for entry in bundle.get("entry", []):
         resource = entry["resource"]
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+
+
+def bundle_from_records(records: Iterable[RecordLike], context: RunContext) -> dict[str, Any]:
+    """The Bundle for a run's result records (the CLI's ``--output results.fhir.json``)."""
+    rows = list(records)
+    algorithm = AlgorithmInfo(
+        name=context.model_name or "retinagrade",
+        version=context.model_version or "unknown",
+        model_sha256=context.model_sha256 or "unknown",
+        intended_use=context.intended_use,
+        site_profile=context.site or ", ".join(sorted({r.site for r in rows if r.site})),
+    )
+    return build_bundle([FhirItem(r.image, finding_from_record(r)) for r in rows], algorithm)

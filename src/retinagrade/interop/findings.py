@@ -171,19 +171,46 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
 
 
 class RecordLike(Protocol):
-    """The fields of :class:`retinagrade.report.ResultRecord` a finding is made of."""
+    """The fields of :class:`retinagrade.report.ResultRecord` a finding is made of (read-only)."""
 
-    status: str
-    grade: int | None
-    referable: bool | None
-    p_referable: float | None
-    probabilities: tuple[float, ...]
-    quality: float | None
-    gradable: bool | None
-    reasons: tuple[str, ...]
-    error_code: str
-    error_message: str
-    metadata: Mapping[str, str]
+    @property
+    def image(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def grade(self) -> int | None: ...
+
+    @property
+    def referable(self) -> bool | None: ...
+
+    @property
+    def p_referable(self) -> float | None: ...
+
+    @property
+    def probabilities(self) -> tuple[float, ...]: ...
+
+    @property
+    def quality(self) -> float | None: ...
+
+    @property
+    def gradable(self) -> bool | None: ...
+
+    @property
+    def reasons(self) -> tuple[str, ...]: ...
+
+    @property
+    def error_code(self) -> str: ...
+
+    @property
+    def error_message(self) -> str: ...
+
+    @property
+    def site(self) -> str: ...
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
 
 
 def finding_from_record(record: RecordLike) -> EyeFinding:
