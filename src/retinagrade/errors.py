@@ -5,12 +5,20 @@ The message is written for the person who sent the input; it never contains inte
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 
 class RetinagradeError(Exception):
-    """Base class for every error retinagrade raises on purpose."""
+    """Base class for every error retinagrade raises on purpose.
+
+    ``metadata``: what the input said about patient and eye before it failed (a DICOM header read fine, its
+    pixels did not), keyed like ``DecodedImage.metadata``; empty for most errors. Never logged or rendered.
+    """
 
     code: str = "internal_error"
     http_status: int = 500
+    metadata: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -111,6 +111,7 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
             error_code=outcome.code,
             error_message=outcome.message,
             site=site,
+            metadata=MappingProxyType(dict(outcome.metadata)),
         )
     advice = outcome.recommendation
     quality = outcome.quality

@@ -22,6 +22,7 @@ import dataclasses
 import io
 import warnings
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import numpy as np
@@ -271,6 +272,18 @@ def decode_dicom(
         DicomMultiFrameError: more than one frame (422).
     """
     ds = read_dataset(data)
+    metadata = dicom_metadata(ds)
+    try:
+        return _decode_photograph(ds, metadata, max_pixels=max_pixels, min_side=min_side)
+    except InputError as exc:
+        # The header was read: the error still says whose photo and which eye (e.g. for a patient's referral).
+        exc.metadata = MappingProxyType(metadata)
+        raise
+
+
+def _decode_photograph(
+    ds: Dataset, metadata: Mapping[str, str], *, max_pixels: int, min_side: int | None
+) -> DecodedImage:
     syntax = _check_photograph(ds)
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
@@ -280,7 +293,6 @@ def decode_dicom(
         raise CorruptImageError("The DICOM image has no pixels.")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(f"The image is {columns}x{rows} pixels; the limit is {max_pixels:,} pixels.")
-    metadata = dicom_metadata(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if syntax in _PILLOW_JPEG and int(ds.get("BitsStored", 8) or 8) == 8 and photometric in _PILLOW_PHOTOMETRIC:
         try:

@@ -231,6 +231,9 @@ def test_multiframe_is_refused_with_its_own_code(synthetic_fundus) -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = np.stack([rgb, rgb]).tobytes()
     assert _code(to_bytes(ds)) == ("multi_frame_image", 415)
+    with pytest.raises(InputError) as caught:
+        decode_image(to_bytes(ds))
+    assert caught.value.metadata["PatientID"] == "PAT-0001"  # whose photo it is travels with the error
 
 
 def test_pixel_limit_is_checked_before_decoding(synthetic_fundus) -> None:
