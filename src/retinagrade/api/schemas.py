@@ -84,6 +84,11 @@ class GradeResponse(BaseModel):
     image: ImageInfo
     timings_ms: Timings
     explanation: Explanation | None = None
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="What a DICOM input said about patient and eye, keyed by DICOM keyword (ImageLaterality, "
+        "PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID, Modality); empty otherwise.",
+    )
 
 
 class BatchItem(BaseModel):

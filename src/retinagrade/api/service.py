@@ -268,6 +268,21 @@ class GradingService:
             InputError: the bytes are not a readable image of an accepted kind and size.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
+        _, response, png = await self.grade_result(
+            data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+        )
+        return response, png
+
+    async def grade_result(
+        self,
+        data: bytes,
+        *,
+        request_id: str,
+        started: float,
+        explain: bool = False,
+        client_request_id: str | None = None,
+    ) -> tuple[GradeResult, GradeResponse, bytes | None]:
+        """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
         try:
             request = await self._prepare(data)
         except InputError as exc:
@@ -276,7 +291,7 @@ class GradingService:
         (outputs,) = await self.batcher.infer([request])
         result, response, png = await self._respond(request, outputs, request_id, started, explain, client_request_id)
         await self._record([(result, response)])
-        return response, png
+        return result, response, png
 
     async def grade_many(
         self,
@@ -288,12 +303,27 @@ class GradingService:
         client_request_id: str | None = None,
     ) -> list[GradeResponse | InputError]:
         """Grade several images; an unreadable one yields its error and never fails the others."""
+        answers = await self.grade_many_results(
+            images, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+        )
+        return [a if isinstance(a, InputError) else a[1] for a in answers]
+
+    async def grade_many_results(
+        self,
+        images: list[bytes | InputError],
+        *,
+        request_id: str,
+        started: float,
+        explain: bool = False,
+        client_request_id: str | None = None,
+    ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
+        """As :meth:`grade_many`, with each image's pipeline result beside its response."""
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
         outputs = iter(await self.batcher.infer(good))
-        answers: list[GradeResponse | InputError] = []
+        answers: list[tuple[GradeResult, GradeResponse] | InputError] = []
         pairs: list[tuple[GradeResult, GradeResponse]] = []
         for index, item in enumerate(prepared):
             if isinstance(item, InputError):
@@ -303,7 +333,7 @@ class GradingService:
                 item, next(outputs), f"{request_id}.{index}", started, explain, client_request_id
             )
             pairs.append((result, response))
-            answers.append(response)
+            answers.append((result, response))
         await self._record(pairs)
         return answers
 
@@ -351,6 +381,7 @@ class GradingService:
                 total=timings.get("total", 0.0),
             ),
             explanation=explanation,
+            metadata=dict(record.metadata),
         )
 
 

@@ -40,7 +40,8 @@ PATIENT_ID = re.compile(r"[\x20-\x7e]*")
 SINGLE_IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "The image, as the multipart field `file` or as the raw body with an image/* type.",
+        "description": "The image, as the multipart field `file` or as the raw body with an image/* type "
+        "(or application/dicom: a DICOM photograph, with the [dicom] extra).",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -125,12 +126,14 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
         if isinstance(data, InputError):
             raise data
         return data
-    if media_type.startswith("image/") or media_type == "application/octet-stream":
+    if media_type.startswith("image/") or media_type in RAW_TYPES:
         data = await request.body()
         if len(data) > max_bytes:
             raise ImageTooLargeError(f"The image is larger than the limit of {max_bytes:,} bytes.")
         return data
-    raise UnsupportedMediaTypeError("Send the image as multipart/form-data (field `file`) or as a raw image/* body.")
+    raise UnsupportedMediaTypeError(
+        "Send the image as multipart/form-data (field `file`) or as a raw image/* or application/dicom body."
+    )
 
 
 def _patient_id(value: str, index: int) -> str | None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
+from retinagrade.api.interop import (
+    BATCH_ANSWERS,
+    SINGLE_ANSWERS,
+    algorithm_of,
+    eye_and_patient,
+    fhir_response,
+    negotiate,
+    sr_response,
+)
 from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, EyeSummary, GradeResponse, PatientReferral
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, read_batch, read_image
 from retinagrade.errors import InputError
@@ -34,7 +43,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     "",
     response_model=GradeResponse,
     summary="Grade one fundus photograph",
-    responses=ERRORS,
+    responses={**ERRORS, **SINGLE_ANSWERS},
     openapi_extra=SINGLE_IMAGE_BODY,
 )
 async def grade(
@@ -45,27 +54,35 @@ async def grade(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
-) -> GradeResponse:
+) -> Any:
     """An ungradable or non-fundus image is a 200 with that ``status``, not an error.
 
     The body is read first (its bytes charged to the service's byte budget), and only an image that was
-    read takes a place in the queue.
+    read takes a place in the queue. ``Accept: application/fhir+json`` answers with a FHIR R4 Bundle;
+    ``Accept: application/dicom`` (DICOM input only) with a DICOM Comprehensive SR that references the
+    uploaded instance (docs/integration.md).
     """
+    wanted = negotiate(request)
     await service.check_audit()
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
         with service.admit(1):
-            response, _ = await service.grade(
+            result, response, _ = await service.grade_result(
                 data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
             )
-    return response
+    if wanted == "json":
+        return response
+    algorithm = algorithm_of(service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")))
+    if wanted == "fhir":
+        return fhir_response([(request_id, result, None)], algorithm)
+    return sr_response(data, result, algorithm)
 
 
 @router.post(
     "/batch",
     response_model=BatchResponse,
     summary="Grade several images, per patient",
-    responses=ERRORS,
+    responses={**ERRORS, **BATCH_ANSWERS},
     openapi_extra=BATCH_BODY,
 )
 async def grade_batch(
@@ -76,17 +93,18 @@ async def grade_batch(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
-) -> BatchResponse:
+) -> Any:
     """Each image gets a result or an error of its own; one bad file never fails the others.
 
     Images tagged with a ``patient_id`` get a referral decision per patient from both eyes: refer if either
     eye is referable; ``cannot_decide`` if an image was not graded or an eye is missing and none is referable.
     """
+    wanted = negotiate(request, dicom_offered=False)
     await service.check_audit()
     with service.intake.guard(request, settings.max_batch_request_bytes) as body:
         upload = await read_batch(body, settings.max_image_bytes, settings.max_batch_images)
         with service.admit(len(upload.images)):
-            answers = await service.grade_many(
+            answers = await service.grade_many_results(
                 upload.images,
                 request_id=request_id,
                 started=started,
@@ -96,23 +114,37 @@ async def grade_batch(
     items = []
     outcomes = []
     for index, answer in enumerate(answers):
-        item = BatchItem(
-            index=index,
-            filename=upload.filenames[index],
-            eye=upload.eyes[index],
-            patient_id=upload.patient_ids[index],
+        # The client's tags first; a DICOM file's own Image Laterality and Patient ID where it sent none.
+        eye, patient = eye_and_patient(
+            answer.metadata if isinstance(answer, InputError) else answer[0].metadata,
+            upload.eyes[index],
+            upload.patient_ids[index],
         )
+        item = BatchItem(index=index, filename=upload.filenames[index], eye=eye, patient_id=patient)
         if isinstance(answer, InputError):
             item.error = ErrorBody(code=answer.code, message=answer.message, request_id=f"{request_id}.{index}")
         else:
-            item.result = answer
+            item.result = answer[1]
         items.append(item)
-        patient = upload.patient_ids[index]
         if patient is not None:
-            graded = None if isinstance(answer, InputError) else answer
+            graded = None if isinstance(answer, InputError) else answer[1]
             referable = graded.referable if graded else None
             urgency = graded.urgency if graded and graded.status == "graded" else None
-            outcomes.append(TaggedOutcome(index, patient, upload.eyes[index], referable, urgency))
+            outcomes.append(TaggedOutcome(index, patient, eye, referable, urgency))
+    if wanted == "fhir":
+        algorithm = algorithm_of(service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")))
+        return fhir_response(
+            [
+                (
+                    upload.filenames[index] or f"{request_id}.{index}",
+                    answer if isinstance(answer, InputError) else answer[0],
+                    items[index].patient_id,
+                )
+                for index, answer in enumerate(answers)
+            ],
+            algorithm,
+            eyes=[item.eye for item in items],
+        )
     patients = [
         PatientReferral(
             patient_id=r.patient_id,
