@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from retinagrade.errors import RetinagradeError
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
     from retinagrade.pipeline import GradingPipeline
+    from retinagrade.referral import Eye
     from retinagrade.report import ResultRecord, ResultWriter, RunContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diabetic retinopathy grading of fundus photos.")
@@ -133,6 +135,14 @@ def grade(
     workers: Annotated[int, typer.Option(min=1, help="Threads reading and preparing images.")] = 2,
     threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime threads.")] = 2,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    pair_eyes: Annotated[
+        bool,
+        typer.Option(
+            "--pair-eyes",
+            help="Also decide per patient from both eyes: DICOM Patient ID and Image Laterality, else file "
+            "names PATIENT_left / PATIENT_right.",
+        ),
+    ] = False,
 ) -> None:
     """Grade fundus photographs; rows are written as each image finishes."""
     files = collect_images(paths)
@@ -151,6 +161,8 @@ def grade(
             writer.close()
     if code == EXIT_OK and (not quiet or output is None):
         _print_table(records, sys.stdout if output is None else sys.stderr)
+    if code == EXIT_OK and pair_eyes:
+        _print_referrals(records, sys.stdout)
     failed = sum(r.status == "error" for r in records)
     if code == EXIT_OK and failed:
         err.print(f"[yellow]{failed} of {len(records)} files could not be graded (status error).[/yellow]")
@@ -264,6 +276,41 @@ def _grade_into(
         err.print(f"[red]Writing the results failed after {len(records)} rows:[/red] {escape(str(exc))}")
         return EXIT_RUN_FAILED
     return EXIT_OK
+
+
+_EYE_IN_NAME: Final = re.compile(r"(?P<patient>.+)[_-](?P<eye>left|right)", re.IGNORECASE)
+
+
+def patient_and_eye(record: ResultRecord) -> tuple[str | None, Eye | None]:
+    """Whose eye an image is: the DICOM header's Patient ID and laterality, else ``PATIENT_left/right`` names."""
+    meta = record.metadata
+    patient = meta.get("PatientID") or None
+    eye: Eye | None = {"L": "left", "R": "right"}.get(meta.get("ImageLaterality", ""))  # type: ignore[assignment]
+    named = _EYE_IN_NAME.fullmatch(Path(record.image).stem)
+    if named is not None:
+        patient = patient or named["patient"]
+        eye = eye or named["eye"].lower()  # type: ignore[assignment]
+    return patient, eye
+
+
+def _print_referrals(records: list[ResultRecord], stream: TextIO) -> None:
+    from rich.table import Table
+
+    from retinagrade.referral import TaggedOutcome, patient_referrals
+
+    outcomes = []
+    for index, record in enumerate(records):
+        patient, eye = patient_and_eye(record)
+        if patient is not None:
+            urgency = record.urgency if record.status == "graded" else None
+            outcomes.append(TaggedOutcome(index, patient, eye, record.referable, urgency))
+    table = Table("patient", "decision", "urgency", "eyes", "reason")
+    for referral in patient_referrals(outcomes):
+        eyes = ", ".join(f"{e.eye or 'untagged'}: {e.status}" for e in referral.eyes)
+        table.add_row(
+            escape(referral.patient_id), referral.decision, referral.urgency or "", eyes, escape(referral.reason)
+        )
+    Console(file=stream).print(table)
 
 
 def _print_table(records: list[ResultRecord], stream: TextIO) -> None:
@@ -445,7 +492,7 @@ def dicomweb(
     try:
         if watch is not None:
             for summary in grader.watch(watch):
-                print(json.dumps(summary.as_dict()), flush=True)
+                typer.echo(json.dumps(summary.as_dict()))
             return
         summary = grader.run_once()
     except PacsUnavailableError as exc:
@@ -455,7 +502,7 @@ def dicomweb(
         status = exc.response.status_code if exc.response is not None else "no answer"
         err.print(f"[red]The PACS refused the request (HTTP {status}); check --url and --auth.[/red]")
         raise typer.Exit(4) from None
-    print(json.dumps(summary.as_dict()), flush=True)
+    typer.echo(json.dumps(summary.as_dict()))
     if summary.failed:
         raise typer.Exit(1)
 

@@ -94,3 +94,22 @@ def test_dicom_exports_grade_exactly_as_their_jpegs(exported, tmp_path: Path, mo
     assert kinds.count("Observation") == len(PHOTOS) + 1
     assert kinds.count("Device") == 1
     assert kinds.count("Patient") == len({ds.PatientID for ds in instances.values()})
+
+
+@pytest.mark.shared_data
+def test_pair_eyes_uses_dicom_patient_and_laterality(tmp_path: Path, shared_data: Path, model_path: Path) -> None:
+    images = shared_data / "raw-fundus-samples" / "images"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for index, (name, side) in enumerate((("16_right.jpeg", "R"), ("373_left.jpeg", "L"))):
+        # Names that say nothing: only the DICOM header knows whose eye it is.
+        ds = wrap_jpeg((images / name).read_bytes(), PhotoIdentity("PAIRED-77", "", side))  # type: ignore[arg-type]
+        (folder / f"IM{index:04d}").write_bytes(to_bytes(ds))
+    done = runner.invoke(
+        app, ["grade", str(folder), "--pair-eyes", "--model", str(model_path), "--quiet", "-o", str(tmp_path / "r.csv")]
+    )
+    assert done.exit_code == 0, done.output
+    rows = [line for line in done.stdout.splitlines() if "PAIRED-77" in line]
+    assert len(rows) == 1  # one patient, both eyes
+    assert "left" in done.stdout and "right" in done.stdout
+    assert "refer" in rows[0] or "no_refer" in rows[0]
