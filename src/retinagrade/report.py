@@ -228,8 +228,9 @@ def open_writer(
         raise ValueError(f"unknown output format {fmt!r}; known: {', '.join(sorted(WRITERS))}")
     entry = WRITERS[fmt]
     args: tuple[Any, ...] = (context or RunContext(),) if entry.context else ()
-    if entry.context:
-        entry.factory.check(*args)  # type: ignore[attr-defined]  # refuse before the file is created
+    check = getattr(entry.factory, "check", None)
+    if check is not None:
+        check()  # a writer that cannot work here refuses before its file is created
     if not isinstance(target, Path):
         return entry.factory(target, *args)
     try:
@@ -351,7 +352,7 @@ class FhirBundleWriter:
         self._records: list[ResultRecord] = []
 
     @staticmethod
-    def check(context: RunContext) -> None:
+    def check() -> None:
         """Raises ValueError when fhir.resources (the [dicom] extra), which validates the Bundle, is missing."""
         try:
             import fhir.resources  # noqa: F401

@@ -5,8 +5,8 @@ full decode; the model never needs more than a few hundred pixels across the fun
 
 The bytes are first sniffed by their magic number (:func:`sniff_format`). That decides two things Pillow
 alone cannot: a DICOM file is sent to its own decoder (:mod:`retinagrade.preprocessing.dicom`, the ``[dicom]``
-extra, imported only then; without it the file is refused with a message that says how to enable it), and a file that starts like a PNG or JPEG but that Pillow cannot open is
-damaged (400), not of an unknown kind (415).
+extra, imported only then; without it the file is refused with a message that says how to enable it), and a
+file that starts like a PNG or JPEG but that Pillow cannot open is damaged (400), not of an unknown kind (415).
 """
 
 from __future__ import annotations

@@ -73,11 +73,11 @@ class FakePacs:
         ]
         return found[offset : offset + (limit or len(found))]
 
-    def retrieve_instance(self, study: str, series: str, sop: str, media_types: Any = None) -> pydicom.Dataset:
+    def retrieve_instance(self, study: str, series: str, sop: str, media_types: Any = None) -> pydicom.Dataset:  # noqa: ARG002
         self._tick()
         return self.instances[sop]
 
-    def store_instances(self, datasets: list[pydicom.Dataset], study_instance_uid: str) -> None:
+    def store_instances(self, datasets: list[pydicom.Dataset], study_instance_uid: str) -> None:  # noqa: ARG002
         self._tick()
         for ds in datasets:
             self.stored = [s for s in self.stored if s.SOPInstanceUID != ds.SOPInstanceUID] + [ds]
