@@ -240,7 +240,7 @@ def test_round_trip_grades_each_photo_once_and_survives_a_kill(
             assert codes["gradable"] == "373067005"
             assert any(key.startswith("reason:") for key in codes)
             assert codes["121071"].startswith("Not graded")
-    assert "reason:multi_frame_image" in _codes(by_source[str(multi.SOPInstanceUID)])
+    assert "reason:multi_frame_not_supported" in _codes(by_source[str(multi.SOPInstanceUID)])
 
     # The log names instances by a hash; never a patient id or name.
     text = "\n".join(logs)

@@ -29,7 +29,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from retinagrade.errors import CorruptImageError, InputError, RetinagradeError
+from retinagrade.errors import CorruptImageError, InputError
 from retinagrade.interop.dicom_sr import build_sr, placeholder_source, sr_series_uid
 from retinagrade.interop.findings import AlgorithmInfo, EyeFinding, finding_from
 from retinagrade.preprocessing.dicom import (
@@ -52,11 +52,12 @@ Grader = Callable[[bytes], Any]
 """Grades one DICOM file: returns a GradeResult, raises InputError for bad input (GradingPipeline.grade)."""
 
 
-class PacsUnavailableError(RetinagradeError):
-    """The PACS did not answer (or answered 5xx) after every retry."""
+class PacsUnavailableError(Exception):
+    """The PACS did not answer (or answered 5xx) after every retry: a failure of the command, not of an input."""
 
-    code = "pacs_unavailable"
-    http_status = 502
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ REPORT_TITLE: Final = local("dr-report", "Diabetic retinopathy screening report 
 
 
 def reason_concept(code: str) -> Concept:
-    """A gate reason (``too_dark``...) or error code (``multi_frame_image``...) as a local concept."""
+    """A gate reason (``too_dark``...) or error code (``multi_frame_not_supported``...) as a local concept."""
     return local(code, code.replace("_", " "))
 
 

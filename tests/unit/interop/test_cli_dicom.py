@@ -69,7 +69,7 @@ def test_dicom_exports_grade_exactly_as_their_jpegs(exported, tmp_path: Path, mo
     assert len(rows) == len(PHOTOS) + 1  # README skipped
     graded = [r for r in rows if r["status"] != "error"]
     (error,) = [r for r in rows if r["status"] == "error"]
-    assert error["error_code"] == "multi_frame_image"
+    assert error["error_code"] == "multi_frame_not_supported"
     assert error["metadata"]["PatientID"] == "PAT-X"  # the header was read: whose photo it is still counts
     for row in graded:
         sop = row["metadata"]["SOPInstanceUID"]

@@ -230,7 +230,7 @@ def test_multiframe_is_refused_with_its_own_code(synthetic_fundus) -> None:
     ds = pixels_to_dicom(rgb, _identity())
     ds.NumberOfFrames = 2
     ds.PixelData = np.stack([rgb, rgb]).tobytes()
-    assert _code(to_bytes(ds)) == ("multi_frame_image", 415)
+    assert _code(to_bytes(ds)) == ("multi_frame_not_supported", 422)
     with pytest.raises(InputError) as caught:
         decode_image(to_bytes(ds))
     assert caught.value.metadata["PatientID"] == "PAT-0001"  # whose photo it is travels with the error

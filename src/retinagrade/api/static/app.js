@@ -61,8 +61,14 @@
       + "from the fundus camera.",
     unsupported_media_type: "This file is not an image the service can read. Use a JPEG or PNG photo "
       + "from the fundus camera.",
-    dicom_not_supported: "This is a DICOM file, which the service cannot read yet. Export the photo from the "
-      + "camera or PACS as a JPEG or PNG and try again.",
+    dicom_support_missing: "This is a DICOM file, and this service is not set up to read DICOM. Export the "
+      + "photo from the camera or PACS as a JPEG or PNG, or ask your IT support to enable DICOM.",
+    dicom_unsupported_transfer_syntax: "This DICOM file is compressed in a way the service cannot read (for "
+      + "example video). Export the photo as a JPEG or as an uncompressed DICOM file and try again.",
+    dicom_no_pixel_data: "This DICOM file holds no picture. Send the photo itself, not a report or a list.",
+    dicom_not_photograph: "This DICOM file is not a photograph (for example a CT or MR image). Send a colour "
+      + "fundus photo.",
+    not_acceptable: "The service cannot answer in the format that was asked for.",
     multi_frame_not_supported: "This file holds several pictures. Export each photo as a file of its own and try again.",
     image_too_large: "The photo is too large for the service. Export a smaller JPEG from the camera "
       + "and try again.",
