@@ -184,21 +184,32 @@ def fhir_response(
     return Response(json.dumps(bundle), media_type=FHIR_JSON)
 
 
+def require_dicom(data: bytes) -> None:
+    """Refuse an SR answer for a non-DICOM upload before grading it.
+
+    Raises:
+        NotAcceptableError: the upload is not DICOM, so there is no image for an SR to reference.
+    """
+    from retinagrade.preprocessing.decode import is_dicom
+
+    _interop()
+    if not is_dicom(data):
+        raise NotAcceptableError(
+            "A DICOM SR answers DICOM input only (it references the source instance); send the photo as "
+            "application/dicom, or accept application/json or application/fhir+json."
+        )
+
+
 def sr_response(data: bytes, outcome: Any, algorithm: Any) -> Response:
     """The Comprehensive SR for one DICOM upload (``outcome``: its GradeResult or RetinagradeError).
 
     Raises:
         NotAcceptableError: the upload is not DICOM, so there is no image for an SR to reference.
     """
+    require_dicom(data)
     dicom_sr, _, findings = _interop()
-    from retinagrade.preprocessing.decode import is_dicom
     from retinagrade.preprocessing.dicom import read_dataset
 
-    if not is_dicom(data):
-        raise NotAcceptableError(
-            "A DICOM SR answers DICOM input only (it references the source instance); send the photo as "
-            "application/dicom, or accept application/json or application/fhir+json."
-        )
     try:
         header = read_dataset(data, stop_before_pixels=True)
     except RetinagradeError:

@@ -14,6 +14,7 @@ from retinagrade.api.interop import (
     eye_and_patient,
     fhir_response,
     negotiate,
+    require_dicom,
     sr_response,
 )
 from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, EyeSummary, GradeResponse, PatientReferral
@@ -66,6 +67,8 @@ async def grade(
     await service.check_audit()
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
+        if wanted == "dicom":
+            require_dicom(data)
         with service.admit(1):
             result, response, _ = await service.grade_result(
                 data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
