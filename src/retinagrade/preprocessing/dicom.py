@@ -302,3 +302,30 @@ def _decode_photograph(
         return dataclasses.replace(decoded, format="DICOM", metadata=metadata)
     rgb = _decode_with_pydicom(ds, syntax)
     return DecodedImage(rgb=rgb, original_size=(rgb.shape[1], rgb.shape[0]), format="DICOM", metadata=metadata)
+
+
+def decoded_bytes_dicom(data: bytes, *, min_side: int | None = None) -> int:
+    """The memory decoding a DICOM photograph takes at its peak, from its header alone (no pixel is decoded).
+
+    An encapsulated camera JPEG is decoded as a JPEG file is: at the reduced DCT scale ``min_side`` allows,
+    into Pillow's 4-byte pixels, then 3-byte RGB. Anything else is decoded whole by pydicom (``BitsAllocated``
+    per sample), plus the float32 working copy that scales deeper samples to 8 bits, plus the RGB array.
+    Returns 0 when the header cannot be read: :func:`decode_dicom` then refuses the file with the right error.
+    """
+    try:
+        ds = read_dataset(data, stop_before_pixels=True)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        stored = int(ds.get("BitsStored", bits) or bits)
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (InputError, AttributeError, TypeError, ValueError):
+        return 0
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if syntax in _PILLOW_JPEG and stored == 8 and photometric in _PILLOW_PHOTOMETRIC:
+        factor = max(1, min(rows, columns) // max(min_side or 1, 1)) if min_side else 1
+        scale = next(s for s in (8, 4, 2, 1) if s <= factor)
+        return (rows // scale) * (columns // scale) * (4 + 3)
+    per_pixel = samples * max(bits // 8, 1) * frames + (samples * 4 if stored != 8 else 0) + 3
+    return rows * columns * per_pixel

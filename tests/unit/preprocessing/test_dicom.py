@@ -249,3 +249,18 @@ def test_without_pydicom_a_dicom_file_says_how_to_enable_it(synthetic_fundus, mo
         decode_image(data)
     assert (caught.value.code, caught.value.http_status) == ("dicom_support_missing", 415)
     assert "retinagrade[dicom]" in caught.value.message
+
+
+@pytest.mark.shared_data
+def test_decode_cost_is_estimated_from_the_header(camera_jpeg: bytes, photo: np.ndarray) -> None:
+    from retinagrade.preprocessing.dicom import decoded_bytes_dicom
+
+    wrapped = to_bytes(wrap_jpeg(camera_jpeg, _identity()))
+    reduced, full = decoded_bytes_dicom(wrapped, min_side=640), decoded_bytes_dicom(wrapped)
+    decoded = decode_image(wrapped, min_side=640).rgb
+    assert reduced == decoded.shape[0] * decoded.shape[1] * 7  # Pillow's 4-byte pixels + the RGB array
+    assert full > 10 * reduced
+    eight = decoded_bytes_dicom(to_bytes(pixels_to_dicom(photo, _identity())))
+    sixteen = decoded_bytes_dicom(to_bytes(pixels_to_dicom(photo, _identity(), bits=16)))
+    assert eight == photo.shape[0] * photo.shape[1] * 6 and sixteen > eight
+    assert decoded_bytes_dicom(b"\0" * 128 + b"DICM") == 0  # unreadable: decode_dicom says why
