@@ -3,6 +3,7 @@ JPEGs wrapped as OP instances decode exactly as the JPEG file does, and bad DICO
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pydicom = pytest.importorskip("pydicom", reason="needs the [dicom] extra (pydicom)")
 
 from pydicom import uid  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.pixels import convert_color_space  # noqa: E402
+from pydicom.pixels import apply_color_lut, convert_color_space  # noqa: E402
 
 from retinagrade.errors import InputError  # noqa: E402
 from retinagrade.interop.photo import PhotoIdentity, pixels_to_dicom, to_bytes, wrap_jpeg  # noqa: E402
@@ -211,10 +213,6 @@ def test_structured_report_is_refused() -> None:
 def test_truncated_file(synthetic_fundus, fraction: float, syntax: str) -> None:
     rgb = synthetic_fundus(200, 150, 100, 75, 70)
     if syntax == "camera-jpeg":
-        import io
-
-        from PIL import Image
-
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
         ds = wrap_jpeg(buffer.getvalue(), _identity())
@@ -264,3 +262,34 @@ def test_decode_cost_is_estimated_from_the_header(camera_jpeg: bytes, photo: np.
     sixteen = decoded_bytes_dicom(to_bytes(pixels_to_dicom(photo, _identity(), bits=16)))
     assert eight == photo.shape[0] * photo.shape[1] * 6 and sixteen > eight
     assert decoded_bytes_dicom(b"\0" * 128 + b"DICM") == 0  # unreadable: decode_dicom says why
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_ybr_full_422_uncompressed.dcm",  # YBR_FULL_422, native (chroma subsampled storage)
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline, YBR_FULL
+        "SC_jpeg_no_color_transform.dcm",  # JPEG baseline, RGB without colour transform
+        "SC_rgb_rle_16bit.dcm",  # RLE, 16 bits
+        "SC_rgb_jls_lossy_line.dcm",  # JPEG-LS near-lossless
+        "GDCMJ2K_TextGBR.dcm",  # JPEG 2000, YBR_RCT
+        "JPGExtended.dcm",  # JPEG extended, 12-bit monochrome
+        "examples_palette.dcm",  # PALETTE COLOR (an ultrasound frame, presented here as a secondary capture)
+    ],
+)
+def test_encoder_variety_from_other_toolkits_matches_pydicom(name: str) -> None:
+    """Files written by DCMTK, GDCM and others decode to pydicom's own reference pixels, as 8-bit RGB."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    decoded = decode_image(buffer.getvalue()).rgb
+    reference = ds.pixel_array.astype(np.float64)
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        reference = apply_color_lut(ds.pixel_array, ds).astype(np.float64) / 257.0
+    elif int(ds.BitsStored) > 8:
+        reference = reference * 255.0 / (2 ** int(ds.BitsStored) - 1)
+    if reference.ndim == 2:
+        reference = np.repeat(reference[:, :, None], 3, axis=2)
+    assert decoded.shape == reference.shape
+    assert np.abs(decoded - reference).mean() < 2.0
