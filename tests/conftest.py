@@ -148,6 +148,7 @@ SLOW_TESTS = (
     "tests/model/test_export_parity.py::test_onnx_matches_pytorch",
     "tests/unit/training/test_model.py::test_imagenet_weights",
     "tests/deploy/",
+    "tests/integration/",  # a real Orthanc and the CLI as subprocesses
 )
 
 
