@@ -167,3 +167,14 @@ def test_openapi_shows_fhir_and_sr_answers(client: TestClient) -> None:
     assert "application/dicom" in single["requestBody"]["content"]
     assert "application/fhir+json" in spec["paths"]["/v1/grade/batch"]["post"]["responses"]["200"]["content"]
     Bundle.model_validate(FHIR_EXAMPLE)  # the documented example is a valid Bundle
+
+
+def test_a_dicom_over_the_decode_budget_is_413(make_settings) -> None:  # type: ignore[no-untyped-def]
+    from retinagrade.api.app import create_app
+
+    # 1200 x 1000 RGB, 16 bits: ~19 MiB to decode, over a 4 MiB budget; the header alone says so.
+    ds = pixels_to_dicom(np.zeros((1000, 1200, 3), np.uint8), PhotoIdentity(PATIENT), bits=16)
+    with TestClient(create_app(make_settings(max_decoded_bytes=4 * 1024 * 1024))) as small:
+        answer = _dicom(small, to_bytes(ds))
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["code"] == "image_too_large"

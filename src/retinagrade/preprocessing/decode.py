@@ -266,9 +266,16 @@ def decoded_bytes(data: bytes, *, min_side: int | None = None) -> int:
 
     Pillow's pixel buffer at the size the decode will use (JPEGs at the reduced scale ``min_side`` allows,
     as :func:`decode_image` does) plus the RGB array made from it. A PNG cannot be decoded at reduced scale,
-    so its cost follows its pixel count, whatever its file size. Returns 0 when the header cannot be read:
+    so its cost follows its pixel count, whatever its file size. A DICOM file is costed from its own header
+    (:func:`retinagrade.preprocessing.dicom.decoded_bytes_dicom`). Returns 0 when the header cannot be read:
     :func:`decode_image` then refuses the file with the right error.
     """
+    if is_dicom(data):
+        try:
+            from retinagrade.preprocessing.dicom import decoded_bytes_dicom
+        except ImportError:
+            return 0  # no DICOM support: decode_image refuses the file, saying how to enable it
+        return decoded_bytes_dicom(data, min_side=min_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
