@@ -4,6 +4,8 @@ references its photograph and carries the patient and study attributes a PACS fi
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,17 @@ def test_sr_for_an_unreadable_photo_says_why() -> None:
     text = str(sr)
     assert "corrupt_image" in text
     assert "373067005" in text  # gradable: no
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="needs DCMTK's dsrdump (Debian package dcmtk)")
+def test_dcmtk_reads_the_sr_without_complaint(graded_pair, tmp_path: Path) -> None:
+    """An independent toolkit parses the report as a Comprehensive SR and finds nothing to warn about."""
+    _, finding, source = graded_pair[1]
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(sr_bytes(build_sr(source, finding, ALGORITHM)))
+    done = subprocess.run(["dsrdump", "-v", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Comprehensive SR Document" in done.stdout
+    assert "71490-7" in done.stdout and "Algorithm Name" in done.stdout
+    assert not [line for line in done.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))], done.stderr
