@@ -111,10 +111,10 @@ class NotAcceptableError(ApiError):
 
 
 def negotiate(request: Request, *, dicom_offered: bool = True) -> Representation:
-    """The representation the client prefers among those offered (highest ``q``, then JSON).
+    """The representation the client prefers among those offered (highest ``q``; JSON when none is named).
 
     Raises:
-        NotAcceptableError: an Accept header that allows none of them.
+        NotAcceptableError: a DICOM SR asked for where this route gives none.
     """
     header = request.headers.get("accept", "").strip()
     if not header:
@@ -139,8 +139,13 @@ def negotiate(request: Request, *, dicom_offered: bool = True) -> Representation
         if best is None or rank[:2] > best[:2]:
             best = rank
     if best is None:
-        offered = ", ".join(m for m, r in _OFFERED.items() if r != "dicom" or dicom_offered)
-        raise NotAcceptableError(f"This route answers in {offered}; the Accept header allows none of them.")
+        if DICOM in header.lower() and not dicom_offered:
+            raise NotAcceptableError(
+                "This route does not answer with a DICOM SR; accept application/json or application/fhir+json."
+            )
+        # Anything else nobody here offers (text/html, a typo): the JSON every client got before Accept
+        # meant something, rather than a 406 that would break them.
+        return "json"
     return best[2]
 
 
