@@ -223,7 +223,7 @@ def test_truncated_file(synthetic_fundus, fraction: float, syntax: str) -> None:
     assert _code(data[: int(len(data) * fraction)]) == ("corrupt_image", 400)
 
 
-def test_multiframe_is_refused_with_its_own_code(synthetic_fundus) -> None:
+def test_multiframe_is_refused_like_any_file_of_several_pictures(synthetic_fundus) -> None:
     rgb = synthetic_fundus(64, 48, 32, 24, 20)
     ds = pixels_to_dicom(rgb, _identity())
     ds.NumberOfFrames = 2
