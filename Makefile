@@ -15,7 +15,7 @@ CHECKOV_CONSTRAINTS ?= deploy/checkov-constraints.txt
 # Debian packages some tests use: chromium (browser tests), prometheus (promtool), podman (podman-compose),
 # shellcheck (actionlint's shell checks). `make system-packages` installs the ones dpkg does not list, when
 # apt-get is usable; without them those tests skip with a stated reason. Adding a tool is one word here.
-SYSTEM_PACKAGES ?= chromium prometheus podman shellcheck
+SYSTEM_PACKAGES ?= chromium prometheus podman shellcheck orthanc orthanc-dicomweb dcmtk
 .PHONY: setup setup-dev system-packages serve test lint typecheck pytest clean
 
 $(VENV)/.serve-installed: pyproject.toml $(CONSTRAINTS)
@@ -25,7 +25,7 @@ $(VENV)/.serve-installed: pyproject.toml $(CONSTRAINTS)
 
 $(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PYTHON_BASE) -m venv $(VENV)
-	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[train,dev,deploy]'
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[train,dev,deploy,dicom]'
 	touch $@ $(VENV)/.serve-installed
 
 $(CHECKOV_VENV)/.installed: $(CHECKOV_CONSTRAINTS)

@@ -15,7 +15,7 @@ from .conftest import REPO, find_tool
 
 #: Debian packages whose tools the suite uses: Chromium (browser tests), promtool (prometheus), podman
 #: (podman-compose renders the Compose file through it) and shellcheck (actionlint's shell checks).
-NEEDED = {"chromium", "prometheus", "podman", "shellcheck"}
+NEEDED = {"chromium", "prometheus", "podman", "shellcheck", "orthanc", "orthanc-dicomweb", "dcmtk"}
 
 
 def _system_packages() -> list[str]:
