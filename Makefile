@@ -25,7 +25,7 @@ $(VENV)/.serve-installed: pyproject.toml $(CONSTRAINTS)
 
 $(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PYTHON_BASE) -m venv $(VENV)
-	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[train,dev,deploy,dicom]'
+	$(PYTHON) -m pip install $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[train,dev,deploy,dicom,cluster]'
 	touch $@ $(VENV)/.serve-installed
 
 $(CHECKOV_VENV)/.installed: $(CHECKOV_CONSTRAINTS)

@@ -142,13 +142,15 @@ def model_path() -> Path:
 
 
 #: Tests that take more than a few seconds, by node-id prefix: the training smoke runs, the tests that load
-#: ImageNet weights, and the deployment checks (containers, Terraform against moto, workflows).
+#: ImageNet weights, the deployment checks (containers, Terraform against moto, workflows) and the runs on a
+#: local Ray cluster.
 SLOW_TESTS = (
     "tests/model/test_train_smoke.py",
     "tests/model/test_export_parity.py::test_onnx_matches_pytorch",
     "tests/unit/training/test_model.py::test_imagenet_weights",
     "tests/deploy/",
     "tests/integration/",  # a real Orthanc and the CLI as subprocesses
+    "tests/cluster/test_engine.py",
 )
 
 

@@ -29,7 +29,7 @@ container-build:
 
 ## container-lint: hadolint the Dockerfile
 container-lint:
-	$(VENV_BIN)/hadolint Dockerfile deploy/compose/prometheus/Containerfile.debian
+	$(VENV_BIN)/hadolint Dockerfile deploy/compose/prometheus/Containerfile.debian deploy/ray/Dockerfile
 
 ## container-test: build, run, wait for /health/ready, grade a real photo, check, stop (several minutes)
 container-test:

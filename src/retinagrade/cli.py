@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, TextIO
 
@@ -27,8 +26,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from retinagrade.constants import IMAGE_SUFFIXES
 from retinagrade.errors import RetinagradeError
+from retinagrade.files import collect_images
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
     from retinagrade.pipeline import GradingPipeline
@@ -63,49 +62,18 @@ EXIT_USAGE: Final[int] = 2
 EXIT_RUN_FAILED: Final[int] = 3
 EXIT_INTERRUPTED: Final[int] = 130
 
+
+class Engine(StrEnum):
+    """Where ``grade`` runs: in this process, or on a Ray cluster (docs/cluster.md)."""
+
+    local = "local"
+    ray = "ray"
+
+
 ModelOption = Annotated[
     Path | None,
     typer.Option(envvar="RETINAGRADE_MODEL", help="Model spec (.json) or ONNX file; default: the shipped model."),
 ]
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """A regular file starting with the DICOM preamble (PACS exports often have no suffix at all)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False  # never open a FIFO or device just to look at it
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    """Every entry under ``folder`` whose name has an image suffix, whatever it is, in a stable order.
-
-    Not only regular files: a broken link, a link loop, a FIFO or a folder named ``x.jpg`` is yielded too, so
-    that it gets an error row instead of vanishing from the report. Links to folders are not followed (a loop
-    of links can then never trap the walk). Files without a suffix are taken when they are DICOM.
-    """
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
-        found.extend(Path(root, name) for name in (*files, *dirs) if Path(name).suffix.lower() in IMAGE_SUFFIXES)
-        found.extend(Path(root, name) for name in files if not Path(name).suffix and _is_dicom_file(Path(root, name)))
-    yield from sorted(found)
-
-
-def collect_images(paths: Iterable[Path]) -> list[Path]:
-    """Files as given (whatever they are: reading decides), and image entries found recursively in folders."""
-    found: list[Path] = []
-    for path in paths:
-        try:
-            is_folder = stat.S_ISDIR(os.stat(path).st_mode)
-        except OSError:
-            is_folder = False  # missing, a broken link or a loop: its row will say so
-        found.extend(_walk(path) if is_folder else [path])
-    return found
 
 
 def _note(record: ResultRecord) -> str:
@@ -123,7 +91,7 @@ def grade(
         typer.Option(
             "--output",
             "-o",
-            help="Write results as they finish to .csv, .json or .jsonl, or a FHIR Bundle to .fhir.json.",
+            help="Results as they finish: .csv, .json, .jsonl, .parquet, a FHIR Bundle .fhir.json; ray: a folder.",
         ),
     ] = None,
     output_sr: Annotated[
@@ -132,8 +100,10 @@ def grade(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
     model: ModelOption = None,
-    workers: Annotated[int, typer.Option(min=1, help="Threads reading and preparing images.")] = 2,
-    threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime threads.")] = 2,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Threads reading and preparing images (2); ray: model actors (1).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (2); ray: per actor (1).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
     pair_eyes: Annotated[
         bool,
@@ -143,8 +113,37 @@ def grade(
             "names PATIENT_left / PATIENT_right.",
         ),
     ] = False,
+    engine: Annotated[Engine, typer.Option(help="local: this process; ray: a Ray cluster (the cluster extra).")] = (
+        Engine.local
+    ),
+    address: Annotated[
+        str | None, typer.Option(help="ray: cluster to join (auto, HOST:PORT); default $RAY_ADDRESS or a private one.")
+    ] = None,
+    write_csv: Annotated[bool, typer.Option("--csv", help="ray: also write results.csv in --output.")] = False,
+    shard_rows: Annotated[int, typer.Option(min=1, help="ray: results per Parquet shard (a kill loses fewer).")] = 1000,
+    block_size: Annotated[int, typer.Option(min=1, help="ray: images per prepare task.")] = 32,
+    cpus_per_worker: Annotated[float | None, typer.Option(help="ray: CPUs reserved per model actor.")] = None,
 ) -> None:
-    """Grade fundus photographs; rows are written as each image finishes."""
+    """Grade fundus photographs; rows are written as each image finishes.
+
+    With ``--engine ray``, ``--output`` is a folder of Parquet shards that a second run resumes, and inputs
+    may also be manifest CSVs and s3:// URIs (docs/cluster.md).
+    """
+    if engine is Engine.ray:
+        if output is None or output_sr is not None or pair_eyes:
+            err.print(
+                "[red]--engine ray needs --output FOLDER (results are written there in shards) and takes neither "
+                "--output-sr nor --pair-eyes.[/red]"
+            )
+            raise typer.Exit(EXIT_USAGE)
+        from retinagrade.cluster import command
+
+        settings: dict[str, object] = {"model": model, "address": address, "workers": workers or 1}
+        settings.update(threads=threads or 1)
+        settings.update(cpus_per_worker=cpus_per_worker, shard_rows=shard_rows, block_size=block_size)
+        raise typer.Exit(command.run(paths, output, quiet=quiet, console=err, write_csv=write_csv, **settings))
+    workers = workers or 2
+    threads = threads or 2
     files = collect_images(paths)
     if not files:
         err.print("[red]No image files found.[/red]")

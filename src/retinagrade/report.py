@@ -240,7 +240,8 @@ def open_writer(
         raise NotADirectoryError(f"{target.parent} is not a folder") from None
     mode = ("w" if overwrite else "x") + ("b" if entry.binary else "")
     if entry.binary:
-        return _Closing(entry.factory(target.open(mode), *args), None)
+        binary = target.open(mode)
+        return _Closing(entry.factory(binary, *args), binary)
     # newline="" lets the csv module write its own line ends; backslashreplace keeps any odd text writable.
     stream = target.open(mode, encoding="utf-8", errors="backslashreplace", newline="")
     return _Closing(entry.factory(stream, *args), stream)
@@ -335,6 +336,34 @@ class JsonLinesWriter:
 
     def close(self) -> None:
         self._stream.flush()
+
+
+@register_writer("parquet", (".parquet",), binary=True)
+class ParquetFileWriter:
+    """Parquet in the cluster engine's table layout (:class:`retinagrade.cluster.records.ParquetWriter`).
+
+    pyarrow comes with the ``[cluster]`` extra. Unlike CSV, a Parquet file is readable only once closed:
+    Ctrl-C keeps its rows, a killed run does not (the cluster engine's shards are what survives a kill).
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        from retinagrade.cluster.records import ParquetWriter
+
+        self._writer = ParquetWriter(stream)
+
+    @staticmethod
+    def check() -> None:
+        """Raises ValueError when pyarrow (the [cluster] extra) is missing."""
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError("Parquet output needs the [cluster] extra: pip install 'retinagrade[cluster]'") from None
+
+    def write(self, record: ResultRecord) -> None:
+        self._writer.write(record)
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 #: CSV columns: the first twelve in the order the CLI has always written them, then the newer fields.
