@@ -431,6 +431,170 @@ def export(
     Console().print_json(json.dumps(report))
 
 
+SiteOption = Annotated[
+    Path | None,
+    typer.Option("--site", help="Site profile (.json from `retinagrade calibrate`): the site's operating point."),
+]
+
+
+def _local_sample(labels: list[Path]) -> list[Any]:
+    """The labelled photos of the label files (image,grade CSV, or the EyePACS / APTOS layouts)."""
+    from retinagrade.training.data import read_labels
+
+    try:
+        return [sample for path in labels for sample in read_labels(path)]
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]Cannot read the labels:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _grade_sample(pipeline: Any, samples: list[Any], workers: int) -> tuple[list[Any], float]:
+    import time
+
+    from retinagrade.training.validate_report import grade_paths
+
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("grading", total=len(samples))
+        outcomes = grade_paths(
+            pipeline, [s.path for s in samples], workers, on_progress=lambda n: progress.advance(task, n)
+        )
+    return outcomes, time.perf_counter() - start
+
+
+def _load_pipeline(model: Path | None, threads: int, site: Path | None) -> tuple[Any, Any]:
+    """The pipeline, with the site profile's operating point applied when one is given."""
+    from retinagrade.inference.site_profile import SiteProfile
+    from retinagrade.pipeline import GradingPipeline
+
+    try:
+        pipeline = GradingPipeline.load(model, threads=threads)
+        profile = SiteProfile.load(site) if site is not None else None
+        if profile is not None:
+            pipeline = pipeline.with_spec(profile.apply(pipeline.spec))
+    except RetinagradeError as exc:
+        err.print(f"[red]Cannot load the model or site profile:[/red] {exc.message}")
+        raise typer.Exit(3) from None
+    return pipeline, profile
+
+
+@app.command()
+def validate(
+    labels: Annotated[
+        list[Path], typer.Option(help="Label CSV(s): image,grade (paths relative to the CSV), EyePACS or APTOS.")
+    ],
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, report.html, PNGs, metrics.json).")] = Path(
+        "report"
+    ),
+    site: SiteOption = None,
+    model: ModelOption = None,
+    workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the kappa and AUC intervals.")] = 1000,
+) -> None:
+    """Grade locally labelled photos and write a report: sensitivity, specificity, QWK, AUC, pictures."""
+    try:
+        from retinagrade.training.validate_report import write_validation_report
+    except ImportError as exc:
+        err.print(f"[red]validate needs the [site] extra (pip install 'retinagrade[site]'): {exc}[/red]")
+        raise typer.Exit(2) from None
+    samples = _local_sample(labels)
+    pipeline, profile = _load_pipeline(model, threads, site)
+    outcomes, grading_s = _grade_sample(pipeline, samples, workers)
+    try:
+        report = write_validation_report(
+            samples,
+            outcomes,
+            pipeline.spec,
+            out,
+            site=profile,
+            labels=labels,
+            n_boot=bootstrap,
+            grading_seconds=grading_s,
+        )
+    except ValueError as exc:
+        err.print(f"[red]No report:[/red] {exc}")
+        raise typer.Exit(1) from None
+    from retinagrade.training.report import format_estimate
+
+    referable = report.metrics["referable"]
+    Console().print(
+        f"Site profile: {profile.name if profile else 'none (global operating point)'}\n"
+        f"Sensitivity {format_estimate(referable['sensitivity'])}, specificity "
+        f"{format_estimate(referable['specificity'])}, referable AUC {format_estimate(referable['auc'])}, "
+        f"QWK {format_estimate(report.metrics['qwk'])}"
+    )
+    err.print(
+        f"Graded {len(samples)} photos in {grading_s:.1f} s, report in {report.seconds:.1f} s: "
+        f"{report.files['html']}, {report.files['markdown']}"
+    )
+
+
+@app.command()
+def calibrate(
+    labels: Annotated[list[Path], typer.Option(help="Label CSV(s) of locally graded photos (any supported layout).")],
+    out: Annotated[Path, typer.Option(help="Site profile to write (.json).")] = Path("site.json"),
+    min_sensitivity: Annotated[
+        float, typer.Option(min=0.5, max=0.999, help="Target for the LOWER 95% confidence limit of sensitivity.")
+    ] = 0.90,
+    name: Annotated[str | None, typer.Option(help="Site name (default: the label file's folder name).")] = None,
+    model: ModelOption = None,
+    workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds within the sample.")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the kappa and AUC intervals.")] = 1000,
+) -> None:
+    """Fit the site's temperature, referable threshold and cut-points on local photos; write a site profile."""
+    import re
+
+    try:
+        from retinagrade.training.calibrate import calibrate_site, summary_rows
+        from retinagrade.training.validate_report import graded_arrays, observation
+    except ImportError as exc:
+        err.print(f"[red]calibrate needs the [site] extra (pip install 'retinagrade[site]'): {exc}[/red]")
+        raise typer.Exit(2) from None
+    site_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", labels[0].resolve().parent.name).strip("-._") or "site"
+    samples = _local_sample(labels)
+    pipeline, _ = _load_pipeline(model, threads, None)
+    outcomes, _ = _grade_sample(pipeline, samples, workers)
+    arrays = graded_arrays(samples, outcomes)
+    try:
+        profile = calibrate_site(
+            arrays.grades,
+            arrays.probs,
+            arrays.groups,
+            pipeline.spec,
+            name=site_name,
+            reported_grades=arrays.reported,
+            observations=[o for o in map(observation, outcomes) if o is not None],
+            n_images=len(samples),
+            min_sensitivity=min_sensitivity,
+            n_folds=folds,
+            n_boot=bootstrap,
+        )
+    except RetinagradeError as exc:
+        err.print(f"[red]Cannot calibrate:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    profile.save(out)
+    from rich.table import Table
+
+    table = Table("", "model's operating point", "site profile (cross-validated)", title=f"site {profile.name}")
+    for row in summary_rows(profile):
+        table.add_row(*row)
+    Console().print(table)
+    fit = profile.fit["referable_threshold"]
+    if not fit["bound_met"]:
+        err.print(
+            f"[yellow]The sample cannot show sensitivity >= {min_sensitivity:.2f} at 95% confidence "
+            f"({profile.sample['n_referable']} referable photos; lower limit "
+            f"{fit['sample_sensitivity_lower_bound']:.3f} "
+            "even when every one is referred). The threshold refers every referable photo of the sample; "
+            "grade more referable cases to tighten it.[/yellow]"
+        )
+    err.print(f"Wrote {out}")
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(envvar="RETINAGRADE_HOST")] = "127.0.0.1",

@@ -123,3 +123,24 @@ class DicomMultiFrameError(MultiFrameImageError):
 
     The same code as any other file of several pictures (a multi-page TIFF): a client handles one case.
     """
+
+
+class SiteProfileError(ModelError):
+    """A site profile is missing, malformed, or was fitted for another model (a deployment fault)."""
+
+    code = "site_profile_invalid"
+    http_status = 500
+
+
+class UnknownSiteError(InputError):
+    """A request named a site profile the service was not started with."""
+
+    code = "unknown_site"
+    http_status = 400
+
+
+class CalibrationSampleError(RetinagradeError):
+    """The local sample is too small (or too one-sided) to fit a site's operating point honestly."""
+
+    code = "calibration_sample_too_small"
+    http_status = 422

@@ -8,6 +8,7 @@ service schedules them itself); everyone else grades many images through the one
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections import deque
@@ -135,6 +136,17 @@ class GradingPipeline:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"quality-gate file {gate_path.name} is malformed: {exc!r}") from exc
         return cls(spec, gate, threads=threads, max_pixels=max_pixels)
+
+    def with_spec(self, spec: ModelSpec) -> GradingPipeline:
+        """The same loaded model and gate read with another operating point (a site profile applied).
+
+        Shares the ONNX Runtime session; only the spec's calibration, thresholds and decision may differ.
+        """
+        if spec.sha256 != self.spec.sha256 or spec.preprocess != self.spec.preprocess:
+            raise ModelError("a pipeline can only take a spec of the same model with the same preprocessing")
+        clone = copy.copy(self)
+        clone.spec = spec
+        return clone
 
     # -- stages -------------------------------------------------------------------------------------------
     def prepare(self, data: bytes) -> PreparedRequest:

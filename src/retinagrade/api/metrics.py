@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from retinagrade.constants import GRADE_NAMES
 from retinagrade.inference.model_spec import ModelSpec
+from retinagrade.monitoring.drift import DriftMonitor
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -68,6 +69,16 @@ class ServiceMetrics:
             ["name", "version", "sha256"],
             registry=r,
         )
+        self.drift_psi = Gauge(
+            "retinagrade_drift_psi",
+            "Population stability index of a monitored signal over the last images against the site's reference "
+            "(NaN until the window holds enough images).",
+            ["site", "signal"],
+            registry=r,
+        )
+        self.drift_window = Gauge(
+            "retinagrade_drift_window_images", "Images in a site's drift window.", ["site"], registry=r
+        )
         self._answered = 0
         self._ungradable = 0
         for status in ("graded", "ungradable", "not_fundus"):
@@ -77,6 +88,12 @@ class ServiceMetrics:
 
     def set_model(self, spec: ModelSpec) -> None:
         self.model_info.labels(spec.name, spec.version, spec.sha256).set(1)
+
+    def observe_drift(self, site: str, monitor: DriftMonitor) -> None:
+        """Publish the monitor's PSI per signal (called after each answer; the window is small)."""
+        for signal, value in monitor.psi().items():
+            self.drift_psi.labels(site, signal).set(value)
+        self.drift_window.labels(site).set(len(monitor))
 
     def observe_result(self, status: str, grade: int | None) -> None:
         self.results.labels(status).inc()

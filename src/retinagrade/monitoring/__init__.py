@@ -1,0 +1,1 @@
+"""Watching a deployment: drift of what the service sees against a reference."""
