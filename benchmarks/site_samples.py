@@ -14,7 +14,9 @@ photos are graded almost perfectly (AUC 1.0). Patients who also appear in ``eyep
 
 Paths in the CSVs are absolute, so the files can live anywhere. Usage::
 
-    python benchmarks/site_samples.py --out /tmp/site && retinagrade calibrate --labels /tmp/site/eyepacs-calibration.csv ...
+    python benchmarks/site_samples.py --out /tmp/site --calibration-photos 140
+    retinagrade calibrate --labels /tmp/site/eyepacs-calibration.csv --out /tmp/site/site.json
+    retinagrade validate --labels /tmp/site/eyepacs-rest.csv --out /tmp/site/rest-after --site /tmp/site/site.json
 """
 
 from __future__ import annotations

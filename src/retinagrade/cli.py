@@ -592,6 +592,13 @@ def calibrate(
             "even when every one is referred). The threshold refers every referable photo of the sample; "
             "grade more referable cases to tighten it.[/yellow]"
         )
+    specificity = (profile.metrics_after.get("referable") or {}).get("specificity") or {}
+    if specificity.get("value") is not None and specificity["value"] < 0.5:
+        err.print(
+            f"[yellow]At this site the model reaches the sensitivity target only by referring most healthy eyes "
+            f"(cross-validated specificity {specificity['value']:.2f}): its ranking of this camera's photos is too "
+            "weak (see the referable AUC). Do not deploy this model here on this profile alone.[/yellow]"
+        )
     err.print(f"Wrote {out}")
 
 

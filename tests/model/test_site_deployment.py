@@ -101,7 +101,17 @@ def test_calibrate_then_validate_and_grade_with_the_site_profile(
 
     result = runner.invoke(
         app,
-        ["calibrate", "--labels", str(calibration), "--out", str(site), "--name", "clinic-a", "--model", str(model_path)],
+        [
+            "calibrate",
+            "--labels",
+            str(calibration),
+            "--out",
+            str(site),
+            "--name",
+            "clinic-a",
+            "--model",
+            str(model_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     profile = json.loads(site.read_text())
