@@ -24,6 +24,7 @@ from retinagrade.api.middleware import RequestContextMiddleware
 from retinagrade.api.routes import docs, explain, grade, health, model, ui
 from retinagrade.api.service import GradingService, warm_up
 from retinagrade.api.settings import Settings
+from retinagrade.api.sites import SiteRegistry
 from retinagrade.errors import ModelError
 from retinagrade.pipeline import GradingPipeline
 
@@ -43,12 +44,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipeline = await asyncio.to_thread(GradingPipeline.load, settings.model, settings.threads, settings.max_pixels)
         batch_sizes = (1, settings.max_batch_size if settings.batching else 1)
         app.state.warmup_ms = await asyncio.to_thread(warm_up, pipeline, batch_sizes)
+        sites = await asyncio.to_thread(
+            SiteRegistry.load,
+            pipeline,
+            list(settings.site_profiles),
+            settings.default_site,
+            settings.drift_window,
+            settings.drift_min_images,
+        )
     except ModelError as exc:
         logger.critical("cannot start the grading service: %s", exc.message)
         if audit is not None:
             audit.close()
         raise
-    service = GradingService(pipeline, settings, app.state.metrics, audit)
+    service = GradingService(pipeline, settings, app.state.metrics, audit, sites)
     service.start()
     app.state.metrics.set_model(pipeline.spec)
     app.state.service = service
@@ -60,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "model_version": pipeline.spec.version,
             "warmup_ms": app.state.warmup_ms,
             "batching": settings.batching,
+            "sites": sorted(sites.sites),
         },
     )
     try:

@@ -81,6 +81,9 @@ class GradeResponse(BaseModel):
     confidence: float | None = None
     quality: Quality
     model: ModelRef
+    site: str | None = Field(
+        None, description="The site profile whose operating point graded the image; null: the model's global one."
+    )
     image: ImageInfo
     timings_ms: Timings
     explanation: Explanation | None = None

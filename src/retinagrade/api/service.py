@@ -31,9 +31,11 @@ from retinagrade.api.intake import BodyIntake, BodyPace, ByteBudget
 from retinagrade.api.metrics import ServiceMetrics
 from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, ResultStatus, Timings
 from retinagrade.api.settings import Settings
+from retinagrade.api.sites import Site, SiteRegistry
 from retinagrade.constants import NUM_GRADES
 from retinagrade.errors import ImageTooLargeError, InputError, ModelError
 from retinagrade.explain.heatmap import encode_png, overlay
+from retinagrade.monitoring.drift import Observation
 from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
 from retinagrade.preprocessing.decode import decoded_bytes
 from retinagrade.report import ResultRecord, to_record
@@ -100,9 +102,15 @@ class GradingService:
     """The loaded pipeline with its thread pools, batcher, admission control, metrics and audit trail."""
 
     def __init__(
-        self, pipeline: GradingPipeline, settings: Settings, metrics: ServiceMetrics, audit: AuditStore | None
+        self,
+        pipeline: GradingPipeline,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        audit: AuditStore | None,
+        sites: SiteRegistry | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.sites = sites or SiteRegistry.load(pipeline, [])
         self.settings = settings
         self.metrics = metrics
         self.audit = audit
@@ -207,9 +215,11 @@ class GradingService:
         request_id: str,
         started: float,
         explain: bool,
+        site: Site,
         client_request_id: str | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None]:
-        result = self.pipeline.finish(request, outputs, explain=explain)  # type: ignore[arg-type]
+        # The site's pipeline shares the model; only its operating point (calibration, thresholds) differs.
+        result = site.pipeline.finish(request, outputs, explain=explain)  # type: ignore[arg-type]
         png = None
         if result.heatmap is not None:
             loop = asyncio.get_running_loop()
@@ -218,7 +228,10 @@ class GradingService:
             )
         result.timings_ms["total"] = round((time.perf_counter() - started) * 1000.0, 2)
         self.metrics.observe_result(result.status, result.decision.grade if result.decision else None)
-        return result, self.to_response(result, request_id, png, client_request_id), png
+        if site.drift is not None:
+            site.drift.observe(Observation.of(result))
+            self.metrics.observe_drift(site.metric_label, site.drift)
+        return result, self.to_response(result, request_id, png, client_request_id, site.name), png
 
     async def _record(self, pairs: list[tuple[GradeResult, GradeResponse]]) -> None:
         if self.audit is None or not pairs:
@@ -261,15 +274,22 @@ class GradingService:
         started: float,
         explain: bool = False,
         client_request_id: str | None = None,
+        site: str | None = None,
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
         Raises:
-            InputError: the bytes are not a readable image of an accepted kind and size.
+            InputError: the bytes are not a readable image of an accepted kind and size, or ``site`` names no
+                loaded site profile.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
         _, response, png = await self.grade_result(
-            data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+            data,
+            request_id=request_id,
+            started=started,
+            explain=explain,
+            client_request_id=client_request_id,
+            site=site,
         )
         return response, png
 
@@ -281,15 +301,19 @@ class GradingService:
         started: float,
         explain: bool = False,
         client_request_id: str | None = None,
+        site: str | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None]:
         """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
+        chosen = self.sites.resolve(site)
         try:
             request = await self._prepare(data)
         except InputError as exc:
             self.metrics.input_errors.labels(exc.code).inc()
             raise
         (outputs,) = await self.batcher.infer([request])
-        result, response, png = await self._respond(request, outputs, request_id, started, explain, client_request_id)
+        result, response, png = await self._respond(
+            request, outputs, request_id, started, explain, chosen, client_request_id
+        )
         await self._record([(result, response)])
         return result, response, png
 
@@ -301,10 +325,16 @@ class GradingService:
         started: float,
         explain: bool = False,
         client_request_id: str | None = None,
+        site: str | None = None,
     ) -> list[GradeResponse | InputError]:
         """Grade several images; an unreadable one yields its error and never fails the others."""
         answers = await self.grade_many_results(
-            images, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+            images,
+            request_id=request_id,
+            started=started,
+            explain=explain,
+            client_request_id=client_request_id,
+            site=site,
         )
         return [a if isinstance(a, InputError) else a[1] for a in answers]
 
@@ -316,8 +346,10 @@ class GradingService:
         started: float,
         explain: bool = False,
         client_request_id: str | None = None,
+        site: str | None = None,
     ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
         """As :meth:`grade_many`, with each image's pipeline result beside its response."""
+        chosen = self.sites.resolve(site)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
@@ -330,7 +362,7 @@ class GradingService:
                 answers.append(item)
                 continue
             result, response, _ = await self._respond(
-                item, next(outputs), f"{request_id}.{index}", started, explain, client_request_id
+                item, next(outputs), f"{request_id}.{index}", started, explain, chosen, client_request_id
             )
             pairs.append((result, response))
             answers.append((result, response))
@@ -338,7 +370,12 @@ class GradingService:
         return answers
 
     def to_response(
-        self, result: GradeResult, request_id: str, png: bytes | None, client_request_id: str | None = None
+        self,
+        result: GradeResult,
+        request_id: str,
+        png: bytes | None,
+        client_request_id: str | None = None,
+        site: str = "",
     ) -> GradeResponse:
         """The HTTP answer, built from the same :class:`~retinagrade.report.ResultRecord` as every report."""
         record = to_record(request_id, result)
@@ -372,6 +409,7 @@ class GradingService:
                 reasons=list(record.reasons),
             ),
             model=self.model_ref,
+            site=record.site or None,
             image=ImageInfo(sha256=record.sha256, width=result.original_size[0], height=result.original_size[1]),
             timings_ms=Timings(
                 decode=timings.get("decode", 0.0),

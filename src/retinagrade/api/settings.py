@@ -108,10 +108,21 @@ class Settings(BaseSettings):
     metrics_host: str | None = Field(
         default=None, description="Address of the /metrics listener; default: the API's address."
     )
+    site_profiles: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated site profiles (retinagrade calibrate); empty: the model's global operating point.",
+    )
+    default_site: str | None = Field(
+        default=None, description="Site for requests that name none (X-Retinagrade-Site); needed with several profiles."
+    )
+    drift_window: int = Field(default=500, ge=10, description="Answers per site in the drift watch's rolling window.")
+    drift_min_images: int = Field(
+        default=100, ge=1, description="Images a signal needs in the window before its drift PSI is published."
+    )
     heatmap_opacity: float = Field(default=0.45, ge=0.0, le=1.0, description="Opacity of the heatmap overlay.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "site_profiles", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

@@ -47,7 +47,10 @@ SINGLE_IMAGE_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "site": {"type": "string", "description": "Site profile (as X-Retinagrade-Site)."},
+                    },
                 },
             },
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_TYPES},
@@ -72,6 +75,7 @@ BATCH_BODY: dict[str, Any] = {
                             "type": "array",
                             "items": {"type": "string", "maxLength": MAX_PATIENT_ID, "pattern": "^[\\x20-\\x7e]*$"},
                         },
+                        "site": {"type": "string", "description": "Site profile (as X-Retinagrade-Site)."},
                     },
                 },
             }
@@ -168,6 +172,14 @@ async def _batch_form(request: Request, max_images: int) -> FormData:
         if exc.status_code == 400 and "Too many files" in str(exc.detail):
             raise RequestTooLargeError(f"A batch holds at most {max_images} images; this one has more.") from None
         raise
+
+
+async def form_field(request: Request, name: str) -> str | None:
+    """A text field of a multipart body that was already read (Starlette keeps the parsed form)."""
+    if _media_type(request) != "multipart/form-data":
+        return None
+    value = (await request.form()).get(name)
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def _eye(value: str, index: int) -> Eye | None:

@@ -25,11 +25,14 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from retinagrade.constants import NUM_GRADES
+
+if TYPE_CHECKING:
+    from retinagrade.pipeline import GradeResult
 
 REFERENCE_FORMAT = "retinagrade-drift-reference/1"
 SIGNALS: tuple[str, ...] = ("p_referable", "quality", "ungradable", "not_fundus", "grade")
@@ -59,6 +62,16 @@ class Observation:
     quality: float | None
     p_referable: float | None = None
     grade: int | None = None
+
+    @classmethod
+    def of(cls, result: GradeResult) -> Observation:
+        decision = result.decision
+        return cls(
+            status=result.status,
+            quality=result.quality.score,
+            p_referable=None if decision is None else decision.p_referable,
+            grade=None if decision is None else decision.grade,
+        )
 
 
 @dataclass(frozen=True)

@@ -87,15 +87,7 @@ def grade_paths(
 
 def observation(outcome: Outcome) -> Observation | None:
     """What the drift watch keeps of one outcome; None for a file that never decoded."""
-    if not isinstance(outcome, GradeResult):
-        return None
-    decision = outcome.decision
-    return Observation(
-        status=outcome.status,
-        quality=outcome.quality.score,
-        p_referable=None if decision is None else decision.p_referable,
-        grade=None if decision is None else decision.grade,
-    )
+    return Observation.of(outcome) if isinstance(outcome, GradeResult) else None
 
 
 @dataclass(frozen=True)

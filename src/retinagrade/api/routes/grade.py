@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.interop import (
@@ -18,13 +18,20 @@ from retinagrade.api.interop import (
     sr_response,
 )
 from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, EyeSummary, GradeResponse, PatientReferral
-from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, read_batch, read_image
+from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, form_field, read_batch, read_image
 from retinagrade.errors import InputError
 from retinagrade.referral import TaggedOutcome, patient_referrals
 
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
 
 ExplainQuery = Annotated[bool, Query(description="Add a heatmap of the model's evidence (PNG, base64).")]
+SiteHeader = Annotated[
+    str | None,
+    Header(
+        alias="X-Retinagrade-Site",
+        description="Site profile to grade with (RETINAGRADE_SITE_PROFILES); default: the configured default site.",
+    ),
+]
 
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody, "description": text}
@@ -55,6 +62,7 @@ async def grade(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    site: SiteHeader = None,
 ) -> Any:
     """An ungradable or non-fundus image is a 200 with that ``status``, not an error.
 
@@ -71,7 +79,12 @@ async def grade(
             require_dicom(data)
         with service.admit(1):
             result, response, _ = await service.grade_result(
-                data, request_id=request_id, started=started, explain=explain, client_request_id=client_request_id
+                data,
+                request_id=request_id,
+                started=started,
+                explain=explain,
+                client_request_id=client_request_id,
+                site=site or await form_field(body, "site"),
             )
     if wanted == "json":
         return response
@@ -96,6 +109,7 @@ async def grade_batch(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    site: SiteHeader = None,
 ) -> Any:
     """Each image gets a result or an error of its own; one bad file never fails the others.
 
@@ -113,6 +127,7 @@ async def grade_batch(
                 started=started,
                 explain=explain,
                 client_request_id=client_request_id,
+                site=site or await form_field(body, "site"),
             )
     items = []
     outcomes = []

@@ -13,4 +13,4 @@ router = APIRouter(prefix="/v1", tags=["model"])
 
 @router.get("/model", summary="The model card (name, version, sha256, training, metrics, limitations)")
 def model_card(service: ServiceDep) -> dict[str, Any]:
-    return service.pipeline.spec.public_card()
+    return {**service.pipeline.spec.public_card(), **service.sites.cards()}

@@ -209,9 +209,11 @@
   }
 
   function describeModel(card) {
-    const line = `Model: ${card.name} · version ${card.version}`;
+    const site = siteProfile(card);
+    const siteText = site ? ` · site profile ${site.name} (fitted ${site.created})` : "";
+    const line = `Model: ${card.name} · version ${card.version}${siteText}`;
     $("model-line").textContent = line;
-    $("report-model").textContent = `${card.name}, version ${card.version}`;
+    $("report-model").textContent = `${card.name}, version ${card.version}${site ? `, site profile ${site.name}` : ""}`;
     $("intended-use").textContent = card.intended_use ? `Intended use: ${card.intended_use}` : "";
     $("operating-point").textContent = operatingPoint(card);
     if (!card.metrics || Object.keys(card.metrics).length === 0) {
@@ -219,11 +221,21 @@
     }
   }
 
+  // The profile of the site this page grades under (the service's default site), if any.
+  function siteProfile(card) {
+    return (card.site_profiles || []).find((profile) => profile.name === card.default_site) || null;
+  }
+
   function operatingPoint(card) {
     const ref = card.referable || {};
     const min = ref.min_grade;
     const names = card.grade_names || [];
     let text = typeof min === "number" ? `Referable means grade ${min} (${names[min]}) or worse` : "Referable";
+    const site = siteProfile(card);
+    if (site) {
+      return `${text}; this site's operating point (profile ${site.name}, fitted on ${site.sample.n_graded} local `
+        + `photos): probability of referable disease at least ${site.parameters.referable_threshold.toFixed(2)}.`;
+    }
     const parts = [];
     if (typeof ref.threshold === "number") parts.push(`probability of referable disease at least ${ref.threshold.toFixed(2)}`);
     if (typeof ref.sensitivity_out_of_fold === "number") parts.push(`sensitivity ${percent(ref.sensitivity_out_of_fold)}`);
