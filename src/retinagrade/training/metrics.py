@@ -21,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
-from scipy.stats import norm
-from sklearn.metrics import roc_auc_score, roc_curve
+from scipy.stats import norm, rankdata
+from sklearn.metrics import roc_curve
 
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
 from retinagrade.inference import postprocess
@@ -569,9 +569,15 @@ def bootstrap_ci(
 
 
 def _auc_or_nan(referable_true: npt.NDArray[Any], scores: npt.NDArray[Any]) -> float:
-    if referable_true.all() or not referable_true.any():
+    positives = np.asarray(referable_true, dtype=bool)
+    if positives.all() or not positives.any():
         return math.nan
-    return float(roc_auc_score(referable_true, scores))
+    # ROC AUC in its Mann-Whitney form, equal to roc_auc_score (ties count one half): the bootstrap calls this
+    # a thousand times per report, and roc_auc_score's input checks cost thirty times the arithmetic.
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def _finite_or_none(value: float) -> float | None:

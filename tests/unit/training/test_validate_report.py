@@ -1,0 +1,63 @@
+"""Pieces of the validation report that need no model: refusals by grade, the HTML page, the fast AUC."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from retinagrade.errors import CorruptImageError
+from retinagrade.inference.postprocess import GradeDecision
+from retinagrade.pipeline import GradeResult
+from retinagrade.preprocessing.quality import QualityAssessment
+from retinagrade.training import metrics
+from retinagrade.training.data import Sample
+from retinagrade.training.validate_report import graded_arrays, refusals_by_grade, render_html
+
+
+def _result(status: str, grade: int | None = None) -> GradeResult:
+    quality = QualityAssessment(is_fundus=status != "not_fundus", gradable=status == "graded", score=0.8, reasons=())
+    decision = None
+    if grade is not None:
+        probs = tuple(0.6 if k == grade else 0.1 for k in range(5))
+        decision = GradeDecision(grade, "x", grade >= 2, probs, sum(probs[2:]), 0.6)
+    return GradeResult(status, quality, decision, "0" * 64, (10, 10), {})  # type: ignore[arg-type]
+
+
+def test_refusals_are_counted_by_the_local_grade_and_metrics_use_graded_photos_only() -> None:
+    samples = [Sample(Path(f"{i}.jpg"), g, str(i), "site") for i, g in enumerate([0, 0, 2, 2, 4])]
+    outcomes = [
+        _result("graded", 0),
+        _result("ungradable"),
+        _result("graded", 3),
+        _result("not_fundus"),
+        CorruptImageError("broken"),
+    ]
+    rows = {r["grade"]: r for r in refusals_by_grade(samples, outcomes)}
+    assert (rows[0]["images"], rows[0]["graded"], rows[0]["ungradable"], rows[0]["refused_rate"]) == (2, 1, 1, 0.5)
+    assert (rows[2]["not_fundus"], rows[4]["error"], rows[4]["refused_rate"]) == (1, 1, 1.0)
+    assert rows[1]["images"] == 0 and rows[1]["refused_rate"] is None
+    arrays = graded_arrays(samples, outcomes)
+    assert arrays.index.tolist() == [0, 2] and arrays.grades.tolist() == [0, 2] and arrays.reported.tolist() == [0, 3]
+    assert arrays.probs.shape == (2, 5)
+
+
+def test_html_page_inlines_its_pictures(tmp_path: Path) -> None:
+    png = tmp_path / "roc.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    page = render_html("# Title\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n![ROC](roc.png)\n", "T & co", {"roc": png})
+    assert f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"' in page
+    assert "<table>" in page and "<title>T &amp; co</title>" in page
+    assert "<2>" not in page  # Markdown text is escaped, not trusted as HTML
+
+
+def test_the_bootstrap_auc_equals_scikit_learns_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = rng.random(200) < 0.3
+        scores = np.round(rng.random(200) + truth * 0.3, 1)  # many ties
+        assert metrics._auc_or_nan(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+    assert np.isnan(metrics._auc_or_nan(np.ones(5, bool), np.arange(5.0)))
