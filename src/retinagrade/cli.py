@@ -80,6 +80,12 @@ def _note(record: ResultRecord) -> str:
     return record.error_message if record.status == "error" else ", ".join(record.reasons)
 
 
+SiteOption = Annotated[
+    Path | None,
+    typer.Option("--site", help="Site profile (.json from `retinagrade calibrate`): the site's operating point."),
+]
+
+
 @app.command(
     epilog="Exit codes: 0 all graded; 1 some files had errors; 2 usage (bad arguments, no images, the output "
     "exists or cannot be created); 3 the run failed (model, writing); 130 interrupted (finished rows are kept)."
@@ -123,6 +129,7 @@ def grade(
     shard_rows: Annotated[int, typer.Option(min=1, help="ray: results per Parquet shard (a kill loses fewer).")] = 1000,
     block_size: Annotated[int, typer.Option(min=1, help="ray: images per prepare task.")] = 32,
     cpus_per_worker: Annotated[float | None, typer.Option(help="ray: CPUs reserved per model actor.")] = None,
+    site: SiteOption = None,
 ) -> None:
     """Grade fundus photographs; rows are written as each image finishes.
 
@@ -135,6 +142,9 @@ def grade(
                 "[red]--engine ray needs --output FOLDER (results are written there in shards) and takes neither "
                 "--output-sr nor --pair-eyes.[/red]"
             )
+            raise typer.Exit(EXIT_USAGE)
+        if site is not None:
+            err.print("[red]--site is not supported with --engine ray yet; grade with the local engine.[/red]")
             raise typer.Exit(EXIT_USAGE)
         from retinagrade.cluster import command
 
@@ -152,9 +162,23 @@ def grade(
     write_sr = _sr_writer(output_sr, context)
     writer = _open_output(output, overwrite, context)
     pipeline = _load_pipeline(model, threads, writer, output)
+    profile = None
+    if site is not None:
+        pipeline, profile = _with_site(pipeline, site, writer, output)
+        if not quiet:
+            err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
     records: list[ResultRecord] = []
     try:
-        code = _grade_into(pipeline, files, writer, records, workers=workers, quiet=quiet, also=write_sr)
+        code = _grade_into(
+            pipeline,
+            files,
+            writer,
+            records,
+            workers=workers,
+            quiet=quiet,
+            also=write_sr,
+            site=profile.name if profile else "",
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -429,12 +453,6 @@ def export(
 
     report = export_run(run_dir, out, gate, parity_images=parity_image)
     Console().print_json(json.dumps(report))
-
-
-SiteOption = Annotated[
-    Path | None,
-    typer.Option("--site", help="Site profile (.json from `retinagrade calibrate`): the site's operating point."),
-]
 
 
 def _local_sample(labels: list[Path]) -> list[Any]:

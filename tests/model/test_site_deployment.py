@@ -142,3 +142,23 @@ def test_calibrate_then_validate_and_grade_with_the_site_profile(
     with (out / "predictions.csv").open(newline="") as fh:
         predictions = list(csv.DictReader(fh))
     assert len(predictions) == 30 and {p["site"] for p in predictions} == {"clinic-a"}
+
+    graded = tmp_path / "graded.csv"
+    images = [r["image"] for r in csv.DictReader(check.open())][:3]
+    result = runner.invoke(
+        app, ["grade", *images, "--site", str(site), "--model", str(model_path), "--output", str(graded), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    with graded.open(newline="") as fh:
+        assert {row["site"] for row in csv.DictReader(fh)} == {"clinic-a"}
+
+
+def test_grade_refuses_a_profile_made_for_another_model(tmp_path: Path, shared_data: Path, model_path: Path) -> None:
+    from retinagrade.inference.site_profile import SiteProfile
+
+    site = SiteProfile("old", "0" * 64, "2026-01-01", 1.0, 0.3).save(tmp_path / "old.json")
+    photo = shared_data / "raw-fundus-samples/images/16_right.jpeg"
+    result = runner.invoke(app, ["grade", str(photo), "--site", str(site), "--model", str(model_path)])
+    assert result.exit_code == 3
+    assert "fitted for model" in result.output
+
