@@ -161,4 +161,3 @@ def test_grade_refuses_a_profile_made_for_another_model(tmp_path: Path, shared_d
     result = runner.invoke(app, ["grade", str(photo), "--site", str(site), "--model", str(model_path)])
     assert result.exit_code == 3
     assert "fitted for model" in result.output
-
