@@ -610,6 +610,12 @@ def calibrate(
             "even when every one is referred). The threshold refers every referable photo of the sample; "
             "grade more referable cases to tighten it.[/yellow]"
         )
+    if not 0.06 < profile.temperature < 19.0:
+        err.print(
+            f"[yellow]The fitted temperature {profile.temperature:.3f} sits at the end of its search range: the "
+            "model is (almost) always right or always wrong on these photos. Are they part of its training "
+            "data?[/yellow]"
+        )
     specificity = (profile.metrics_after.get("referable") or {}).get("specificity") or {}
     if specificity.get("value") is not None and specificity["value"] < 0.5:
         err.print(
