@@ -136,7 +136,9 @@ def test_site_profiles_are_read_from_the_environment(
     assert settings.site_profiles == [a, b] and settings.default_site == "b"
 
 
-def test_drift_gauges_appear_per_site_on_metrics(two_sites: Settings, fundus_jpeg: bytes) -> None:
+def test_drift_gauges_appear_per_site_on_metrics(
+    two_sites: Settings, fundus_jpeg: bytes, metrics_text: Callable[[TestClient], str]
+) -> None:
     with TestClient(create_app(two_sites)) as client:
         for _ in range(3):
             client.post(
@@ -144,7 +146,7 @@ def test_drift_gauges_appear_per_site_on_metrics(two_sites: Settings, fundus_jpe
                 files={"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")},
                 headers={"X-Retinagrade-Site": "refer-all"},
             )
-        text = client.get("/metrics").text
+        text = metrics_text(client)
     lines = [line for line in text.splitlines() if line.startswith("retinagrade_drift_psi{")]
     values = {line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
     quality = values['signal="quality",site="refer-all"']
