@@ -212,6 +212,8 @@ def calibrate_site(
     group_labels = np.asarray(groups)
     reported = np.asarray(reported_grades, dtype=np.int64)
     check_sample(y)
+    if observations and sum(o.status == "graded" for o in observations) != len(y):
+        raise ValueError("observations must hold one graded entry per graded image, in the same order")
     # The probabilities are softmax(logits / T_spec): logits are recovered up to a per-row constant, which
     # no softmax sees. The floor keeps an underflowed probability finite.
     logits = np.log(np.maximum(p_spec, 1e-300)) * spec.temperature
