@@ -86,6 +86,9 @@
     not_ready: "The grading service is still starting. Wait a few seconds and try again.",
     not_found: "The grading service does not offer this function. It may be an older version.",
     internal_error: "The grading service failed. Try again; if it keeps failing, tell your IT support.",
+    unknown_site: "The grading service has no site profile of that name. Ask your IT support which sites it serves.",
+    site_profile_invalid: "The grading service's site profile does not fit its model. Tell your IT support.",
+    calibration_sample_too_small: "Too few graded photos to calibrate the site. See the site deployment guide.",
     network: "The grading service cannot be reached. Check that it is running and try again.",
   };
   const STATUS_CODES = { 400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "request_too_large",
