@@ -10,8 +10,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from retinagrade.errors import CorruptImageError
-from retinagrade.inference.postprocess import GradeDecision
+from retinagrade.inference.model_spec import Decision, ModelSpec
+from retinagrade.inference.postprocess import decide_grade
 from retinagrade.pipeline import GradeResult
+from retinagrade.preprocessing.pipeline import PreprocessConfig
 from retinagrade.preprocessing.quality import QualityAssessment
 from retinagrade.training import metrics
 from retinagrade.training.data import Sample
@@ -22,8 +24,10 @@ def _result(status: str, grade: int | None = None) -> GradeResult:
     quality = QualityAssessment(is_fundus=status != "not_fundus", gradable=status == "graded", score=0.8, reasons=())
     decision = None
     if grade is not None:
-        probs = tuple(0.6 if k == grade else 0.1 for k in range(5))
-        decision = GradeDecision(grade, "x", grade >= 2, probs, sum(probs[2:]), 0.6)
+        spec = ModelSpec("m", "1", "m.onnx", "", PreprocessConfig(), 1.0, Decision("argmax"), 0.5)
+        logits = np.log([0.6 if k == grade else 0.1 for k in range(5)])
+        decision = decide_grade(logits, 0.0, spec)
+        assert decision.grade == grade
     return GradeResult(status, quality, decision, "0" * 64, (10, 10), {})  # type: ignore[arg-type]
 
 
