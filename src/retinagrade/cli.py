@@ -488,13 +488,17 @@ def _load_pipeline(model: Path | None, threads: int, site: Path | None) -> tuple
 
     try:
         pipeline = GradingPipeline.load(model, threads=threads)
-        profile = SiteProfile.load(site) if site is not None else None
-        if profile is not None:
-            pipeline = pipeline.with_spec(profile.apply(pipeline.spec))
     except RetinagradeError as exc:
-        err.print(f"[red]Cannot load the model or site profile:[/red] {exc.message}")
+        err.print(f"[red]Cannot load the model:[/red] {exc.message}")
         raise typer.Exit(3) from None
-    return pipeline, profile
+    if site is None:
+        return pipeline, None
+    try:
+        profile = SiteProfile.load(site)
+        return pipeline.with_spec(profile.apply(pipeline.spec)), profile
+    except RetinagradeError as exc:
+        err.print(f"[red]Cannot use the site profile:[/red] {exc.message}")
+        raise typer.Exit(3) from None
 
 
 @app.command()
