@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Final, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO
 
 import typer
 from rich.console import Console
@@ -30,6 +30,7 @@ from retinagrade.errors import RetinagradeError
 from retinagrade.files import collect_images
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
+    from retinagrade.inference.site_profile import SiteProfile
     from retinagrade.pipeline import GradingPipeline
     from retinagrade.referral import Eye
     from retinagrade.report import ResultRecord, ResultWriter, RunContext
@@ -273,6 +274,7 @@ def _grade_into(
     workers: int,
     quiet: bool,
     also: Callable[[Path, ResultRecord], None] | None = None,
+    site: str = "",
 ) -> int:
     """Grade ``files``, writing and collecting each record as it finishes; returns the exit code so far.
 
@@ -285,7 +287,7 @@ def _grade_into(
         with Progress(*columns, console=err, disable=quiet) as progress:
             task = progress.add_task("grading", total=len(files))
             for path, outcome in pipeline.grade_paths(files, workers=workers):
-                record = to_record(path, outcome)
+                record = to_record(path, outcome, site=site)
                 if writer is not None:
                     writer.write(record)
                 if also is not None:
@@ -463,42 +465,47 @@ def _local_sample(labels: list[Path]) -> list[Any]:
         return [sample for path in labels for sample in read_labels(path)]
     except (OSError, ValueError) as exc:
         err.print(f"[red]Cannot read the labels:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
 
 
-def _grade_sample(pipeline: Any, samples: list[Any], workers: int) -> tuple[list[Any], float]:
+def _grade_sample(pipeline: GradingPipeline, samples: list[Any], workers: int) -> tuple[list[Any], float]:
+    """Every labelled photo's outcome, in order, through the batch engine, with a progress bar."""
     import time
 
-    from retinagrade.training.validate_report import grade_paths
-
     start = time.perf_counter()
+    outcomes: list[Any] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err) as progress:
         task = progress.add_task("grading", total=len(samples))
-        outcomes = grade_paths(
-            pipeline, [s.path for s in samples], workers, on_progress=lambda n: progress.advance(task, n)
-        )
+        for _, outcome in pipeline.grade_paths([s.path for s in samples], workers=workers):
+            outcomes.append(outcome)
+            progress.advance(task)
     return outcomes, time.perf_counter() - start
 
 
-def _load_pipeline(model: Path | None, threads: int, site: Path | None) -> tuple[Any, Any]:
-    """The pipeline, with the site profile's operating point applied when one is given."""
+def _with_site(
+    pipeline: GradingPipeline, site: Path, writer: ResultWriter | None = None, output: Path | None = None
+) -> tuple[GradingPipeline, SiteProfile]:
+    """The pipeline read with the site profile's operating point; a profile for another model stops the run."""
     from retinagrade.inference.site_profile import SiteProfile
-    from retinagrade.pipeline import GradingPipeline
 
-    try:
-        pipeline = GradingPipeline.load(model, threads=threads)
-    except RetinagradeError as exc:
-        err.print(f"[red]Cannot load the model:[/red] {exc.message}")
-        raise typer.Exit(3) from None
-    if site is None:
-        return pipeline, None
     try:
         profile = SiteProfile.load(site)
         return pipeline.with_spec(profile.apply(pipeline.spec)), profile
     except RetinagradeError as exc:
-        err.print(f"[red]Cannot use the site profile:[/red] {exc.message}")
-        raise typer.Exit(3) from None
+        err.print(f"[red]Cannot use the site profile:[/red] {escape(exc.message)}")
+        if writer is not None and output is not None:
+            writer.close()
+            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
+        raise typer.Exit(EXIT_RUN_FAILED) from None
+
+
+def _site_pipeline(model: Path | None, threads: int, site: Path | None) -> tuple[GradingPipeline, SiteProfile | None]:
+    """The pipeline, with the site profile's operating point applied when one is given."""
+    pipeline = _load_pipeline(model, threads, None, None)
+    if site is None:
+        return pipeline, None
+    return _with_site(pipeline, site)
 
 
 @app.command()
@@ -522,7 +529,7 @@ def validate(
         err.print(f"[red]validate needs the [site] extra (pip install 'retinagrade[site]'): {exc}[/red]")
         raise typer.Exit(2) from None
     samples = _local_sample(labels)
-    pipeline, profile = _load_pipeline(model, threads, site)
+    pipeline, profile = _site_pipeline(model, threads, site)
     outcomes, grading_s = _grade_sample(pipeline, samples, workers)
     try:
         report = write_validation_report(
@@ -578,7 +585,7 @@ def calibrate(
         raise typer.Exit(2) from None
     site_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", labels[0].resolve().parent.name).strip("-._") or "site"
     samples = _local_sample(labels)
-    pipeline, _ = _load_pipeline(model, threads, None)
+    pipeline, _ = _site_pipeline(model, threads, None)
     outcomes, _ = _grade_sample(pipeline, samples, workers)
     arrays = graded_arrays(samples, outcomes)
     try:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from retinagrade.api.metrics import ServiceMetrics
 from retinagrade.cli import app
 from retinagrade.monitoring.drift import PSI_ALERT, DriftMonitor, build_reference
-from retinagrade.training.validate_report import grade_paths, observation
+from retinagrade.training.validate_report import observation
 
 pytestmark = pytest.mark.shared_data
 runner = CliRunner()
@@ -45,7 +45,7 @@ def test_photos_from_another_source_raise_the_drift_gauge_past_the_alert_level(
     eyepacs = _pick(_rows(shared_data, "eyepacs-256-graded"), 120, seed=0)
 
     def observations(rows: list[dict[str, str]]) -> list:
-        outcomes = grade_paths(grading_pipeline, [Path(r["image"]) for r in rows])
+        outcomes = [o for _, o in grading_pipeline.grade_paths([Path(r["image"]) for r in rows])]
         return [o for o in map(observation, outcomes) if o is not None]
 
     reference = build_reference(observations(aptos[:120]))

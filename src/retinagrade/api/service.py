@@ -249,7 +249,7 @@ class GradingService:
                 status=result.status,
                 grade=response.grade,
                 referable=response.referable,
-                result=to_record(response.request_id, result).without_identifiers(),
+                result=to_record(response.request_id, result, site=response.site or "").without_identifiers(),
             )
             for result, response in pairs
         ]
@@ -378,7 +378,7 @@ class GradingService:
         site: str = "",
     ) -> GradeResponse:
         """The HTTP answer, built from the same :class:`~retinagrade.report.ResultRecord` as every report."""
-        record = to_record(request_id, result)
+        record = to_record(request_id, result, site=site)
         timings = result.timings_ms
         explanation = None
         if png is not None and result.heatmap is not None and result.crop is not None:

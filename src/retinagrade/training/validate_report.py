@@ -17,8 +17,7 @@ import csv
 import html
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
-from retinagrade.errors import InputError, RetinagradeError
+from retinagrade.errors import RetinagradeError
 from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.site_profile import SiteProfile
 from retinagrade.monitoring.drift import Observation
-from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
+from retinagrade.pipeline import GradeResult
 from retinagrade.training import metrics as m
 from retinagrade.training.data import Sample
 from retinagrade.training.report import format_estimate, format_metrics_markdown, to_jsonable
@@ -42,47 +41,8 @@ PICTURES = {"roc": "roc.png", "reliability": "reliability.png", "confusion": "co
 
 
 # --------------------------------------------------------------------------------------------------------
-# Grading a local sample
+# A graded local sample
 # --------------------------------------------------------------------------------------------------------
-
-
-def _prepare(pipeline: GradingPipeline, path: Path) -> PreparedRequest | RetinagradeError:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return InputError(f"cannot read {path.name}: {exc.strerror or type(exc).__name__}")
-    try:
-        return pipeline.prepare(data)
-    except InputError as exc:
-        return exc
-
-
-def grade_paths(
-    pipeline: GradingPipeline,
-    paths: Sequence[Path],
-    workers: int = 2,
-    chunk: int = 8,
-    on_progress: Callable[[int], None] | None = None,
-) -> list[Outcome]:
-    """Grade files in order: ``workers`` threads prepare the next chunk while the model runs this one.
-
-    A file that cannot be read or decoded yields its error; the others are graded all the same.
-    """
-    outcomes: list[Outcome] = []
-    chunks = [list(paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = pool.map(lambda p: _prepare(pipeline, p), chunks[0]) if chunks else iter(())
-        for n, part in enumerate(chunks):
-            prepared = list(pending)
-            if n + 1 < len(chunks):
-                pending = pool.map(lambda p: _prepare(pipeline, p), chunks[n + 1])
-            good = [p for p in prepared if isinstance(p, PreparedRequest)]
-            outputs = iter(pipeline.infer(good))
-            for item in prepared:
-                outcomes.append(item if isinstance(item, RetinagradeError) else pipeline.finish(item, next(outputs)))
-            if on_progress is not None:
-                on_progress(len(part))
-    return outcomes
 
 
 def observation(outcome: Outcome) -> Observation | None:
