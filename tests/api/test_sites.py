@@ -153,3 +153,25 @@ def test_drift_gauges_appear_per_site_on_metrics(
     assert math.isfinite(quality) and quality >= 0.0
     assert 'retinagrade_drift_window_images{site="refer-all"} 3.0' in text
     assert not any('site="refer-none"' in key for key in values)  # no answers there yet
+
+
+def test_the_fhir_answer_names_the_site_profile_in_its_device(two_sites: Settings, fundus_jpeg: bytes) -> None:
+    pytest.importorskip("fhir.resources", reason="the [dicom] extra (fhir.resources) is not installed")
+    with TestClient(create_app(two_sites)) as client:
+        single = client.post(
+            "/v1/grade",
+            files={"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")},
+            headers={"X-Retinagrade-Site": "refer-all", "Accept": "application/fhir+json"},
+        ).json()
+        batch = client.post(
+            "/v1/grade/batch",
+            files=[("files", ("a.jpeg", fundus_jpeg, "image/jpeg"))],
+            headers={"Accept": "application/fhir+json"},
+        ).json()
+
+    def device_site(bundle: dict[str, object]) -> list[str]:
+        devices = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device"]  # type: ignore[attr-defined,index]
+        return [v["text"] for d in devices for p in d.get("property", []) for v in p["valueCode"]]
+
+    assert device_site(single) == ["refer-all"]
+    assert device_site(batch) == ["refer-none"]

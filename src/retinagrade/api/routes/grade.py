@@ -88,7 +88,9 @@ async def grade(
             )
     if wanted == "json":
         return response
-    algorithm = algorithm_of(service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")))
+    algorithm = algorithm_of(
+        service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")), site=response.site or ""
+    )
     if wanted == "fhir":
         return fhir_response([(request_id, result, None)], algorithm)
     return sr_response(data, result, algorithm)
@@ -150,7 +152,10 @@ async def grade_batch(
             urgency = graded.urgency if graded and graded.status == "graded" else None
             outcomes.append(TaggedOutcome(index, patient, eye, referable, urgency))
     if wanted == "fhir":
-        algorithm = algorithm_of(service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")))
+        used = sorted({answer[1].site for answer in answers if not isinstance(answer, InputError) and answer[1].site})
+        algorithm = algorithm_of(
+            service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")), site=", ".join(used)
+        )
         return fhir_response(
             [
                 (
