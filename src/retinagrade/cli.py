@@ -12,6 +12,8 @@ Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import re
@@ -227,7 +229,8 @@ def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, Resu
     algorithm = AlgorithmInfo(context.model_name, context.model_version, context.model_sha256, context.intended_use)
 
     def write(path: Path, record: ResultRecord) -> None:
-        sr = report_for_file(path, record, algorithm)
+        # The site profile that set the operating point is part of the algorithm's identity (TID 4019).
+        sr = report_for_file(path, record, dataclasses.replace(algorithm, site_profile=record.site))
         if sr is not None:
             # Named by the SR's UID, which is derived from the photo's: a re-run rewrites the same report.
             (folder / f"{sr.SOPInstanceUID}.dcm").write_bytes(sr_bytes(sr))

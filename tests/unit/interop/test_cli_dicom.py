@@ -113,3 +113,27 @@ def test_pair_eyes_uses_dicom_patient_and_laterality(tmp_path: Path, shared_data
     assert len(rows) == 1  # one patient, both eyes
     assert "left" in done.stdout and "right" in done.stdout
     assert "refer" in rows[0] or "no_refer" in rows[0]
+
+
+@pytest.mark.shared_data
+def test_an_sr_written_under_a_site_profile_names_it(exported, tmp_path: Path, model_path: Path) -> None:
+    from retinagrade.inference.model_spec import ModelSpec
+    from retinagrade.inference.site_profile import SiteProfile
+
+    _, pacs, _ = exported
+    spec = ModelSpec.load(model_path)
+    profile = SiteProfile(
+        name="clinic-north",
+        model_sha256=spec.sha256,
+        created="2026-12-01",
+        temperature=spec.temperature,
+        referable_threshold=spec.referable_threshold,
+    ).save(tmp_path / "site.json")
+    sr_dir = tmp_path / "sr"
+    done = runner.invoke(
+        app,
+        ["grade", str(pacs), "--model", str(model_path), "--quiet", "--site", str(profile), "--output-sr", str(sr_dir)],
+    )
+    assert done.exit_code == 1, done.output  # the two-frame instance is an error row
+    reports = list(sr_dir.iterdir())
+    assert reports and all(b"site_profile=clinic-north" in path.read_bytes() for path in reports)
