@@ -13,7 +13,6 @@ Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import re
