@@ -30,7 +30,7 @@ from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.postprocess import GradeDecision, decide_grade
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image_file
 from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare_fundus
-from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality
+from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality, open_detector
 from retinagrade.referral import Recommendation, recommend
 
 DEFAULT_MODEL_FILE = "retinagrade-dr.json"
@@ -120,6 +120,8 @@ class GradingPipeline:
         self.spec = spec
         self.gate = gate
         self.grader = OnnxGrader(spec, threads=threads)
+        # The gate's own not-a-fundus detector (checked against its sha256; None for a rules-only gate).
+        self.detector = open_detector(gate)
         self.max_pixels = max_pixels
 
     @classmethod
@@ -158,7 +160,7 @@ class GradingPipeline:
         timings["decode"] = _ms(start)
         start = time.perf_counter()
         prepared = prepare_fundus(decoded, self.spec.preprocess)
-        quality = assess_quality(decoded, prepared, self.gate)
+        quality = assess_quality(decoded, prepared, self.gate, self.detector)
         timings["preprocess"] = _ms(start)
         return PreparedRequest(decoded, prepared, quality, digest, timings)
 

@@ -74,6 +74,11 @@ def served_model(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     (folder / spec_path.name).write_text(json.dumps(spec))
     (folder / spec["model_file"]).symlink_to(spec_path.parent / spec["model_file"])
     shutil.copyfile(FITTED_GATE, folder / spec.get("gate_file", "gate.json"))
+    detector = json.loads(FITTED_GATE.read_text()).get("detector")
+    if detector:  # the gate's own ONNX detector lies beside it
+        (folder / detector["file"]).symlink_to(FITTED_GATE.parent / detector["file"])
+    spec.pop("gate_files", None)  # the copied gate is not the one the spec's checksums name
+    (folder / spec_path.name).write_text(json.dumps(spec))
     return ServedModel(folder / spec_path.name, real_gate=True)
 
 

@@ -20,6 +20,26 @@ SPEC_FORMAT_VERSION = 1
 DECISION_RULES = ("argmax", "expected_grade", "regression")
 
 
+def write_gate_checksums(spec_path: Path) -> dict[str, str]:
+    """List the spec's gate file and the detector file it names with their sha256 in ``gate_files``.
+
+    Called by whoever writes a gate or a spec (``retinagrade fit-gate``, the export), so the two cannot be
+    shipped out of step. Returns the checksums written.
+    """
+    data = json.loads(spec_path.read_text(encoding="utf-8"))
+    gate_name = data.get("gate_file")
+    if not gate_name:
+        raise ModelError(f"model spec {spec_path.name} names no gate file")
+    base = spec_path.parent
+    files = [str(gate_name)]
+    gate = json.loads((base / gate_name).read_text(encoding="utf-8"))
+    if isinstance(gate.get("detector"), dict):
+        files.append(str(Path(gate_name).parent / gate["detector"]["file"]))
+    data["gate_files"] = {name: sha256_file(base / name) for name in files}
+    spec_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return dict(data["gate_files"])
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -56,6 +76,7 @@ class ModelSpec:
     referable_min_grade: int = REFERABLE_MIN_GRADE
     ood: dict[str, Any] = field(default_factory=dict)
     gate_file: str | None = None
+    gate_files: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -97,6 +118,7 @@ class ModelSpec:
                 referable_min_grade=int(data["referable"].get("min_grade", REFERABLE_MIN_GRADE)),
                 ood=dict(data.get("ood", {})),
                 gate_file=data.get("gate_file"),
+                gate_files={str(k): str(v) for k, v in dict(data.get("gate_files", {})).items()},
                 raw=data,
                 path=path,
             )
@@ -120,7 +142,28 @@ class ModelSpec:
             raise ModelError(f"model file {spec.model_path} named by {path.name} does not exist")
         if verify_checksum and sha256_file(spec.model_path) != spec.sha256:
             raise ModelError(f"model file {spec.model_path} does not match the sha256 in {path.name}")
+        if verify_checksum:
+            spec.verify_gate_files()
         return spec
+
+    def verify_gate_files(self) -> None:
+        """Check every gate file the spec lists (``gate.json``, the detector) against its sha256.
+
+        An edited gate changes results while every answer reports the model's sha256, so a gate file that
+        is not the one the spec was written with is refused like a wrong model file.
+
+        Raises:
+            ModelError: a listed file is missing or differs, or the spec's ``gate_file`` is not listed.
+        """
+        base = self.path.parent if self.path is not None else Path(".")
+        if self.gate_file is not None and self.gate_files and self.gate_file not in self.gate_files:
+            raise ModelError(f"gate file {self.gate_file} is not listed with a checksum in the model spec")
+        for name, digest in self.gate_files.items():
+            file = base / name
+            if not file.is_file():
+                raise ModelError(f"gate file {name} listed in the model spec does not exist")
+            if sha256_file(file) != digest:
+                raise ModelError(f"gate file {name} does not match the sha256 in the model spec")
 
     def public_card(self) -> dict[str, Any]:
         """What the service may show about the model (no paths)."""

@@ -1,20 +1,19 @@
-"""The gate before grading: is this a fundus photograph at all, and is it good enough to grade?
+"""The gate before grading: is this a colour fundus photograph at all, and is it good enough to grade?
 
-Two decisions, both on cheap hand-crafted features of the raw-colour crop and of the fundus geometry:
+1. **Not a fundus** (``is_fundus=False``): a learned detector (:mod:`retinagrade.preprocessing.quality_detector`:
+   a frozen ImageNet EfficientNet-Lite0 on a thumbnail of the whole image, its own ONNX file, and a logistic
+   head), plus cheap explainable rules kept where they catch what the detector should never need to
+   (grayscale, no field of view, tiny images). Each rule is a threshold on one feature set well outside the
+   feature's range over thousands of real fundus photographs; negatives never set a rule.
+2. **Ungradable** (``gradable=False``): "a grader could not assess DR in this image": too dark, too blurred to
+   see vessels, field of view largely missing, heavy artefact. A logistic regression for P(ungradable) on
+   relative features, fitted on EyeQ labels, plus hard rules with readable reason codes. The features drift
+   with the resolution the photo really had (a 224 px photo looks soft next to a 3000 px one without being
+   unreadable), so each feature is first corrected by the drift measured between the same photos at camera
+   resolution and as 224 px derivatives (:class:`ResolutionCalibration`): small is not a defect.
 
-1. **Not a fundus** (``is_fundus=False``): explainable rules. A colour fundus photograph is a bright,
-   coloured field of view with dark corners around it, big enough to see vessels, with hardly any strongly
-   green pixels. Each rule is a threshold on one feature, set well outside the feature's range over
-   thousands of real fundus photographs (see ``retinagrade.training.fit_gate``).
-2. **Ungradable** (``gradable=False``): a logistic regression for P(ungradable) fitted on EyeQ quality labels,
-   plus hard rules with human-readable reason codes (too dark, overexposed, blurred, fundus cut off, low
-   contrast). Serving needs only numpy: the standardisation, coefficients and thresholds are in a small JSON
-   file (``models/gate.json``).
-
-Features are relative where they can be (ratios, coefficients of variation, sharpness normalised by local
-contrast) so that the gate fitted on contrast-equalised 256 px EyeQ derivatives transfers to raw camera JPEGs.
-They are always measured on the crop resized to :data:`FEATURE_SIDE` pixels, so they do not depend on the
-input resolution or on the model's input size.
+Serving needs onnxruntime and numpy: every number is in ``models/gate.json``; the detector's ONNX file lies
+beside it and is checked against the sha256 written there. Fitted by :mod:`retinagrade.training.gate`.
 """
 
 from __future__ import annotations
@@ -22,29 +21,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-import cv2
 import numpy as np
 
+from retinagrade.errors import ModelError
 from retinagrade.preprocessing.decode import DecodedImage
 from retinagrade.preprocessing.pipeline import PreparedImage
+from retinagrade.preprocessing.quality_detector import DetectorBackbone, DetectorParams, FundusDetector
+from retinagrade.preprocessing.quality_features import FEATURE_NAMES, compute_quality_features
 
-#: Side of the square crop all crop features are measured on.
-FEATURE_SIDE: Final[int] = 224
-#: Longest side of the thumbnail the surround (outside the field of view) is measured on.
-_SURROUND_SIDE: Final[int] = 128
-#: A pixel whose brightest channel is below this (0-255) counts as black surround / underexposed.
-_DARK_LEVEL: Final[float] = 25.0
-#: A pixel whose brightest channel reaches this counts as saturated.
-_SATURATED_LEVEL: Final[float] = 250.0
-#: A pixel is "strongly green" when green exceeds red and blue by this much (0-1 scale).
-_GREEN_MARGIN: Final[float] = 0.25
-#: Outside the disc, a pixel also counts as dark below this fraction of the disc's median brightness.
-_RELATIVE_DARK: Final[float] = 0.35
-_EPS: Final[float] = 1e-6
+__all__ = ["FEATURE_NAMES", "compute_quality_features"]
 
 # Stable reason codes. The API and the reports quote them; never rename one.
 REASON_NOT_FUNDUS: Final[str] = "not_fundus"
@@ -61,35 +50,8 @@ REASON_CUT_OFF: Final[str] = "fundus_cut_off"
 REASON_LOW_CONTRAST: Final[str] = "low_contrast"
 REASON_UNEVEN_ILLUMINATION: Final[str] = "uneven_illumination"
 REASON_LOW_QUALITY: Final[str] = "low_quality"
-
-#: Feature names, in the order the logistic regression sees them when it uses all of them.
-FEATURE_NAMES: Final[tuple[str, ...]] = (
-    "lum_mean",
-    "lum_p05",
-    "lum_p50",
-    "lum_p95",
-    "dark_fraction",
-    "saturated_fraction",
-    "lum_cv",
-    "detail_contrast",
-    "sharpness",
-    "laplacian_rel",
-    "illumination_cv",
-    "red_green_ratio",
-    "green_blue_ratio",
-    "saturation_mean",
-    "chroma",
-    "red_dominant_fraction",
-    "found",
-    "visible_fraction",
-    "fill_fraction",
-    "image_fraction",
-    "aspect",
-    "green_fraction",
-    "surround_dark_fraction",
-    "corner_dark_fraction",
-    "min_side",
-)
+#: The learned detector found the image unlike colour fundus photographs (a face, an OCT scan, a skin lesion).
+REASON_UNLIKE_FUNDUS: Final[str] = "unlike_fundus_photos"
 
 #: Which reason code explains a feature's push towards "ungradable" (for the model's dominant reason).
 FEATURE_REASON: Final[Mapping[str, str]] = {
@@ -107,125 +69,6 @@ FEATURE_REASON: Final[Mapping[str, str]] = {
     "visible_fraction": REASON_CUT_OFF,
     "fill_fraction": REASON_CUT_OFF,
 }
-
-
-def _masked_std(values: np.ndarray, mask: np.ndarray) -> float:
-    selected = values[mask]
-    return float(selected.std()) if selected.size else 0.0
-
-
-def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> dict[str, float]:
-    """Hand-crafted image-quality and fundus-likeness features (a few ms for a 224-448 px crop).
-
-    Intensities are on a 0-1 scale. Crop features are measured inside the disc mask of the raw-colour crop
-    resized to :data:`FEATURE_SIDE`; surround features on a thumbnail of the decoded image.
-
-    Returns:
-        One float per name in :data:`FEATURE_NAMES`.
-    """
-    geometry = prepared.geometry
-    image = prepared.crop.image
-    mask = prepared.crop.mask
-    if image.shape[0] != FEATURE_SIDE:
-        shrinking = image.shape[0] > FEATURE_SIDE
-        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        image = cv2.resize(image, (FEATURE_SIDE, FEATURE_SIDE), interpolation=interp)
-        mask = cv2.resize(mask.astype(np.uint8), (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_NEAREST) > 0
-    # The rim of the disc carries glare and the crop's black edge; measure a slightly eroded disc.
-    inner = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
-    if inner.sum() < 64:
-        inner = mask if mask.sum() >= 64 else np.ones_like(mask)
-
-    pixels = image[inner].astype(np.float32) / 255.0  # N x 3, the disc only
-    r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
-    lum_in = 0.299 * r + 0.587 * g + 0.114 * b
-    vmax = pixels.max(axis=1)
-    vmin = pixels.min(axis=1)
-    p05, p50, p95 = (float(v) for v in np.percentile(lum_in, (5, 50, 95)))
-    lum_mean = float(lum_in.mean())
-    mean_r, mean_g, mean_b = float(r.mean()), float(g.mean()), float(b.mean())
-
-    # Detail at two scales on the green channel (vessels and lesions live there). Sharpness divides the
-    # finest band by a coarser one, so a global gain (EyeQ's equalisation, exposure) cancels out.
-    green = image[:, :, 1].astype(np.float32) / 255.0
-    fine = green - cv2.GaussianBlur(green, (0, 0), 1.0)
-    band = green - cv2.GaussianBlur(green, (0, 0), 4.0)
-    fine_std = _masked_std(fine, inner)
-    band_std = _masked_std(band, inner)
-    laplacian = cv2.Laplacian(green, cv2.CV_32F, ksize=3)
-    # Illumination: the luminance at a quarter of the resolution, smoothed over ~1/14 of the disc.
-    lum_small = (
-        cv2.resize(
-            cv2.cvtColor(image, cv2.COLOR_RGB2GRAY),
-            (FEATURE_SIDE // 4, FEATURE_SIDE // 4),
-            interpolation=cv2.INTER_AREA,
-        ).astype(np.float32)
-        / 255.0
-    )
-    inner_small = cv2.resize(inner.astype(np.uint8), lum_small.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-    illumination = cv2.GaussianBlur(lum_small, (0, 0), 4.0)
-
-    features: dict[str, float] = {
-        "lum_mean": lum_mean,
-        "lum_p05": p05,
-        "lum_p50": p50,
-        "lum_p95": p95,
-        "dark_fraction": float((vmax < _DARK_LEVEL / 255.0).mean()),
-        "saturated_fraction": float((vmax >= _SATURATED_LEVEL / 255.0).mean()),
-        "lum_cv": float(lum_in.std()) / (lum_mean + 0.02),
-        "detail_contrast": band_std / (mean_g + 0.02),
-        "sharpness": fine_std / (band_std + 1e-3),
-        "laplacian_rel": _masked_std(laplacian, inner) / (mean_g + 0.02),
-        "illumination_cv": _masked_std(illumination, inner_small) / (lum_mean + 0.02),
-        "red_green_ratio": (mean_r + 0.01) / (mean_g + 0.01),
-        "green_blue_ratio": (mean_g + 0.01) / (mean_b + 0.01),
-        "saturation_mean": float(((vmax - vmin) / (vmax + 0.02)).mean()),
-        "chroma": float((vmax - vmin).mean()) / (lum_mean + 0.02),
-        "red_dominant_fraction": float(((r >= g) & (r >= b)).mean()),
-        # Strongly green pixels: the retina reflects little green relative to red, even after EyeQ's
-        # equalisation, while colour wheels, logos and foliage are full of them.
-        "green_fraction": float(((g > r + _GREEN_MARGIN) & (g > b + _GREEN_MARGIN)).mean()),
-        "found": 1.0 if geometry.found else 0.0,
-        "visible_fraction": float(geometry.visible_fraction),
-        "fill_fraction": float(geometry.fill_fraction),
-        "image_fraction": float(geometry.image_fraction),
-        "aspect": float(min(geometry.rx, geometry.ry) / max(geometry.rx, geometry.ry, _EPS)),
-        "min_side": float(min(decoded.original_size)),
-    }
-    features.update(_surround_features(decoded.rgb, prepared, 255.0 * float(np.median(vmax))))
-    return features
-
-
-def _surround_features(rgb: np.ndarray, prepared: PreparedImage, disc_level: float) -> dict[str, float]:
-    """How dark the frame is outside the field of view and in its four corners (a camera's black surround).
-
-    A pixel counts as dark when its brightest channel is below ``max(25, 0.35 x disc_level)`` (0-255):
-    relative, because EyeQ's equalisation lifts the black surround to a noisy dark purple.
-    """
-    geometry = prepared.geometry
-    h, w = rgb.shape[:2]
-    scale = min(1.0, _SURROUND_SIDE / max(h, w))
-    if scale < 1.0:
-        small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    else:
-        small = rgb
-    value = small.max(axis=2).astype(np.float32)
-    dark = value < max(_DARK_LEVEL, _RELATIVE_DARK * disc_level)
-    sh, sw = value.shape
-    # Corners: a circular field of view on a rectangular sensor leaves them black, also when the disc is
-    # cut by the frame on every side (APTOS has such crops: only small black corner triangles remain).
-    c = max(2, round(0.04 * min(sh, sw)))
-    corners = (dark[:c, :c], dark[:c, -c:], dark[-c:, :c], dark[-c:, -c:])
-    corner_dark = float(np.mean([patch.mean() for patch in corners]))
-    sx, sy = sw / w, sh / h
-    yy, xx = np.ogrid[0:sh, 0:sw]
-    # A margin of 8 % of the radius keeps the blurred rim of the disc out of the surround.
-    rx = max(geometry.rx * sx * 1.08, _EPS)
-    ry = max(geometry.ry * sy * 1.08, _EPS)
-    outside = ((xx + 0.5 - geometry.cx * sx) / rx) ** 2 + ((yy + 0.5 - geometry.cy * sy) / ry) ** 2 > 1.0
-    # Nothing of the frame outside the disc: no evidence of a camera surround at all.
-    surround_dark = float(dark[outside].mean()) if outside.sum() >= 16 else 0.0
-    return {"surround_dark_fraction": surround_dark, "corner_dark_fraction": corner_dark}
 
 
 @dataclass(frozen=True)
@@ -263,8 +106,48 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class ResolutionCalibration:
+    """Per-feature drift with the resolution a photo really had, removed before the gradability model.
+
+    ``offsets[f][k]`` is how much feature ``f`` of a gradable photo whose field of view is ``diameters[k]``
+    pixels across differs from the same photo at the reference resolution (the model's training domain).
+    Between the knots the offset is interpolated in log-diameter; beyond them it is held constant.
+
+    Attributes:
+        diameters: increasing field-of-view diameters (stored pixels) at which the drift was measured.
+        offsets: per feature, one offset per diameter, in the feature's own units.
+    """
+
+    diameters: tuple[float, ...]
+    offsets: dict[str, tuple[float, ...]]
+
+    def __post_init__(self) -> None:
+        if len(self.diameters) < 1 or any(b <= a for a, b in zip(self.diameters, self.diameters[1:], strict=False)):
+            raise ValueError("ResolutionCalibration: diameters must be increasing.")
+        if any(len(v) != len(self.diameters) for v in self.offsets.values()):
+            raise ValueError("ResolutionCalibration: one offset per diameter.")
+
+    def offset(self, feature: str, diameter: float) -> float:
+        knots = self.offsets.get(feature)
+        if knots is None or not math.isfinite(diameter) or diameter <= 0:
+            return 0.0
+        x = np.log(np.asarray(self.diameters))
+        return float(np.interp(math.log(diameter), x, np.asarray(knots)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"diameters": list(self.diameters), "offsets": {k: list(v) for k, v in self.offsets.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResolutionCalibration:
+        return cls(
+            diameters=tuple(float(v) for v in data["diameters"]),
+            offsets={str(k): tuple(float(x) for x in v) for k, v in dict(data["offsets"]).items()},
+        )
+
+
+@dataclass(frozen=True)
 class GateParams:
-    """Everything the gate needs at serving time, fitted by ``retinagrade.training.fit_gate``.
+    """Everything the gate needs at serving time, fitted by :mod:`retinagrade.training.gate`.
 
     Attributes:
         features: names of the features the logistic regression uses, in coefficient order.
@@ -275,7 +158,10 @@ class GateParams:
         ungradable_rules: any rule firing means "ungradable", whatever the model says.
         z_clip: standardised features are clipped to +-this, so one value far outside the training range
             (a camera JPEG is not an EyeQ image) cannot dominate the logit.
+        detector: the learned not-a-fundus detector (None: rules only, as gates before it had).
+        calibration: resolution drift removed from the gradability features (None: none).
         meta: provenance (data, split, metrics); not used for decisions.
+        base_dir: the folder ``gate.json`` was read from; the detector's file is relative to it.
     """
 
     features: tuple[str, ...]
@@ -287,13 +173,18 @@ class GateParams:
     not_fundus_rules: tuple[Rule, ...]
     ungradable_rules: tuple[Rule, ...]
     z_clip: float = 5.0
+    detector: DetectorParams | None = None
+    calibration: ResolutionCalibration | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    base_dir: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.features)
         if not (len(self.mean) == len(self.scale) == len(self.coef) == n):
             raise ValueError("GateParams: features, mean, scale and coef must have the same length.")
         unknown = {*self.features} | {rule.feature for rule in (*self.not_fundus_rules, *self.ungradable_rules)}
+        if self.calibration is not None:
+            unknown |= set(self.calibration.offsets)
         unknown -= set(FEATURE_NAMES)
         if unknown:
             raise ValueError(f"GateParams: unknown feature(s) {sorted(unknown)}.")
@@ -301,6 +192,21 @@ class GateParams:
             raise ValueError("GateParams: scale and z_clip must be positive.")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("GateParams: threshold must lie in (0, 1).")
+
+    @property
+    def detector_path(self) -> Path | None:
+        if self.detector is None:
+            return None
+        return (self.base_dir or Path(".")) / self.detector.file
+
+    def calibrated(self, features: Mapping[str, float]) -> dict[str, float]:
+        """The gradability features with the resolution drift removed (the rules see the raw values)."""
+        out = {name: float(features[name]) for name in self.features}
+        if self.calibration is not None:
+            diameter = float(features.get("fundus_diameter", math.nan))
+            for name in out:
+                out[name] -= self.calibration.offset(name, diameter)
+        return out
 
     def probability_ungradable(self, features: Mapping[str, float]) -> float:
         """P(ungradable) from the logistic regression."""
@@ -315,7 +221,8 @@ class GateParams:
         return {name: float(c * v) for name, c, v in zip(self.features, self.coef, z, strict=True)}
 
     def _standardised(self, features: Mapping[str, float]) -> np.ndarray:
-        x = np.asarray([features[name] for name in self.features], dtype=np.float64)
+        calibrated = self.calibrated(features)
+        x = np.asarray([calibrated[name] for name in self.features], dtype=np.float64)
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
         return np.clip(
             np.nan_to_num(z, nan=self.z_clip, posinf=self.z_clip, neginf=-self.z_clip),
@@ -324,7 +231,7 @@ class GateParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "features": list(self.features),
             "mean": list(self.mean),
             "scale": list(self.scale),
@@ -334,11 +241,18 @@ class GateParams:
             "not_fundus_rules": [rule.to_dict() for rule in self.not_fundus_rules],
             "ungradable_rules": [rule.to_dict() for rule in self.ungradable_rules],
             "z_clip": self.z_clip,
-            "meta": self.meta,
         }
+        if self.detector is not None:
+            out["detector"] = self.detector.to_dict()
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        out["meta"] = self.meta
+        return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GateParams:
+    def from_dict(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> GateParams:
+        detector = data.get("detector")
+        calibration = data.get("calibration")
         return cls(
             features=tuple(str(v) for v in data["features"]),
             mean=tuple(float(v) for v in data["mean"]),
@@ -349,12 +263,40 @@ class GateParams:
             not_fundus_rules=tuple(Rule.from_dict(r) for r in data["not_fundus_rules"]),
             ungradable_rules=tuple(Rule.from_dict(r) for r in data["ungradable_rules"]),
             z_clip=float(data.get("z_clip", 5.0)),
+            detector=None if detector is None else DetectorParams.from_dict(detector),
+            calibration=None if calibration is None else ResolutionCalibration.from_dict(calibration),
             meta=dict(data.get("meta", {})),
+            base_dir=base_dir,
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> GateParams:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        path = Path(path)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), base_dir=path.parent)
+
+    def with_detector(self, detector: DetectorParams | None) -> GateParams:
+        return replace(self, detector=detector)
+
+
+def open_detector(params: GateParams, threads: int = 1) -> FundusDetector | None:
+    """The gate's detector, its ONNX file checked against the sha256 in ``gate.json``.
+
+    Raises:
+        ModelError: the file is missing or is not the one the head was fitted on.
+    """
+    from retinagrade.inference.model_spec import sha256_file
+
+    path = params.detector_path
+    if params.detector is None or path is None:
+        return None
+    if not path.is_file():
+        raise ModelError(f"fundus-detector file {path.name} named by the gate does not exist")
+    if sha256_file(path) != params.detector.sha256:
+        raise ModelError(f"fundus-detector file {path.name} does not match the sha256 in the gate file")
+    try:
+        return FundusDetector(params.detector, DetectorBackbone(path, threads=threads))
+    except Exception as exc:  # onnxruntime raises its own exception types for a corrupt graph
+        raise ModelError(f"fundus-detector file {path.name} cannot be loaded: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -367,28 +309,38 @@ class QualityAssessment:
         score: 1 - P(ungradable), in [0, 1]; higher is better. Filled even for non-fundus images.
         reasons: stable reason codes; empty for a gradable fundus. ``not_fundus`` comes first when not a
             fundus, followed by the specific codes.
+        fundus_score: the detector's P(colour fundus photograph), in [0, 1]; None for a gate without one.
     """
 
     is_fundus: bool
     gradable: bool
     score: float
     reasons: tuple[str, ...]
+    fundus_score: float | None = None
 
 
 def _unique(codes: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(codes))
 
 
-def decide(features: Mapping[str, float], params: GateParams) -> QualityAssessment:
-    """The gate's decision from precomputed features (what :func:`assess_quality` does after measuring)."""
+def decide(features: Mapping[str, float], params: GateParams, fundus_score: float | None = None) -> QualityAssessment:
+    """The gate's decision from precomputed features and the detector's P(fundus photo).
+
+    Raises:
+        ValueError: the gate has a detector but no ``fundus_score`` was given (never decide without it).
+    """
+    if params.detector is not None and fundus_score is None:
+        raise ValueError("this gate has a fundus detector: pass its score")
     score = 1.0 - params.probability_ungradable(features)
     not_fundus = [rule.reason for rule in params.not_fundus_rules if rule.fires(features)]
+    if params.detector is not None and fundus_score is not None and fundus_score < params.detector.threshold:
+        not_fundus.append(REASON_UNLIKE_FUNDUS)
     if not_fundus:
-        return QualityAssessment(False, False, score, _unique([REASON_NOT_FUNDUS, *not_fundus]))
+        return QualityAssessment(False, False, score, _unique([REASON_NOT_FUNDUS, *not_fundus]), fundus_score)
     reasons = [rule.reason for rule in params.ungradable_rules if rule.fires(features)]
     if score <= 1.0 - params.threshold and not reasons:
         reasons.append(_dominant_reason(features, params))
-    return QualityAssessment(True, not reasons, score, _unique(reasons))
+    return QualityAssessment(True, not reasons, score, _unique(reasons), fundus_score)
 
 
 def _dominant_reason(features: Mapping[str, float], params: GateParams) -> str:
@@ -401,12 +353,18 @@ def _dominant_reason(features: Mapping[str, float], params: GateParams) -> str:
     return reason if push > 0.0 else REASON_LOW_QUALITY
 
 
-def assess_quality(decoded: DecodedImage, prepared: PreparedImage, params: GateParams) -> QualityAssessment:
-    """Decide whether ``decoded`` is a fundus photograph and whether it is gradable.
+def assess_quality(
+    decoded: DecodedImage, prepared: PreparedImage, params: GateParams, detector: FundusDetector | None = None
+) -> QualityAssessment:
+    """Decide whether ``decoded`` is a colour fundus photograph and whether it is gradable.
 
     Args:
-        decoded: the image as decoded (used for its size and for the surround of the field of view).
+        decoded: the image as decoded (the detector sees all of it; the rules its size and surround).
         prepared: the output of :func:`retinagrade.preprocessing.pipeline.prepare` for ``decoded``.
         params: the fitted gate (:meth:`GateParams.from_json` on ``models/gate.json``).
+        detector: :func:`open_detector` of ``params``; required when the gate has one.
     """
-    return decide(compute_quality_features(decoded, prepared), params)
+    if params.detector is not None and detector is None:
+        raise ValueError("this gate has a fundus detector: open it with open_detector(params)")
+    fundus_score = detector.probability(decoded.rgb) if detector is not None else None
+    return decide(compute_quality_features(decoded, prepared), params, fundus_score)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinagrade.inference.model_spec import sha256_file
+from retinagrade.inference.model_spec import sha256_file, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
 from retinagrade.training.model import GraderNet, build_grader, export_onnx
@@ -65,9 +65,13 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
     gate_target = out / "gate.json"
     if gate.resolve() != gate_target.resolve():
         shutil.copyfile(gate, gate_target)
+        detector = json.loads(gate.read_text()).get("detector")
+        if isinstance(detector, dict):  # the gate's own ONNX file travels with it
+            shutil.copyfile(gate.parent / detector["file"], out / detector["file"])
     spec["gate_file"] = gate_target.name
     spec["gate_meta"] = json.loads(gate_target.read_text()).get("meta", {})
     (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    write_gate_checksums(out / f"{name}.json")
     from retinagrade.training.card import write_card
 
     write_card(out / f"{name}.json", out / "README.md")

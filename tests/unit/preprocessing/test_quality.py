@@ -1,4 +1,9 @@
-"""The quality / not-a-fundus gate on synthetic images, with the shipped parameters (models/gate.json)."""
+"""The quality / not-a-fundus gate on synthetic images, with the shipped parameters (models/gate.json).
+
+Synthetic discs are not photographs: the learned detector refuses them (they are one of its negative kinds), so
+the gradability tests below judge them with the detector's verdict given as "a fundus photo" and check the
+detector separately.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +17,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retinagrade.errors import ModelError
 from retinagrade.preprocessing.decode import DecodedImage, decode_image
-from retinagrade.preprocessing.pipeline import PreprocessConfig, prepare
+from retinagrade.preprocessing.pipeline import PreprocessConfig, prepare_fundus
 from retinagrade.preprocessing.quality import (
     FEATURE_NAMES,
     REASON_BLURRED,
     REASON_NOT_FUNDUS,
     REASON_TOO_DARK,
+    REASON_UNLIKE_FUNDUS,
     GateParams,
     QualityAssessment,
+    ResolutionCalibration,
     assess_quality,
     compute_quality_features,
+    decide,
+    open_detector,
 )
+from retinagrade.preprocessing.quality_detector import FundusDetector, detector_thumbnail
 
 GATE_FILE = Path(__file__).resolve().parents[3] / "models" / "gate.json"
 
@@ -33,6 +44,13 @@ def gate() -> GateParams:
     return GateParams.from_json(GATE_FILE)
 
 
+@pytest.fixture(scope="module")
+def detector(gate: GateParams) -> FundusDetector:
+    opened = open_detector(gate)
+    assert opened is not None, "the shipped gate has a learned detector"
+    return opened
+
+
 def _as_decoded(rgb: np.ndarray) -> DecodedImage:
     """Through PNG bytes and decode_image, as a client's upload would go."""
     buffer = io.BytesIO()
@@ -40,9 +58,14 @@ def _as_decoded(rgb: np.ndarray) -> DecodedImage:
     return decode_image(buffer.getvalue(), min_side=448)
 
 
-def _assess(rgb: np.ndarray, gate: GateParams) -> QualityAssessment:
+def _assess(rgb: np.ndarray, gate: GateParams, fundus_score: float | None = 1.0) -> QualityAssessment:
+    """The gate's verdict; ``fundus_score`` stands in for the detector (None: run the shipped detector)."""
     decoded = _as_decoded(rgb)
-    return assess_quality(decoded, prepare(decoded, PreprocessConfig()), gate)
+    prepared = prepare_fundus(decoded, PreprocessConfig())
+    if fundus_score is None:
+        opened = open_detector(gate)
+        return assess_quality(decoded, prepared, gate, opened)
+    return decide(compute_quality_features(decoded, prepared), gate, fundus_score)
 
 
 @pytest.fixture
@@ -105,7 +128,7 @@ def test_non_fundus_images_are_refused(
         # A disc on a light background: no camera surround.
         "fundus_on_white": lambda: synthetic_fundus(512, 512, 256, 256, 200, background=235),
     }
-    verdict = _assess(images[name](), gate)
+    verdict = _assess(images[name](), gate, fundus_score=None)
     assert not verdict.is_fundus
     assert not verdict.gradable
     assert verdict.reasons[0] == REASON_NOT_FUNDUS
@@ -124,8 +147,8 @@ def test_features_do_not_depend_on_resolution(synthetic_fundus: Callable[..., np
     config = PreprocessConfig()
     small = _as_decoded(synthetic_fundus(560, 448, 280, 224, 210, seed=3))
     large = _as_decoded(synthetic_fundus(1680, 1344, 840, 672, 630, seed=3))
-    f_small = compute_quality_features(small, prepare(small, config))
-    f_large = compute_quality_features(large, prepare(large, config))
+    f_small = compute_quality_features(small, prepare_fundus(small, config))
+    f_large = compute_quality_features(large, prepare_fundus(large, config))
     assert set(f_small) == set(FEATURE_NAMES)
     for name in (
         "sharpness",
@@ -158,7 +181,83 @@ def test_malformed_gate_params_are_rejected(gate: GateParams) -> None:
 
 def test_extreme_feature_values_keep_score_in_range(fundus_rgb: np.ndarray, gate: GateParams) -> None:
     decoded = _as_decoded(fundus_rgb)
-    features = compute_quality_features(decoded, prepare(decoded, PreprocessConfig()))
+    features = compute_quality_features(decoded, prepare_fundus(decoded, PreprocessConfig()))
     for value in (-1e9, 1e9, float("nan")):
         wild = dict.fromkeys(features, value)
         assert 0.0 <= 1.0 - gate.probability_ungradable(wild) <= 1.0
+
+
+def test_detector_refuses_what_it_scores_unlike_a_fundus(fundus_rgb: np.ndarray, gate: GateParams) -> None:
+    assert gate.detector is not None
+    below = gate.detector.threshold * 0.5
+    verdict = _assess(fundus_rgb, gate, fundus_score=below)
+    assert not verdict.is_fundus and not verdict.gradable
+    assert verdict.reasons == (REASON_NOT_FUNDUS, REASON_UNLIKE_FUNDUS)
+    assert verdict.fundus_score == below
+    assert _assess(fundus_rgb, gate, fundus_score=1.0).is_fundus
+
+
+def test_a_gate_with_a_detector_never_decides_without_its_score(fundus_rgb: np.ndarray, gate: GateParams) -> None:
+    decoded = _as_decoded(fundus_rgb)
+    prepared = prepare_fundus(decoded, PreprocessConfig())
+    with pytest.raises(ValueError, match="detector"):
+        decide(compute_quality_features(decoded, prepared), gate)
+    with pytest.raises(ValueError, match="detector"):
+        assess_quality(decoded, prepared, gate)
+
+
+def test_shipped_detector_scores_in_range_and_refuses_a_face_like_pattern(
+    detector: FundusDetector, fundus_rgb: np.ndarray
+) -> None:
+    rng = np.random.default_rng(0)
+    page = _white_page_with_text_bars()
+    noise = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    for image in (page, noise, fundus_rgb):
+        p = detector.probability(image)
+        assert 0.0 <= p <= 1.0
+    assert detector.probability(page) < detector.params.threshold
+
+
+def test_detector_thumbnail_letterboxes_on_black() -> None:
+    wide = np.full((100, 400, 3), 200, np.uint8)
+    thumb = detector_thumbnail(wide, 128)
+    assert thumb.shape == (128, 128, 3) and thumb.dtype == np.uint8
+    assert thumb[:40].max() == 0 and thumb[-40:].max() == 0  # padding above and below the 128 x 32 image
+    assert thumb[64, 10:118].min() == 200
+
+
+def test_detector_file_that_does_not_match_its_checksum_is_refused(gate: GateParams, tmp_path: Path) -> None:
+    assert gate.detector is not None and gate.detector_path is not None
+    tampered = tmp_path / gate.detector.file
+    tampered.write_bytes(gate.detector_path.read_bytes() + b"\0")
+    moved = GateParams.from_dict(gate.to_dict(), base_dir=tmp_path)
+    with pytest.raises(ModelError, match="does not match the sha256"):
+        open_detector(moved)
+    tampered.unlink()
+    with pytest.raises(ModelError, match="does not exist"):
+        open_detector(moved)
+
+
+def test_resolution_calibration_interpolates_in_log_diameter_and_holds_outside() -> None:
+    cal = ResolutionCalibration(diameters=(200.0, 800.0), offsets={"sharpness": (-0.08, 0.0)})
+    assert cal.offset("sharpness", 200.0) == pytest.approx(-0.08)
+    assert cal.offset("sharpness", 400.0) == pytest.approx(-0.04)  # halfway in log(200)..log(800)
+    assert cal.offset("sharpness", 100.0) == pytest.approx(-0.08)
+    assert cal.offset("sharpness", 3000.0) == pytest.approx(0.0)
+    assert cal.offset("lum_cv", 200.0) == 0.0
+    assert cal.offset("sharpness", float("nan")) == 0.0
+    with pytest.raises(ValueError):
+        ResolutionCalibration(diameters=(800.0, 200.0), offsets={})
+
+
+def test_a_small_photo_is_not_penalised_for_its_resolution(gate: GateParams) -> None:
+    """A photo measured as a 224 px derivative (softer by the measured drift) scores as at camera resolution."""
+    assert gate.calibration is not None
+    lo, hi = gate.calibration.diameters[0], gate.calibration.diameters[-1]
+    camera = dict.fromkeys(FEATURE_NAMES, 0.5)
+    camera.update({name: gate.mean[i] for i, name in enumerate(gate.features)})
+    small = {name: value + gate.calibration.offset(name, lo) for name, value in camera.items()}
+    p_camera = gate.probability_ungradable({**camera, "fundus_diameter": hi})
+    assert gate.probability_ungradable({**small, "fundus_diameter": lo}) == pytest.approx(p_camera)
+    # Without the calibration the softer derivative would be judged as a soft camera photo.
+    assert gate.probability_ungradable({**small, "fundus_diameter": hi}) != pytest.approx(p_camera)
