@@ -25,6 +25,9 @@ class ErrorBody(BaseModel):
 class Quality(BaseModel):
     score: float = Field(ge=0.0, le=1.0, description="1 - P(ungradable); higher is better.")
     is_fundus: bool
+    fundus_score: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="The gate's P(colour fundus photograph); null without a detector."
+    )
     gradable: bool
     reasons: list[str] = Field(description="Stable reason codes; empty for a gradable fundus.")
 

@@ -405,6 +405,7 @@ class GradingService:
             quality=Quality(
                 score=result.quality.score,
                 is_fundus=result.quality.is_fundus,
+                fundus_score=result.quality.fundus_score,
                 gradable=result.quality.gradable,
                 reasons=list(record.reasons),
             ),

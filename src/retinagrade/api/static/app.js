@@ -37,6 +37,7 @@
   // that every code has its sentence.
   const REASONS = {
     not_fundus: "This does not look like a photograph of the retina.",
+    unlike_fundus_photos: "It looks like something other than a colour photograph of the retina (for example a scan, a skin photo or a face).",
     fundus_not_found: "No round field of view of a retina could be found in the picture.",
     image_too_small: "The picture has too few pixels to be graded.",
     grayscale: "The picture is black and white; a colour photograph is needed.",

@@ -5,9 +5,9 @@
   negatives never set a rule.
 * **Detector head**: a logistic regression on the frozen backbone's features of every view (see
   :mod:`.measure`), weighted so that each negative *kind* weighs the same (132 angiograms from one source are
-  one kind) and each fundus folder weighs the same. Its threshold is chosen out of fold: the highest that calls
-  at most :data:`MAX_FUNDUS_REFUSED` of any fundus folder "not a fundus" when that folder's source was never
-  seen in training (leave-one-fundus-source-out).
+  one kind) and each fundus folder weighs the same. Its threshold is chosen out of fold (5 folds by patient):
+  the highest that calls at most :data:`MAX_FUNDUS_REFUSED` of any fundus folder "not a fundus". How a fundus
+  source never seen in training fares is validated separately (leave-one-fundus-source-out, in the report).
 * **Resolution calibration**: the same EyePACS camera photos measured at their resolution and as APTOS-like
   224 px derivatives give each gradability feature's drift with the field-of-view diameter; it is removed
   before the gradability model, so a small photo is judged as if it had been taken at camera resolution.
@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from retinagrade.preprocessing.quality import (
     GateParams,
     ResolutionCalibration,
     Rule,
+    decide,
 )
 from retinagrade.preprocessing.quality_detector import DetectorParams
 from retinagrade.preprocessing.quality_features import FEATURE_NAMES
@@ -69,6 +70,8 @@ Z_CLIP = 5.0
 KEEP_GRADABLE = 0.97
 #: The detector threshold may call at most this share of any unseen fundus folder "not a fundus".
 MAX_FUNDUS_REFUSED = 0.003
+#: ... and at most this share of all its photos (readable or not): the target for every fundus source.
+MAX_FUNDUS_REFUSED_ALL = 0.005
 #: L2 strength of the detector head (inverse); small: ~2000 features, a few hundred negatives per kind.
 DETECTOR_C = 0.01
 #: Fundus views per folder used to fit the detector head (the folders are weighted equally anyway).
@@ -262,19 +265,59 @@ def fundus_source_groups(data: DetectorData) -> dict[str, np.ndarray]:
     return {k: v for k, v in groups.items() if v.any()}
 
 
-def choose_detector_threshold(logits: np.ndarray, data: DetectorData, max_refused: float) -> float:
-    """Highest P threshold at which no unseen fundus folder loses more than ``max_refused`` of its photos.
+def patient_fold_logits(
+    data: DetectorData, sets: dict[str, MeasuredSet], progress: Callable[[str], None] | None = None
+) -> np.ndarray:
+    """Out-of-fold logits of every fundus view: 5 folds by patient (EyePACS patients across folders).
 
-    ``logits`` are leave-one-fundus-source-out logits of every view (NaN for negatives); only the images as
-    sent (not augmented views) count. Folders with fewer than 100 images cannot resolve 0.3 % and are skipped.
+    Each fold's head sees every negative and the other folds' fundus photos, so a photo is scored by a head
+    that never saw it, its other views or its patient's other eye. NaN for negatives.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    patient = np.asarray(
+        [
+            _eyepacs_patient(sets[d].records[i].patient) if d.startswith("eyepacs") else sets[d].records[i].patient
+            for d, i in (data.rows[int(k)] for k in data.image)
+        ]
+    )
+    out = np.full(len(data.y), np.nan)
+    positives = np.flatnonzero(data.y == 1)
+    splitter = GroupKFold(n_splits=N_FOLDS, shuffle=True, random_state=SEED)
+    for fold, (_, test) in enumerate(splitter.split(positives, groups=patient[positives])):
+        if progress is not None:
+            progress(f"detector: patient fold {fold + 1} of {N_FOLDS}")
+        held = np.zeros(len(data.y), bool)
+        held[positives[test]] = True
+        out[held] = fit_detector_head(data, ~held).logit(data.x[held].astype(np.float64))
+    return out
+
+
+def choose_detector_threshold(
+    logits: np.ndarray,
+    data: DetectorData,
+    max_refused: float,
+    otherwise_graded: np.ndarray | None = None,
+    max_refused_all: float = MAX_FUNDUS_REFUSED_ALL,
+) -> float:
+    """Highest P threshold that refuses few fundus photos as "not a fundus" in every fundus folder.
+
+    ``logits`` are out-of-fold logits of every fundus view (NaN for negatives); only the images as sent (not
+    augmented views) count. Per folder, at most ``max_refused`` of the photos the rest of the gate would grade
+    (``otherwise_graded``; all photos when None) and at most ``max_refused_all`` of all photos may fall below
+    it: a black, unreadable frame called "not a fundus" instead of "ungradable" recalls no extra patient, a
+    readable photo refused does. Folders with fewer than 100 images cannot resolve such rates and are skipped.
     """
     sent = (data.aug == 0) & (data.y == 1)
-    candidates = np.linspace(4.0, -6.0, 101)
-    for cut in candidates:  # descending logits: the first cut that passes refuses the most negatives
+    graded = otherwise_graded if otherwise_graded is not None else np.ones(len(data.y), bool)
+    for cut in np.linspace(4.0, -6.0, 201):  # descending: the first cut that passes refuses the most negatives
         ok = True
         for name in np.unique(data.dataset[sent]):
             m = sent & (data.dataset == name)
-            if m.sum() >= 100 and float((logits[m] < cut).mean()) > max_refused:
+            if m.sum() < 100:
+                continue
+            below = logits < cut
+            if float(below[m].mean()) > max_refused_all or float(below[m & graded].mean()) > max_refused:
                 ok = False
                 break
         if ok:
@@ -438,7 +481,7 @@ def fit(
     lofso = np.full(len(data.y), np.nan)
     for name, logits in held_out_logits(data, fundus_source_groups(data), progress).items():
         lofso[fundus_source_groups(data)[name]] = logits
-    threshold = choose_detector_threshold(lofso, data, MAX_FUNDUS_REFUSED)
+    fold_logits = patient_fold_logits(data, sets, progress)
     if progress is not None:
         progress("detector: final fit")
     head = fit_detector_head(data, np.ones(len(data.y), bool))
@@ -450,7 +493,7 @@ def fit(
         scale=tuple(float(v) for v in head.scale),
         coef=tuple(float(v) for v in head.coef),
         intercept=float(head.intercept),
-        threshold=min(max(_round(threshold), 1e-4), 1.0 - 1e-4),
+        threshold=0.5,  # chosen below, once the rest of the gate is fitted
     )
 
     calibration = fit_calibration(sets[CAMERA_SET])
@@ -469,11 +512,20 @@ def fit(
         not_fundus_rules=not_fundus_rules,
         ungradable_rules=ungradable_rules,
         z_clip=Z_CLIP,
-        detector=detector,
+        detector=None,
         calibration=calibration,
         meta=meta or {},
         base_dir=detector_file.parent,
     )
+    # Which fundus photos the rest of the gate (rules, gradability) would grade: the detector's budget.
+    graded_image = np.zeros(len(data.rows), bool)
+    for k, (name, i) in enumerate(data.rows):
+        if sets[name].records[i].label == 1:
+            verdict = decide(dict(zip(FEATURE_NAMES, sets[name].quality[i], strict=True)), params)
+            graded_image[k] = verdict.is_fundus and verdict.gradable
+    threshold = choose_detector_threshold(fold_logits, data, MAX_FUNDUS_REFUSED, graded_image[data.image])
+    detector = replace(detector, threshold=min(max(_round(threshold), 1e-4), 1.0 - 1e-4))
+    params = replace(params, detector=detector)
     return FittedGate(params, sets, data, grad, oof, fired, lofso)
 
 

@@ -26,6 +26,7 @@ from retinagrade.training.gate.fit import (
     DETECTOR_C,
     KEEP_GRADABLE,
     MAX_FUNDUS_REFUSED,
+    MAX_FUNDUS_REFUSED_ALL,
     N_FOLDS,
     FittedGate,
     LinearHead,
@@ -318,8 +319,12 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         "re-compression, crops that keep the disc, exposure, flips) and "
         f"{NEGATIVE_AUG_VIEWS} per negative (crops, rescales,",
         "colour casts towards retinal orange, a round black field stop, flips). No fundus photo is ever a",
-        "negative. Threshold: the highest at which no fundus source *unseen in training* loses more than",
-        f"{100 * MAX_FUNDUS_REFUSED:.1f} % of its photos (leave-one-fundus-source-out).",
+        "negative. Threshold: the highest at which, out of fold (5 folds by patient: a photo is scored by a",
+        f"head that never saw its patient), no fundus folder loses more than {100 * MAX_FUNDUS_REFUSED:.1f} % of "
+        "the photos the rest of",
+        f"the gate would grade, nor more than {100 * MAX_FUNDUS_REFUSED_ALL:.1f} % of all its photos "
+        "(an unreadable frame called",
+        "not_fundus instead of ungradable recalls no extra patient).",
         "",
         "## Leave-one-negative-kind-out",
         "",
