@@ -22,7 +22,7 @@ from .conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 CONSTRAINTS = REPO / "constraints.txt"
-MODEL_FILES = ("retinagrade-dr.onnx", "retinagrade-dr.json", "gate.json", "README.md")
+MODEL_FILES = ("retinagrade-dr.onnx", "retinagrade-dr.json", "gate.json", "fundus-detector.onnx", "README.md")
 
 
 def _requirements() -> list[Requirement]:

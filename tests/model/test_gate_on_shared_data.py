@@ -36,8 +36,8 @@ def _statuses(pipeline: GradingPipeline, folder: Path, images: list[str]) -> dic
     out = {}
     for image in images:
         request = pipeline.prepare((folder / image).read_bytes())
-        out[image] = "not_fundus" if not request.quality.is_fundus else (
-            "graded" if request.quality.gradable else "ungradable"
+        out[image] = (
+            "not_fundus" if not request.quality.is_fundus else ("graded" if request.quality.gradable else "ungradable")
         )
     return out
 

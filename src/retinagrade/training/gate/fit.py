@@ -12,8 +12,9 @@
   224 px derivatives give each gradability feature's drift with the field-of-view diameter; it is removed
   before the gradability model, so a small photo is judged as if it had been taken at camera resolution.
 * **Gradability**: logistic regression for P(ungradable) on EyeQ labels (Reject vs Good + Usable) plus the
-  EyePACS-768 photos that carry EyeQ labels, at camera resolution and as 224 px derivatives; out of fold by
-  patient across the EyePACS folders. The threshold keeps :data:`KEEP_GRADABLE` of Good/Usable images.
+  EyePACS-768 photos that carry EyeQ labels, at camera resolution and as 224 px derivatives, plus every photo
+  of the DR-graded folders as a gradable example (graders graded them); out of fold by patient across the
+  EyePACS folders. The threshold keeps :data:`KEEP_GRADABLE` of the EyeQ-labelled Good/Usable photos.
 
 scikit-learn is used here only; serving reads the JSON with numpy.
 """
@@ -77,6 +78,10 @@ DETECTOR_C = 0.01
 #: Fundus views per folder used to fit the detector head (the folders are weighted equally anyway).
 POSITIVE_VIEWS_PER_SET = 1500
 DETECTOR_FILE = "fundus-detector.onnx"
+#: DR-graded folders without a quality label: every photo in them was graded, so it is a gradable example.
+GRADED_SETS: tuple[str, ...] = ("aptos2019-224", "mexico-512", "eyepacs-256-graded")
+#: Domains of the gradability data that carry EyeQ quality labels (the threshold is chosen on these).
+LABELLED_DOMAINS: tuple[str, ...] = ("eyeq", "camera", "camera-224")
 
 
 def _round(value: float) -> float:
@@ -194,7 +199,7 @@ def detector_weights(data: DetectorData, mask: np.ndarray) -> np.ndarray:
         for g in groups:
             m = members & (key == g)
             w[m] = 1.0 / (m.sum() * len(groups))
-    return w * mask.sum() / 2.0
+    return np.asarray(w * (mask.sum() / 2.0))
 
 
 def _subsample_positives(data: DetectorData, mask: np.ndarray) -> np.ndarray:
@@ -393,6 +398,18 @@ def gradability_data(sets: dict[str, MeasuredSet], calibration: ResolutionCalibr
                 ys.append(int(r.quality == "Reject"))
                 groups.append(_eyepacs_patient(r.patient))
                 domains.append(domain)
+    # Photos graders graded for DR are gradable by definition: camera colours, pathology (laser scars,
+    # haemorrhages) and 224-512 px resolutions the EyeQ derivatives lack. They teach the model that strong
+    # contrast from disease is not poor quality; the threshold is still set on EyeQ-labelled photos only.
+    for name in GRADED_SETS:
+        graded = sets.get(name)
+        if graded is None:
+            continue
+        for i, r in enumerate(graded.records):
+            raws.append(graded.quality[i])
+            ys.append(0)
+            groups.append(_eyepacs_patient(r.patient) if name.startswith("eyepacs") else r.patient)
+            domains.append(name)
     raw = np.asarray(raws, np.float64)
     return GradabilityData(
         _calibrated_matrix(raw, calibration), raw, np.asarray(ys), np.asarray(groups), np.asarray(domains)
@@ -500,7 +517,8 @@ def fit(
     grad = gradability_data(sets, calibration)
     oof = gradability_oof(grad)
     fired = rules_fire(ungradable_rules, grad.raw)
-    cut = choose_gradability_threshold(oof, grad.y, fired, keep)
+    labelled = np.isin(grad.domain, LABELLED_DOMAINS)
+    cut = choose_gradability_threshold(oof[labelled], grad.y[labelled], fired[labelled], keep)
     final = fit_logistic(grad.x, grad.y)
     params = GateParams(
         features=MODEL_FEATURES,

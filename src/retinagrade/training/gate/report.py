@@ -215,7 +215,7 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
     )
     refused = fitted.grad_rule_fired | (fitted.grad_oof >= params.threshold)
     domains = []
-    for domain in ("eyeq", "camera", "camera-224"):
+    for domain in dict.fromkeys(grad.domain.tolist()):
         m = grad.domain == domain
         if not m.any():
             continue
@@ -225,7 +225,7 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
                 "domain": domain,
                 "n": int(m.sum()),
                 "n_reject": int(y.sum()),
-                "auc": _auc(y, fitted.grad_oof[m]),
+                "auc": _auc(y, fitted.grad_oof[m]) if (y == 1).any() else math.nan,
                 "sensitivity": float(refused[m][y == 1].mean()) if (y == 1).any() else math.nan,
                 "kept": float((~refused[m][y == 0]).mean()) if (y == 0).any() else math.nan,
             }
@@ -341,8 +341,8 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         "",
         "Each row: the detector head refitted without that fundus source (EyePACS folders that share",
         "patients and processing are held out together). The not-a-fundus rules and the gradability model",
-        "are the final ones (the rules use no negative; the gradability model is fitted on EyePACS only, so",
-        "for APTOS and Mexico it is out of source too). Target: <= 0.5 % not_fundus on every source.",
+        "are the final ones (the rules use no negative; out-of-fold gradability coverage is in the Gradability",
+        "table). Target: <= 0.5 % not_fundus on every source.",
         "",
         "| held-out fundus source | images | not_fundus | ungradable | graded (coverage) |",
         "|---|---|---|---|---|",
@@ -378,14 +378,17 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         f"Logistic regression for P(ungradable) on {len(params.features)} relative features "
         f"({', '.join(params.features)}),",
         "fitted on EyeQ labels (Reject vs Good + Usable) and the EyePACS-768 camera photos that carry EyeQ labels,",
-        "at camera resolution and as APTOS-like 224 px derivatives (whole frame squashed to 224 x 224, JPEG q95).",
+        "at camera resolution and as APTOS-like 224 px derivatives (whole frame squashed to 224 x 224, JPEG q95),",
+        "plus every photo of the DR-graded folders (APTOS, Mexico, EyePACS-256) as a gradable example: graders",
+        "graded them, and they show what EyeQ lacks (camera colours, laser scars and haemorrhages whose contrast is",
+        "disease, not poor quality). Threshold chosen on the EyeQ-labelled photos only.",
         f"{N_FOLDS}-fold GroupKFold by EyePACS patient across folders. Threshold: keep "
         f"{100 * KEEP_GRADABLE:.0f} % of Good/Usable out of fold.",
         "",
         f"**EyeQ Reject ROC AUC, out of fold (unseen patients): {g['eyeq_auc']:.3f}** (95 % CI {lo:.3f}-{hi:.3f},",
         f"patient bootstrap, {N_BOOT} resamples). Threshold on P(ungradable): {params.threshold:.4g}.",
         "",
-        "| photos (out of fold) | n (Reject) | ROC AUC | Reject refused | Good/Usable kept |",
+        "| photos (out of fold) | n (Reject) | ROC AUC | Reject refused | Good/Usable (or graded) kept |",
         "|---|---|---|---|---|",
     ]
     for r in g["domains"]:
