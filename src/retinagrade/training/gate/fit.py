@@ -605,6 +605,10 @@ def fit_gate(
     gate_path = models_dir / "gate.json"
     write_gate(params, gate_path)
     if spec is not None and spec.is_file():
+        # The spec carries the gate's provenance for the model card, and the checksums of its files.
+        data = json.loads(spec.read_text(encoding="utf-8"))
+        data["gate_meta"] = params.meta
+        spec.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         write_gate_checksums(spec)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -250,6 +250,10 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
 # --------------------------------------------------------------------------------------------------------
 
 
+def _num(value: float, fmt: str) -> str:
+    return "-" if not math.isfinite(value) else fmt.format(value)
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100.0 * a / b:.1f} %" if b else "-"
 
@@ -393,7 +397,8 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
     ]
     for r in g["domains"]:
         lines.append(
-            f"| {r['domain']} | {r['n']} ({r['n_reject']}) | {r['auc']:.3f} | {100 * r['sensitivity']:.1f} % | "
+            f"| {r['domain']} | {r['n']} ({r['n_reject']}) | {_num(r['auc'], '{:.3f}')} | "
+            f"{_num(100 * r['sensitivity'], '{:.1f} %')} | "
             f"{100 * r['kept']:.1f} % |"
         )
     cal = params.calibration
