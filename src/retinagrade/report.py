@@ -43,6 +43,7 @@ class ResultRecord:
             probabilities) unless graded.
         urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
         quality, is_fundus, gradable, reasons: the quality gate's verdict; None (no reasons) for an error.
+        fundus_score: the gate's P(colour fundus photograph); None for an error or a gate without a detector.
         error_code, error_message: why an image was not read; empty unless ``status == "error"``.
         sha256, width, height: the image's bytes and full size; empty/None for an error.
         site: the site profile the result was made under (empty when none).
@@ -61,6 +62,7 @@ class ResultRecord:
     p_referable: float | None = None
     quality: float | None = None
     is_fundus: bool | None = None
+    fundus_score: float | None = None
     gradable: bool | None = None
     reasons: tuple[str, ...] = ()
     error_code: str = ""
@@ -129,6 +131,7 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         p_referable=decision.p_referable if decision else None,
         quality=quality.score,
         is_fundus=quality.is_fundus,
+        fundus_score=quality.fundus_score,
         gradable=quality.gradable,
         reasons=tuple(quality.reasons),
         sha256=outcome.sha256,
@@ -412,6 +415,7 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "urgency",
     "action",
     "is_fundus",
+    "fundus_score",
     "gradable",
     "reasons",
     "error_code",

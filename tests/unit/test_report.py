@@ -27,7 +27,7 @@ def _graded(grade: int = 4, referable: bool = True) -> GradeResult:
         confidence=0.8,
         urgency="urgent" if grade == 4 else ("refer" if referable else "routine"),
     )
-    quality = QualityAssessment(is_fundus=True, gradable=True, score=0.95, reasons=())
+    quality = QualityAssessment(is_fundus=True, gradable=True, score=0.95, reasons=(), fundus_score=0.97)
     return GradeResult("graded", quality, decision, "ab" * 32, (3000, 2000), {}, {"ImageLaterality": "L"})
 
 
@@ -38,6 +38,7 @@ def test_a_graded_result_becomes_one_flat_record() -> None:
     assert [record[f"p{k}"] for k in range(5)] == [0.1, 0.1, 0.1, 0.1, 0.6]
     assert record["width"] == 3000 and record["metadata"] == {"ImageLaterality": "L"}
     assert record["error_code"] == ""
+    assert record["fundus_score"] == 0.97  # the detector's own score travels beside the gate's verdict
 
 
 def test_an_error_becomes_a_record_with_its_code() -> None:
