@@ -12,6 +12,7 @@ Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -288,14 +289,16 @@ def _grade_into(
     try:
         with Progress(*columns, console=err, disable=quiet) as progress:
             task = progress.add_task("grading", total=len(files))
-            for path, outcome in pipeline.grade_paths(files, workers=workers):
-                record = to_record(path, outcome, site=site)
-                if writer is not None:
-                    writer.write(record)
-                if also is not None:
-                    also(path, record)
-                records.append(record)
-                progress.advance(task)
+            # closing(): an interrupt stops the engine's worker threads here, not at interpreter exit.
+            with contextlib.closing(pipeline.grade_paths(files, workers=workers)) as outcomes:
+                for path, outcome in outcomes:
+                    record = to_record(path, outcome, site=site)
+                    if writer is not None:
+                        writer.write(record)
+                    if also is not None:
+                        also(path, record)
+                    records.append(record)
+                    progress.advance(task)
     except KeyboardInterrupt:
         err.print(f"[yellow]Interrupted after {len(records)} of {len(files)} files.[/yellow]")
         return EXIT_INTERRUPTED

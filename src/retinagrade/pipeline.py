@@ -12,7 +12,7 @@ import copy
 import hashlib
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -213,7 +213,7 @@ class GradingPipeline:
     # -- the batch engine -------------------------------------------------------------------------------
     def grade_paths(
         self, paths: Iterable[Path], *, workers: int | None = None, explain: bool = False
-    ) -> Iterator[tuple[Path, Outcome]]:
+    ) -> Generator[tuple[Path, Outcome], None, None]:
         """Grade image files, in order; a file that cannot be read yields its error (a code, never a crash).
 
         Files are read in the worker threads (:func:`~retinagrade.preprocessing.decode.read_image_file`,
@@ -227,7 +227,7 @@ class GradingPipeline:
         *,
         workers: int | None = None,
         explain: bool = False,
-    ) -> Iterator[tuple[K, Outcome]]:
+    ) -> Generator[tuple[K, Outcome], None, None]:
         """Grade encoded images tagged with any key, in order; an error passed in comes out unchanged."""
         return self._run(items, workers=workers, explain=explain)
 
@@ -246,7 +246,7 @@ class GradingPipeline:
         workers: int | None,
         explain: bool,
         batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> Iterator[tuple[K, Outcome]]:
+    ) -> Generator[tuple[K, Outcome], None, None]:
         """Prepare in threads, run the model in batches, yield in input order.
 
         At most two batches are in flight (one at the model, the next being prepared), so memory stays
