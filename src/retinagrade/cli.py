@@ -392,56 +392,98 @@ def evaluate(
 
 @app.command()
 def train(
-    labels: Annotated[list[Path], typer.Option(help="Label CSV(s) to train on (any supported layout).")],
-    out: Annotated[Path, typer.Option(help="Run folder for model, spec, config and reports.")] = Path("runs/latest"),
-    arch: str = "tf_efficientnet_lite0",
-    input_size: int = 224,
-    frozen_stages: Annotated[int, typer.Option(help="Stages frozen (and cached) on CPU; 0 trains everything.")] = 6,
+    labels: Annotated[list[Path] | None, typer.Option(help="Label CSV(s) to train on (any supported layout).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML/JSON training config (TrainConfig fields); options given here win.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for model, spec, config and reports.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Backbone (see the backbone registry).")] = None,
+    input_size: int | None = None,
+    frozen_stages: Annotated[
+        int | None, typer.Option(help="Stages frozen (and cached) on CPU; 0 trains everything.")
+    ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Augment on the fly (GPU); no feature cache.")] = False,
-    views: int = 8,
-    epochs: int = 8,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    folds: int = 5,
-    seed: int = 0,
-    device: str = "cpu",
-    threads: int = 2,
+    cache_stages: Annotated[
+        int | None, typer.Option(help="Stages the cached stem runs; frozen stages beyond run once on the cache.")
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this exported model (ONNX or spec) instead of ImageNet.")
+    ] = None,
+    heads_only: Annotated[
+        bool, typer.Option("--heads-only", help="Train only the linear heads on cached embeddings.")
+    ] = False,
+    views: Annotated[int | None, typer.Option(help="Cached views augmented on the prepared image.")] = None,
+    artefact_views: Annotated[
+        int | None, typer.Option(help="Cached views with camera artefacts applied to the raw photo.")
+    ] = None,
+    train_views: Annotated[str | None, typer.Option(help="Views training draws: all, standard or artefact.")] = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation folds; 0 or 1 skips CV.")] = None,
+    seed: int | None = None,
+    device: str | None = None,
+    threads: int | None = None,
     pretrained_weights: Annotated[str | None, typer.Option(help="timm-layout state dict (e.g. B3 weights).")] = None,
-    cache_dir: Path = Path("cache"),
-    no_final: Annotated[bool, typer.Option("--no-final", help="Cross-validate only.")] = False,
-    source_ablation: Annotated[bool, typer.Option(help="Also cross-validate with each source alone.")] = False,
+    cache_dir: Path | None = None,
+    no_final: Annotated[bool, typer.Option("--no-final", help="Evaluate only; no final fit and export.")] = False,
     cross_source: Annotated[bool, typer.Option(help="Also train on each source alone and test on the others.")] = False,
-    oversample: Annotated[list[str], typer.Option(help="SOURCE=K: sample a source's images K times as often.")] = [],  # noqa: B006
+    oversample: Annotated[
+        list[str] | None, typer.Option(help="SOURCE=K: sample a source's images K times as often.")
+    ] = None,
+    source_balance: Annotated[
+        float | None, typer.Option(help="0 uniform over images .. 1 every source an equal share of each epoch.")
+    ] = None,
+    loso: Annotated[
+        list[str] | None, typer.Option(help="Hold out this source (repeatable): leave-one-source-out evaluation.")
+    ] = None,
+    min_sensitivity: Annotated[float | None, typer.Option(help="Sensitivity target of the operating point.")] = None,
 ) -> None:
-    """Cross-validate, calibrate and choose the operating point out of fold, train on all data, export ONNX."""
+    """Cross-validate and/or leave sources out, calibrate and choose the operating point on held-out predictions,
+    train on all data, export ONNX. Runs under ``torchrun`` as DistributedDataParallel (rank 0 writes)."""
     from retinagrade.training.train import TrainConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = TrainConfig(
-        labels=[str(p) for p in labels],
-        out_dir=str(out),
-        cache_dir=str(cache_dir),
-        arch=arch,
-        input_size=input_size,
-        frozen_stages=frozen_stages,
-        cache_features=not no_cache,
-        views=views,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        folds=folds,
-        seed=seed,
-        device=device,
-        threads=threads,
-        pretrained_weights=pretrained_weights,
-        train_final=not no_final,
-        source_ablation=source_ablation,
-        cross_source=cross_source,
-        oversample={name: int(k) for name, k in (item.split("=", 1) for item in oversample)},
-    )
+    given: dict[str, object] = {
+        "labels": [str(p) for p in labels] if labels else None,
+        "out_dir": str(out) if out is not None else None,
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "arch": arch,
+        "input_size": input_size,
+        "frozen_stages": frozen_stages,
+        "cache_features": False if no_cache else None,
+        "cache_stages": cache_stages,
+        "init_from": str(init_from) if init_from is not None else None,
+        "heads_only": True if heads_only else None,
+        "views": views,
+        "artefact_views": artefact_views,
+        "train_views": train_views,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "folds": folds,
+        "seed": seed,
+        "device": device,
+        "threads": threads,
+        "pretrained_weights": pretrained_weights,
+        "train_final": False if no_final else None,
+        "cross_source": True if cross_source else None,
+        "oversample": {name: int(k) for name, k in (item.split("=", 1) for item in oversample)} if oversample else None,
+        "source_balance": source_balance,
+        "loso": list(loso) if loso else None,
+        "min_sensitivity": min_sensitivity,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        cfg = TrainConfig.from_file(config, **overrides) if config is not None else TrainConfig(**overrides)  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError) as exc:
+        err.print(f"[red]bad training config: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    if not cfg.labels:
+        err.print("[red]no label files: pass --labels or a --config that lists them[/red]")
+        raise typer.Exit(2)
     summary = run(cfg)
-    cv = summary.get("cv", {})
-    err.print(json.dumps({k: v for k, v in cv.items() if k == "decision"}, indent=2, default=float))
+    err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
 
 
 @app.command()

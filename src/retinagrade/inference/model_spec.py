@@ -18,6 +18,16 @@ from retinagrade.preprocessing.pipeline import PreprocessConfig
 
 SPEC_FORMAT_VERSION = 1
 DECISION_RULES = ("argmax", "expected_grade", "regression")
+#: The network's outputs, by ONNX output name (declared once; training exports them, serving reads them).
+OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
+#: Channels of the ``cam`` output: one class-activation map per grade logit, then the regression (severity).
+CAM_CHANNELS = (*(f"grade{k}" for k in range(len(GRADE_NAMES))), "regression")
+_OUTPUT_DESCRIPTIONS = {
+    "logits": "N x 5 grade logits (divide by calibration.temperature before softmax)",
+    "regression": "N x 1 grade as a number",
+    "cam": "N x C x h x w class-activation maps, channels named by cam_channels; spatial mean = output",
+    "embedding": "N x C pooled features",
+}
 
 
 def write_gate_checksums(spec_path: Path) -> dict[str, str]:
@@ -79,6 +89,13 @@ class ModelSpec:
     gate_files: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    cam_channels: tuple[str, ...] = CAM_CHANNELS
+
+    @property
+    def severity_channel(self) -> int:
+        """Index of the regression (severity) map in the ``cam`` output."""
+        return self.cam_channels.index("regression")
 
     @property
     def model_path(self) -> Path:
@@ -121,9 +138,55 @@ class ModelSpec:
                 gate_files={str(k): str(v) for k, v in dict(data.get("gate_files", {})).items()},
                 raw=data,
                 path=path,
+                outputs=tuple(data.get("output_names", OUTPUT_NAMES)),
+                cam_channels=tuple(data.get("cam_channels", CAM_CHANNELS)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form :meth:`from_dict` reads: typed fields win over the same keys in ``raw``.
+
+        ``raw`` carries what only people read (training record, metrics, licence); nested sections the typed
+        fields live in (calibration, decision, referable) keep their other keys.
+        """
+        data = json.loads(json.dumps(self.raw, default=str))
+        data.update(
+            {
+                "format_version": SPEC_FORMAT_VERSION,
+                "name": self.name,
+                "version": self.version,
+                "model_file": self.model_file,
+                "sha256": self.sha256,
+                "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "size": self.preprocess.input_size},
+                "output_names": list(self.outputs),
+                "outputs": {n: _OUTPUT_DESCRIPTIONS.get(n, "") for n in self.outputs},
+                "cam_channels": list(self.cam_channels),
+                "preprocess": self.preprocess.to_dict(),
+                "grade_names": list(self.grade_names),
+                "ood": dict(self.ood),
+            }
+        )
+        data["calibration"] = {**data.get("calibration", {}), "temperature": self.temperature}
+        data["decision"] = {
+            **data.get("decision", {}),
+            "rule": self.decision.rule,
+            "thresholds": list(self.decision.thresholds),
+        }
+        data["referable"] = {
+            **data.get("referable", {}),
+            "min_grade": self.referable_min_grade,
+            "threshold": self.referable_threshold,
+        }
+        if self.gate_file is not None:
+            data["gate_file"] = self.gate_file
+        else:
+            data.pop("gate_file", None)
+        if self.gate_files:
+            data["gate_files"] = dict(self.gate_files)
+        else:
+            data.pop("gate_files", None)
+        return data
 
     @classmethod
     def load(cls, path: str | Path, verify_checksum: bool = True) -> ModelSpec:

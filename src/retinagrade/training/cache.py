@@ -3,22 +3,29 @@
 Prepared images go through exactly the serving code (``decode_image`` + ``prepare``). Stem features are
 computed with ONNX Runtime (several times faster than eager PyTorch on CPU) from the exported frozen stem.
 Cache files are keyed by a hash of everything that determines their content.
+
+The feature cache holds, per image, view 0 (the unaugmented image), then ``views`` views augmented on the
+prepared image (:func:`~retinagrade.training.augment.augment`), then ``artefact_views`` views whose raw photo was
+first degraded by :func:`~retinagrade.training.augment.fundus_artefacts` and then prepared and augmented. Training
+recipes that differ only in which views they sample share one cache (:func:`view_indices`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retinagrade.preprocessing.decode import load_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
-from retinagrade.training.augment import augment
+from retinagrade.training.augment import ARTEFACTS_VERSION, augment, fundus_artefacts
 from retinagrade.training.data import Sample
 
 log = logging.getLogger(__name__)
@@ -28,11 +35,12 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _prepare_one(args: tuple[str, dict]) -> np.ndarray:
+def _prepare_one(args: tuple[str, dict[str, Any]]) -> np.ndarray:
     path, cfg = args
     config = PreprocessConfig.from_dict(cfg)
     decoded = load_image(path, min_side=config.decode_min_side)
-    return prepare(decoded, config).model_image
+    image: np.ndarray = prepare(decoded, config).model_image
+    return image
 
 
 def prepared_images(
@@ -60,42 +68,183 @@ def prepared_images(
     return np.load(target, mmap_mode="r")
 
 
+def view_indices(views: int, artefact_views: int, use_standard: bool = True, use_artefacts: bool = True) -> np.ndarray:
+    """Which cached views a recipe may draw in training (view 0, the clean image, is always allowed)."""
+    chosen = [0]
+    if use_standard:
+        chosen += list(range(1, 1 + views))
+    if use_artefacts:
+        chosen += list(range(1 + views, 1 + views + artefact_views))
+    return np.array(chosen, dtype=np.int64)
+
+
+_PREPARED: dict[str, np.ndarray] = {}
+
+
+def view_kinds(views: int, artefact_views: int) -> list[tuple[str, int]]:
+    """(kind, number) of every cached view in cache order: the clean image, then standard, then artefact views."""
+    return [("clean", 0)] + [("standard", j) for j in range(views)] + [("artefact", j) for j in range(artefact_views)]
+
+
+def _view_image(args: tuple[int, str, str, str, int, dict[str, Any], int]) -> np.ndarray:
+    """One view of image ``i`` (runs in a worker process)."""
+    i, path, prepared_path, kind, number, cfg, seed = args
+    config = PreprocessConfig.from_dict(cfg)
+    if prepared_path not in _PREPARED:
+        _PREPARED[prepared_path] = np.load(prepared_path, mmap_mode="r")
+    clean = np.asarray(_PREPARED[prepared_path][i])
+    rng = np.random.default_rng((seed, i, ["clean", "standard", "artefact"].index(kind), number))
+    if kind == "clean":
+        return clean
+    if kind == "standard":
+        return augment(clean, rng, config.mask_margin)
+    decoded = load_image(path, min_side=config.decode_min_side)
+    degraded = dataclasses.replace(decoded, rgb=fundus_artefacts(decoded.rgb, rng))
+    try:
+        image = prepare(degraded, config).model_image
+    except Exception:
+        image = clean
+    return augment(image, rng, config.mask_margin)
+
+
+class ViewStack:
+    """N x V x C x h x w features, one memory-mapped file per view, indexed like one array: ``stack[i, v]``."""
+
+    def __init__(self, views: list[np.ndarray]) -> None:
+        if not views:
+            raise ValueError("no cached views")
+        self.views = views
+        self.shape = (len(views[0]), len(views), *views[0].shape[1:])
+
+    def __getitem__(self, index: tuple[int, int]) -> np.ndarray:
+        i, v = index
+        return np.asarray(self.views[v][i])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _one_view(
+    samples: Sequence[Sample],
+    prepared_path: Path,
+    config: PreprocessConfig,
+    kind: str,
+    number: int,
+    seed: int,
+    session: Any,
+    pool: ProcessPoolExecutor,
+    target: Path,
+    batch_size: int,
+) -> None:
+    cfg = config.to_dict()
+    jobs = [(i, str(s.path), str(prepared_path), kind, number, cfg, seed) for i, s in enumerate(samples)]
+    out: np.memmap[Any, Any] | None = None
+    chunk = 256
+    results = pool.map(_view_image, jobs[:chunk], chunksize=8)
+    for start in range(0, len(jobs), chunk):
+        current = list(results)
+        if start + chunk < len(jobs):
+            # Submitted before this chunk runs through the stem, so workers augment while ONNX Runtime works.
+            results = pool.map(_view_image, jobs[start + chunk : start + 2 * chunk], chunksize=8)
+        for b in range(0, len(current), batch_size):
+            feats = session.run(None, {"input": batch_tensor(current[b : b + batch_size], config)})[0]
+            if out is None:
+                out = np.lib.format.open_memmap(
+                    target.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(len(jobs), *feats.shape[1:])
+                )
+            out[start + b : start + b + len(feats)] = feats.astype(np.float16)
+        log.info("stem features, %s view %d: %d/%d images", kind, number, min(start + chunk, len(jobs)), len(jobs))
+    assert out is not None
+    out.flush()
+    del out
+    target.with_suffix(".tmp.npy").rename(target)
+
+
 def stem_features(
+    samples: Sequence[Sample],
     images: np.ndarray,
     stem_onnx: Path,
     config: PreprocessConfig,
     views: int,
     cache_dir: Path,
     key_parts: Sequence[object],
+    artefact_views: int = 0,
     seed: int = 0,
     batch_size: int = 32,
     threads: int = 2,
-) -> np.ndarray:
-    """N x V x C x h x w float16 stem features; view 0 is the unaugmented image, the others random augmentations."""
+) -> ViewStack:
+    """N x (1 + views + artefact_views) x C x h x w float16 stem features (layout: module docstring).
+
+    Each view is its own cache file, computed in the order clean, then standard and artefact views interleaved,
+    so a long cache build stopped early still leaves whole views, and adding views later reuses the others.
+    ``images`` must be the memory-mapped array returned by :func:`prepared_images` (workers re-open it by path).
+    """
     import onnxruntime as ort
 
-    target = cache_dir / f"stem-{_key(list(key_parts), views, seed, images.shape)}.npy"
-    if target.exists():
-        return np.load(target, mmap_mode="r")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(stem_onnx), options, providers=["CPUExecutionProvider"])
-    probe = session.run(None, {"input": batch_tensor([images[0]], config)})[0]
-    shape = (len(images), views, *probe.shape[1:])
-    out = np.lib.format.open_memmap(target.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=shape)
-    for start in range(0, len(images), batch_size):
-        stop = min(start + batch_size, len(images))
-        for v in range(views):
-            batch = []
-            for i in range(start, stop):
-                image = np.asarray(images[i])
-                if v > 0:
-                    image = augment(image, np.random.default_rng((seed, i, v)), config.mask_margin)
-                batch.append(image)
-            out[start:stop, v] = session.run(None, {"input": batch_tensor(batch, config)})[0].astype(np.float16)
-        if (start // batch_size) % 10 == 0:
-            log.info("stem features %d/%d images", stop, len(images))
-    out.flush()
-    del out
-    target.with_suffix(".tmp.npy").rename(target)
-    return np.load(target, mmap_mode="r")
+    prepared_path = Path(getattr(images, "filename", "") or "")
+    if not prepared_path.is_file():
+        raise ValueError("stem_features needs the memory-mapped prepared images (from prepared_images)")
+    kinds = view_kinds(views, artefact_views)
+
+    def target(kind: str, number: int) -> Path:
+        version = ARTEFACTS_VERSION if kind == "artefact" else 0
+        return cache_dir / f"stem-{_key(list(key_parts), kind, number, version, seed, images.shape)}.npy"
+
+    missing = [k for k in kinds if not target(*k).exists()]
+    # Interleave standard and artefact views so both kinds grow together.
+    missing.sort(key=lambda k: (k[0] != "clean", k[1], k[0]))
+    if missing:
+        with ProcessPoolExecutor(max_workers=threads) as pool:
+            # The pool forks before ONNX Runtime's threads exist.
+            pool.submit(int, 0).result()
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(stem_onnx), options, providers=["CPUExecutionProvider"])
+            for kind, number in missing:
+                _one_view(
+                    samples, prepared_path, config, kind, number, seed, session, pool, target(kind, number), batch_size
+                )
+    return ViewStack([np.load(target(*k), mmap_mode="r") for k in kinds])
+
+
+def advance_features(
+    stack: ViewStack,
+    blocks: Any,
+    cache_dir: Path,
+    key_parts: Sequence[object],
+    batch_size: int = 64,
+) -> ViewStack:
+    """Run frozen ``blocks`` (a torch module) over cached features: frozen-k features become frozen-k' ones.
+
+    On a CPU the stem is the cost; a deeper frozen split reuses the shallower cache instead of re-running it.
+    """
+    import torch
+
+    blocks = blocks.eval()
+    views = []
+    for v in range(stack.shape[1]):
+        # Keyed by the source view's own cache file, so adding views later reuses the ones advanced already.
+        origin = Path(getattr(stack.views[v], "filename", "") or f"view{v}").name
+        target = cache_dir / f"stem-{_key(list(key_parts), 'advanced', origin)}.npy"
+        if not target.exists():
+            source = stack.views[v]
+            out: np.memmap[Any, Any] | None = None
+            with torch.no_grad():
+                for start in range(0, len(source), batch_size):
+                    x = torch.from_numpy(np.asarray(source[start : start + batch_size], dtype=np.float32))
+                    y = blocks(x).numpy()
+                    if out is None:
+                        out = np.lib.format.open_memmap(
+                            target.with_suffix(".tmp.npy"),
+                            mode="w+",
+                            dtype=np.float16,
+                            shape=(len(source), *y.shape[1:]),
+                        )
+                    out[start : start + len(y)] = y.astype(np.float16)
+            assert out is not None
+            out.flush()
+            del out
+            target.with_suffix(".tmp.npy").rename(target)
+            log.info("advanced cached view %d of %d", v + 1, stack.shape[1])
+        views.append(np.load(target, mmap_mode="r"))
+    return ViewStack(views)

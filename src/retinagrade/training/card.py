@@ -1,4 +1,8 @@
-"""Write the model card (``models/README.md``) from the model spec, so the card cannot drift from the model."""
+"""Write the model card (``models/README.md``) from the model spec, so the card cannot drift from the model.
+
+Leave-one-source-out results come first: they are what a user with a camera the model never saw should
+expect. In-domain (cross-validation) numbers follow when the run has them.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,34 @@ from pathlib import Path
 from typing import Any
 
 from retinagrade.constants import GRADE_NAMES
-from retinagrade.training.report import format_metrics_markdown
+from retinagrade.training.report import format_loso_markdown, format_metrics_markdown
 
 LIMITATIONS = """\
-- Trained on small, low-resolution data: APTOS 2019 resized to 224 px and 660 EyePACS photos at up to 768 px.
-  Production photos (2-12 MP) are brought to the same 224 px, contrast-normalised form, but subtle lesions
-  (single microaneurysms) that need full resolution can be missed: mild DR (grade 1) recall is the weakest.
-- Two populations (India, Aravind; USA, EyePACS) and their cameras. Performance on other populations, cameras,
-  handheld or smartphone fundus photos is unknown until measured; validate locally before any clinical use.
-- No diabetic macular oedema (DME) labels: the model does not assess DME, a common reason for referral.
+- Trained on small, low-resolution data (224-768 px copies). Production photos (2-12 MP) are brought to the
+  same contrast-normalised form at the model's input size, but subtle lesions (single microaneurysms) that need
+  full resolution can be missed: mild DR (grade 1) recall is the weakest.
+- Populations: India (APTOS, Aravind), USA (EyePACS), Mexico (three institutes). Performance on other
+  populations, cameras, handheld or smartphone fundus photos is unknown until measured; leave-one-source-out
+  numbers above are the best guide, and they are far from in-domain numbers. Validate locally before any
+  clinical use.
+- No diabetic macular oedema (DME) labels are used: the model does not assess DME, a common reason for referral.
 - Ungradable images are refused by a quality gate fitted on EyePACS/EyeQ labels; its own error rates are in
   `docs/gate-report.md`.
-- Labels are single-grader Kaggle labels with known noise (conflicting duplicates were resolved or dropped).
+- Labels are single-grader Kaggle labels with known noise (conflicting duplicates were resolved or dropped);
+  Mexico's labels are coarse (no DR / NPDR / PDR) and given per patient, so an NPDR patient's other eye may be
+  healthy.
+"""
+
+TERMS = """\
+| source | terms |
+|---|---|
+| APTOS 2019, EyePACS (Kaggle 2015) | Kaggle competition data: research and non-commercial use only |
+| EyeQ quality labels (gate only) | CC BY-NC-SA 4.0 (Fu et al., MICCAI 2019) |
+| Mexico (mexico-512) | no licence stated; research use; citation requested: Hughes Cano, Olivares Pinto & \
+Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic Retinopathy" |
+
+**Licence of the weights.** The weights are derived from these data and inherit their restrictions: research
+and non-commercial use only. The code is Apache-2.0.
 """
 
 
@@ -26,13 +46,28 @@ def reproduce_command(cfg: dict[str, Any]) -> str:
     """The ``retinagrade train`` command line that re-creates a run from its resolved config."""
     parts = ["retinagrade train", *(f"--labels {path}" for path in cfg["labels"])]
     parts += [f"--arch {cfg['arch']}", f"--input-size {cfg['input_size']}", f"--frozen-stages {cfg['frozen_stages']}"]
+    if cfg.get("cache_stages") is not None:
+        parts += [f"--cache-stages {cfg['cache_stages']}"]
+    if cfg.get("init_from"):
+        parts += [f"--init-from {cfg['init_from']}"]
+    if cfg.get("heads_only"):
+        parts += ["--heads-only"]
+    parts += [f"--views {cfg['views']}"]
+    if cfg.get("artefact_views"):
+        parts += [f"--artefact-views {cfg['artefact_views']}"]
+    if cfg.get("train_views", "all") != "all":
+        parts += [f"--train-views {cfg['train_views']}"]
     parts += [
-        f"--views {cfg['views']}",
         f"--epochs {cfg['epochs']}",
+        f"--batch-size {cfg['batch_size']}",
+        f"--lr {cfg['lr']}",
         f"--folds {cfg['folds']}",
         f"--seed {cfg['seed']}",
     ]
+    if cfg.get("source_balance"):
+        parts.append(f"--source-balance {cfg['source_balance']}")
     parts += [f"--oversample {name}={k}" for name, k in cfg.get("oversample", {}).items()]
+    parts += [f"--loso {name}" for name in cfg.get("loso", [])]
     if cfg.get("cross_source"):
         parts.append("--cross-source")
     if not cfg.get("cache_features", True):
@@ -40,15 +75,43 @@ def reproduce_command(cfg: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _recipe(cfg: dict[str, Any]) -> str:
+    views = f"{cfg['views']} standard"
+    if cfg.get("artefact_views"):
+        views += f" + {cfg['artefact_views']} camera-artefact"
+    balance = (
+        f"; source-balanced sampling (a source's share of each epoch proportional to n^{1 - cfg['source_balance']:g})"
+        if cfg.get("source_balance")
+        else ""
+    )
+    evaluation = []
+    if cfg.get("loso"):
+        evaluation.append(f"leave-one-source-out on {', '.join(cfg['loso'])}")
+    if cfg.get("folds", 0) > 1:
+        evaluation.append(f"{cfg['folds']}-fold cross-validation grouped by patient and duplicate group")
+    return (
+        f"{' and '.join(evaluation) or 'no held-out evaluation'}; {cfg['epochs']} epochs, batch {cfg['batch_size']}, "
+        f"AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
+        f"dropout {cfg['dropout']}; cached stem features of the clean image + {views} augmented views per image "
+        f"(training draws `{cfg.get('train_views', 'all')}` views){balance}; coarse labels (a grade range) trained "
+        "with the partial-label loss -log P(allowed grades); then the same recipe on all images for the shipped "
+        "weights."
+    )
+
+
 def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -> str:
     metrics = spec.get("metrics", {})
     decision = metrics.get("decision", spec.get("decision", {}))
     referable = spec["referable"]
+    ranges = spec["training"].get("grade_ranges", {})
     data_rows = "\n".join(
-        f"| {source} | {sum(counts)} | {' / '.join(str(c) for c in counts)} |"
+        f"| {source} | {sum(counts) + ranges.get(source, 0)} | {' / '.join(str(c) for c in counts)}"
+        + (f" (+{ranges[source]} NPDR, grade 1-3)" if source in ranges else "")
+        + " |"
         for source, counts in spec["training"]["data"].items()
     )
     cfg = spec["training"]["config"]
+    qwk_by_rule = spec["decision"].get("qwk_by_rule_held_out", spec["decision"].get("qwk_by_rule_out_of_fold", {}))
     parts = [
         f"# Model card: {spec['name']} {spec['version']}",
         "",
@@ -60,45 +123,54 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
         "a quality verdict, and a class-activation heatmap. Images that are not fundus photographs or cannot be "
         "graded get no grade.",
         "",
+    ]
+    if "loso" in metrics:
+        parts += [format_loso_markdown(metrics["loso"], heading_level=2)]
+    parts += [
         "## Model",
         f"- Backbone: `{spec['architecture']['backbone']}` ({spec['architecture']['pretrained']}); "
         f"{spec['architecture']['trained_stages']}.",
         f"- Heads: {spec['architecture']['heads']}.",
         f"- Input: {spec['input']['size']} x {spec['input']['size']} px; "
         f"preprocessing `{json.dumps(spec['preprocess'])}`.",
-        f"- Decision rule: `{spec['decision']['rule']}`, thresholds {spec['decision']['thresholds']}; out-of-fold "
-        f"QWK by rule: {json.dumps(spec['decision'].get('qwk_by_rule_out_of_fold', {}))}.",
+        f"- Decision rule: `{spec['decision']['rule']}`, thresholds {spec['decision']['thresholds']}; held-out "
+        f"QWK by rule: {json.dumps(qwk_by_rule)}.",
         f"- Calibration: temperature {spec['calibration']['temperature']:.3f} ({spec['calibration']['method']}).",
         f"- File: `{spec['model_file']}`, sha256 `{spec['sha256']}`.",
         "",
         "## Training data and its terms",
-        "| source | images | grades 0 / 1 / 2 / 3 / 4 |",
+        "| source | images | exact grades 0 / 1 / 2 / 3 / 4 |",
         "|---|---|---|",
         data_rows,
         "",
-        f"Training: {cfg['folds']}-fold cross-validation (stratified by grade, grouped by patient and "
-        "duplicate group), "
-        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, "
-        f"{cfg['views']} cached augmented views per image; then the same recipe on all images for the shipped weights.",
+        "Groups that never straddle a split: patient across all EyePACS folders (the same photo can be in two "
+        "folders at two resolutions), `split_group` in Mexico, duplicate group in APTOS.",
+        "",
+        TERMS,
+        f"Training: {_recipe(cfg)}",
         "",
         f"Reproduce: `{reproduce_command(cfg)}`.",
         "",
-        "**Licence of the weights.** APTOS 2019 and EyePACS are Kaggle competition data for research and "
-        "non-commercial use; these weights are derived from them and inherit that restriction. The code is "
-        "Apache-2.0.",
-        "",
         "## Operating point",
         f"Referable when calibrated P(grade >= 2) >= **{referable['threshold']:.4f}**, chosen as the "
-        f"{referable['chosen']} (out of fold).",
-        "",
-        "## Measured performance (out-of-fold, all images)",
-        format_metrics_markdown(metrics["all"], heading_level=3) if "all" in metrics else "not measured",
+        f"{referable['chosen']}.",
     ]
-    for source, section in metrics.items():
-        if source in ("all", "decision", "cross_source", "source_ablation") or not isinstance(section, dict):
-            continue
-        parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
-    if "cross_source" in metrics:
+    sens, spec_ = referable.get("sensitivity_held_out"), referable.get("specificity_held_out")
+    if sens is not None and spec_ is not None:
+        parts.append(
+            f"Held-out sensitivity {sens:.3f}, specificity {spec_:.3f} (pooled over the sources it was chosen on)."
+        )
+    if "loso" in metrics:
+        for source, section in metrics["loso"]["sources"].items():
+            parts += ["", f"## Held out: {source} (leave one source out)", format_metrics_markdown(section, 3)]
+    cv = metrics.get("cv", {})
+    if "all" in cv:
+        parts += ["", "## In-domain cross-validation (out-of-fold, all images)", format_metrics_markdown(cv["all"], 3)]
+        for source, section in cv.items():
+            if source in ("all", "decision", "cross_source") or not isinstance(section, dict):
+                continue
+            parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
+    if "cross_source" in cv:
         parts += [
             "",
             "## Cross-source: trained on one source only, tested on every image of the other",
@@ -106,7 +178,7 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
             "| trained on -> tested on | images | referable AUC | QWK (most probable grade) |",
             "|---|---|---|---|",
         ]
-        for pair, m in metrics["cross_source"].items():
+        for pair, m in cv["cross_source"].items():
             auc = "n/a" if m["referable_auc"] is None else f"{m['referable_auc']:.3f}"
             parts.append(f"| {pair} | {m['n']} | {auc} | {m['qwk_argmax']:.3f} |")
     gate = spec.get("gate_meta")
@@ -117,26 +189,13 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
             f"Fitted on {gate.get('fitted_on')}; out-of-fold ungradable-vs-gradable AUC {gate.get('eyeq_oof_auc')} "
             f"(95% CI {gate.get('eyeq_oof_auc_ci95')}); split {gate.get('split')}. Details: `docs/gate-report.md`.",
         ]
-    ood = spec.get("ood", {})
-    parts += [
-        "",
-        "## Out-of-distribution check",
-        "Not-a-fundus photos are refused by the quality gate's rules. The embedding distance to the training "
-        "images is recorded in the spec but "
-        + (
-            f"refuses photos above {ood['distance_limit']}."
-            if "distance_limit" in ood
-            else "is not used for decisions: measured on this model it did not separate non-fundus images from "
-            "fundus photos of other cameras."
-        ),
-    ]
     for section in extra_sections or []:
         parts += ["", section]
     parts += [
         "",
         "## Limitations",
         LIMITATIONS,
-        f"Decision rule chosen out of fold: {json.dumps(decision, default=str)}",
+        f"Decision chosen on held-out predictions: {json.dumps(decision, default=str)}",
     ]
     return "\n".join(parts) + "\n"
 

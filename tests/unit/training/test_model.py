@@ -46,3 +46,32 @@ def test_cam_mean_equals_outputs_and_stem_is_split() -> None:
     assert torch.allclose(cam.mean(dim=(2, 3))[:, :5], logits, atol=1e-4)
     assert torch.allclose(cam.mean(dim=(2, 3))[:, 5:], regression, atol=1e-4)
     assert len(net.stem.blocks) == 6 and len(net.tail.blocks) == 1
+
+
+@pytest.mark.parametrize(("arch", "frozen"), [("tf_efficientnet_lite0", 5), ("resnet18", 2), ("mobilenetv2_100", 3)])
+def test_backbone_contract(arch: str, frozen: int) -> None:
+    """Every registered family: named outputs, CAM channels whose spatial mean is the output, and a stem/tail
+    split that composes to exactly the backbone's own feature extractor (random weights, tiny input)."""
+    from retinagrade.inference.model_spec import CAM_CHANNELS
+
+    # Same seed, same timm constructor: the grader's backbone and the reference start from identical weights.
+    torch.manual_seed(0)
+    net = build_grader(arch, frozen_stages=frozen, pretrained=False).eval()
+    torch.manual_seed(0)
+    reference = create_backbone(arch, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, regression, cam, embedding = net(x)
+        fmap = net.tail.feature_map(net.stem(x))
+        expected = reference.forward_features(x)
+    assert logits.shape == (2, 5) and regression.shape == (2, 1)
+    assert cam.shape[:2] == (2, len(CAM_CHANNELS)) and embedding.shape == (2, net.tail.num_features)
+    assert torch.allclose(cam.mean(dim=(2, 3))[:, :5], logits, atol=1e-4)
+    assert torch.allclose(cam.mean(dim=(2, 3))[:, CAM_CHANNELS.index("regression")], regression[:, 0], atol=1e-4)
+    assert torch.allclose(fmap, expected, atol=1e-5)
+    assert torch.allclose(embedding, expected.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_unknown_backbone_is_refused_with_the_registered_names() -> None:
+    with pytest.raises(ValueError, match=r"registered: .*tf_efficientnet_lite0"):
+        build_grader("not_a_net", frozen_stages=1, pretrained=False)
