@@ -28,23 +28,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = T.TrainConfig(**json.loads((args.run / "train_config.json").read_text()))
     torch.set_num_threads(cfg.threads)
-    samples = [s for labels in cfg.labels for s in T.read_labels(labels)]
-    grades = np.array([s.grade for s in samples])
-    sources = np.array([s.source for s in samples])
-    pre = cfg.preprocess()
-    cache = Path(cfg.cache_dir)
-    images = T.prepared_images(samples, pre, cache)
-    stem_path = cache / f"stem-{cfg.arch}-{cfg.frozen_stages}-{cfg.input_size}.onnx"
-    key = [[str(s.path) for s in samples], cfg.arch, cfg.frozen_stages, pre.to_dict(), cfg.pretrained_weights]
-    features = T.stem_features(images, stem_path, pre, cfg.views, cache, key_parts=key, seed=cfg.seed)
-    source = T._Source(cfg, images, features, list(sources))
+    inputs = T.load_inputs(cfg)
+    samples, grades, sources = inputs.samples, inputs.grades, inputs.sources
     folds = T.make_folds(samples, cfg.folds, cfg.seed)
     only = sources == args.source
     logits = np.zeros((len(samples), 5), np.float32)
     for k in range(cfg.folds):
-        net = T.fit(cfg, source, grades, np.flatnonzero((folds != k) & only), seed=cfg.seed + 1000 + k)
+        net = T.fit(cfg, inputs, np.flatnonzero((folds != k) & only), seed=cfg.seed + 1000 + k)
         held_out = np.flatnonzero((folds == k) & only)
-        logits[held_out] = T.predict(net, source, held_out).logits
+        logits[held_out] = T.predict(net, inputs.feed, held_out).logits
     with (args.run / "oof_predictions.csv").open() as fh:
         oof = {row["image"]: row for row in csv.DictReader(fh)}
     combined = np.array(

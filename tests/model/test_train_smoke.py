@@ -212,7 +212,7 @@ def test_torchrun_two_cpu_processes_train_one_model(tiny_labels: Path, tmp_path:
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [
-            torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "retinagrade.cli", "train",
+            torchrun, "--standalone", "--nproc_per_node", "2", "-m", "retinagrade.cli", "train",
             "--labels", str(tiny_labels), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
             "--input-size", "64", "--frozen-stages", "5", "--views", "1", "--epochs", "1", "--batch-size", "8",
             "--folds", "2", "--threads", "1",

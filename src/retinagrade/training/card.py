@@ -99,7 +99,10 @@ def _recipe(cfg: dict[str, Any]) -> str:
     )
 
 
-def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -> str:
+def render_card(
+    spec: dict[str, Any], extra_sections: list[str] | None = None, lead_sections: list[str] | None = None
+) -> str:
+    """The card's Markdown; ``lead_sections`` (e.g. results on unseen sources) go right after the intended use."""
     metrics = spec.get("metrics", {})
     decision = metrics.get("decision", spec.get("decision", {}))
     referable = spec["referable"]
@@ -126,6 +129,8 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
     ]
     if "loso" in metrics:
         parts += [format_loso_markdown(metrics["loso"], heading_level=2)]
+    for section in lead_sections or []:
+        parts += [section, ""]
     parts += [
         "## Model",
         f"- Backbone: `{spec['architecture']['backbone']}` ({spec['architecture']['pretrained']}); "
@@ -163,7 +168,8 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
     if "loso" in metrics:
         for source, section in metrics["loso"]["sources"].items():
             parts += ["", f"## Held out: {source} (leave one source out)", format_metrics_markdown(section, 3)]
-    cv = metrics.get("cv", {})
+    # Specs written before LOSO kept the cross-validation results at the top of "metrics".
+    cv = metrics.get("cv") or (metrics if "all" in metrics else {})
     if "all" in cv:
         parts += ["", "## In-domain cross-validation (out-of-fold, all images)", format_metrics_markdown(cv["all"], 3)]
         for source, section in cv.items():
@@ -200,8 +206,9 @@ def render_card(spec: dict[str, Any], extra_sections: list[str] | None = None) -
     return "\n".join(parts) + "\n"
 
 
-def write_card(spec_path: Path, out: Path, extra: list[Path] | None = None) -> Path:
+def write_card(spec_path: Path, out: Path, extra: list[Path] | None = None, lead: list[Path] | None = None) -> Path:
+    """Render the card of ``spec_path`` into ``out``; ``extra`` files go at the end, ``lead`` files first."""
     spec = json.loads(spec_path.read_text())
     sections = [p.read_text() for p in extra or []]
-    out.write_text(render_card(spec, sections))
+    out.write_text(render_card(spec, sections, [p.read_text() for p in lead or []]))
     return out

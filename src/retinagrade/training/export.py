@@ -90,3 +90,32 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
         "parity_max_abs_diff": diffs,
         "size_mb": round(onnx_path.stat().st_size / 1e6, 2),
     }
+
+
+def refresh_spec(
+    spec_path: Path, card: Path | None = None, extra: list[Path] | None = None, lead: list[Path] | None = None
+) -> ModelSpec:
+    """Rewrite an installed model's spec through :class:`ModelSpec` (same model file, same checksum).
+
+    Fills what older training code left empty: the operating point's held-out sensitivity and specificity
+    (from the recorded out-of-fold metrics; older specs read the wrong key and wrote null), and the declared
+    output names and CAM channels. Re-renders the card when ``card`` is given.
+    """
+    spec = ModelSpec.load(spec_path)
+    raw = json.loads(json.dumps(spec.raw))
+    metrics = raw.get("metrics", {})
+    cv = metrics.get("cv") or (metrics if "all" in metrics else {})
+    held_out = cv.get("all", {}).get("referable", {})
+    referable = raw.setdefault("referable", {})
+    for name in ("sensitivity", "specificity"):
+        value = (held_out.get(name) or {}).get("value")
+        if referable.get(f"{name}_out_of_fold") is None and value is not None:
+            referable[f"{name}_out_of_fold"] = value
+            referable[f"{name}_held_out"] = value
+    typed = dataclasses.replace(spec, raw=raw)
+    spec_path.write_text(json.dumps(typed.to_dict(), indent=2))
+    if card is not None:
+        from retinagrade.training.card import write_card
+
+        write_card(spec_path, card, extra, lead)
+    return ModelSpec.load(spec_path)

@@ -245,7 +245,9 @@ def loso_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def format_loso_markdown(report: Mapping[str, Any], heading_level: int = 2) -> str:
+def format_loso_markdown(
+    report: Mapping[str, Any], heading_level: int = 2, title: str = "Leave one source out", intro: str | None = None
+) -> str:
     """Markdown of a leave-one-source-out report: one row per held-out source, then the decision it chose."""
     hashes = "#" * heading_level
     decision = report["decision"]
@@ -261,18 +263,26 @@ def format_loso_markdown(report: Mapping[str, Any], heading_level: int = 2) -> s
         "referable ECE",
         "top-label ECE",
     ]
+    if intro is None:
+        intro = (
+            "Each row: a model trained on every other source (and on no image of a patient or photo group that the "
+            "held-out source contains), tested on all of the held-out source. Sensitivity and specificity at the "
+            "travelling operating point"
+        )
     lines = [
-        f"{hashes} Leave one source out",
+        f"{hashes} {title}",
         "",
-        "Each row: a model trained on every other source (and on no image of a patient or photo group that the "
-        "held-out source contains), tested on all of the held-out source. Sensitivity and specificity at the "
-        f"travelling operating point (refer when calibrated P(grade >= 2) >= {decision['referable_threshold']:.3f}).",
+        f"{intro} (refer when calibrated P(grade >= 2) >= {decision['referable_threshold']:.3f}).",
         "",
         *_table(header, loso_rows(report)),
         "",
-        f"- Temperature {decision['temperature']:.3f} and threshold chosen on {decision['chosen_on']}; "
-        f"the threshold is the highest that keeps every calibration source's sensitivity at the target "
-        f"(per-source limits {json.dumps(limits)}).",
+        f"- Temperature {decision['temperature']:.3f} and threshold chosen on {decision['chosen_on']}"
+        + (
+            "; the threshold is the highest that keeps every calibration source's sensitivity at the target "
+            f"(per-source limits {json.dumps(limits)})."
+            if limits
+            else "."
+        ),
         f"- Grade rule `{decision['rule']}`, thresholds {[round(t, 3) for t in decision['thresholds']]}; QWK by rule "
         f"{json.dumps({k: round(v, 3) for k, v in decision.get('qwk_by_rule', {}).items()})}.",
         "- Intervals: AUC and kappa by percentile bootstrap over patient/photo groups (1000 resamples); "
@@ -280,6 +290,13 @@ def format_loso_markdown(report: Mapping[str, Any], heading_level: int = 2) -> s
         "- Coarsely labelled sources (Mexico: no DR / NPDR / PDR) are scored on their exactly graded images "
         "(no DR and PDR); NPDR images (grade 1-3, referable status unknown) are left out of every metric.",
     ]
+    seen = report.get("excluded_seen_by_init")
+    if seen:
+        counts = ", ".join(f"{k} {v}" for k, v in seen["images"].items())
+        lines.append(
+            f"- The starting model was trained on {', '.join(seen['init_sources'])}: those sources are not held out, "
+            f"and images of their patients/photo groups are left out of the held-out sets ({counts} images)."
+        )
     if report.get("wall_time_s"):
         lines.append(
             "- Wall time per held-out source (fit + predict, 2 CPU cores): "

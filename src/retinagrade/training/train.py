@@ -48,6 +48,9 @@ from retinagrade.training.model import DEFAULT_DROPOUT, GlobalMean, GraderNet, S
 
 log = logging.getLogger(__name__)
 
+#: Feature caches up to this size (as float32) are held in memory instead of read row by row from disk.
+DENSE_FEATURES_BYTES = 1 << 30
+
 #: The camera sets whose held-out predictions choose the temperature and referable threshold.
 CAMERA_SOURCES = ("eyepacs-768", "mexico-512")
 
@@ -68,6 +71,8 @@ class TrainConfig:
         min_sensitivity: the operating point's sensitivity constraint (per held-out camera source under LOSO).
         init_from: an exported model (ONNX, same architecture) whose weights initialise the network instead of
             ImageNet; its batch norms are folded, so they stay in inference mode while training.
+        init_sources: the sources the ``init_from`` model was trained on. They cannot be held out (its features
+            have seen them), and every image of a group they contain is left out of every held-out test set.
         heads_only: train only the two linear heads, on cached pooled embeddings of the frozen network.
         cache_stages: stages run by the cached stem (default ``frozen_stages``); when fewer, the frozen stages in
             between are applied to the cached features once, so a deeper split reuses a shallower cache.
@@ -82,6 +87,7 @@ class TrainConfig:
     frozen_stages: int = 6
     cache_stages: int | None = None
     init_from: str | None = None
+    init_sources: list[str] = field(default_factory=list)
     heads_only: bool = False
     cache_features: bool = True
     views: int = 8
@@ -216,6 +222,10 @@ class Feed:
         if features is not None and allowed_views is None:
             allowed_views = np.arange(features.shape[1])
         self.allowed_views = allowed_views
+        # Small caches (pooled embeddings) are read into memory once: batches become one fancy index.
+        self.dense: np.ndarray | None = None
+        if features is not None and int(np.prod(features.shape)) * 4 <= DENSE_FEATURES_BYTES:
+            self.dense = np.stack([np.asarray(v, dtype=np.float32) for v in features.views], axis=1)
 
     def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
         if self.features is not None:
@@ -225,6 +235,8 @@ class Feed:
                 if train
                 else np.zeros(len(idx), int)
             )
+            if self.dense is not None:
+                return torch.from_numpy(np.ascontiguousarray(self.dense[idx, views]))
             order = np.argsort(idx)
             rows = np.stack([self.features[idx[j], views[j]] for j in order])
             unsorted = np.empty_like(rows)
@@ -766,9 +778,19 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
     preds = Predictions(np.zeros((n, NUM_GRADES), np.float32), np.zeros(n, np.float32), np.zeros((n, 1), np.float32))
     held = np.zeros(n, bool)
     timings: dict[str, float] = {}
+    seen = set(cfg.init_sources)
+    if seen & set(holdout):
+        raise ValueError(
+            f"{sorted(seen & set(holdout))} trained the init_from model: holding them out would measure nothing"
+        )
+    seen_groups = np.array(sorted({s.group for s in inputs.samples if s.source in seen}))
+    excluded: dict[str, int] = {}
     for k, name in enumerate(holdout):
         started = time.perf_counter()
         train_idx, test_idx = leave_source_out(inputs.samples, name)
+        unseen = ~np.isin(inputs.groups[test_idx], seen_groups)
+        excluded[name] = int((~unseen).sum())
+        test_idx = test_idx[unseen]
         net = fit(cfg, inputs, train_idx, seed=cfg.seed + 3000 + k)
         p = predict(net, inputs.feed, test_idx)
         preds.logits[test_idx], preds.regression[test_idx] = p.logits, p.regression
@@ -778,7 +800,15 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
         if out_dir is not None and is_writer():
             # Keep partial results: a long LOSO run can be stopped and still report the sources done so far.
             np.savez(out_dir / "loso_logits.npz", logits=preds.logits, regression=preds.regression, held=held)
-    return loso_report(cfg, inputs, preds, held, holdout, timings, out_dir)
+    report = loso_report(cfg, inputs, preds, held, holdout, timings, out_dir)
+    if seen:
+        report["excluded_seen_by_init"] = {"init_sources": sorted(seen), "images": excluded}
+        if out_dir is not None and is_writer():
+            (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))
+            from retinagrade.training.report import format_loso_markdown
+
+            (out_dir / "loso.md").write_text(format_loso_markdown(report))
+    return report
 
 
 def loso_report(
@@ -813,7 +843,7 @@ def loso_report(
     if timings:
         report["wall_time_s"] = timings
     for name in holdout:
-        idx = np.flatnonzero(sources == name)
+        idx = np.flatnonzero((sources == name) & held)
         p = preds.take(idx)
         if _is_five_grade(inputs, name):
             report["sources"][name] = _metrics_for(inputs, idx, p, decision)
