@@ -150,7 +150,7 @@ class ModelSpec:
         ``raw`` carries what only people read (training record, metrics, licence); nested sections the typed
         fields live in (calibration, decision, referable) keep their other keys.
         """
-        data = json.loads(json.dumps(self.raw, default=str))
+        data: dict[str, Any] = json.loads(json.dumps(self.raw, default=str))
         data.update(
             {
                 "format_version": SPEC_FORMAT_VERSION,

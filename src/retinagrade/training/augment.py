@@ -58,15 +58,9 @@ def _illumination(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
     return np.clip(field, 0.2, 1.8)
 
 
-def fundus_artefacts(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Return a copy of a raw photo (H x W x 3 uint8) with a random set of camera and acquisition artefacts.
-
-    Each artefact fires with its own probability and strength; sizes are relative to the photo's shorter side
-    so a 224 px and a 768 px copy of a photo are degraded alike.
-    """
-    out: np.ndarray = rgb.astype(np.float32)
+def _light_and_colour(out: np.ndarray, rng: np.random.Generator, side: float) -> np.ndarray:
+    """Uneven illumination and vignetting, haze, colour temperature and gain, gamma (float image)."""
     h, w = out.shape[:2]
-    side = float(min(h, w))
     if rng.random() < 0.6:
         out *= _illumination((h, w), rng)[..., None]
     if rng.random() < 0.3:
@@ -81,8 +75,13 @@ def fundus_artefacts(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.3:
         gamma = float(np.exp(rng.uniform(-0.45, 0.45)))
         out = 255.0 * (np.clip(out, 0, 255) / 255.0) ** gamma
+    return out
+
+
+def _spots_and_halo(out: np.ndarray, rng: np.random.Generator, side: float) -> np.ndarray:
+    """Dust spots (soft bright or dark blobs) and a bright rim halo (float image)."""
+    h, w = out.shape[:2]
     if rng.random() < 0.15:
-        # dust spots: small soft bright or dark blobs
         spots: np.ndarray = np.zeros((h, w), np.float32)
         for _ in range(int(rng.integers(1, 5))):
             centre = (int(rng.uniform(0.2, 0.8) * w), int(rng.uniform(0.2, 0.8) * h))
@@ -90,23 +89,32 @@ def fundus_artefacts(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         spots = cv2.GaussianBlur(spots, (0, 0), side * 0.01 + 0.5)
         out += spots[..., None] * float(rng.uniform(20, 60))
     if rng.random() < 0.1:
-        # rim halo: a bright ring near the edge of the field of view
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         r = np.sqrt(((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2)
         ring = np.exp(-(((r - rng.uniform(0.8, 0.95)) / 0.06) ** 2)) * (r < 1.0)
         out += ring[..., None] * float(rng.uniform(10, 40))
-    out = np.clip(out, 0, 255).astype(np.uint8)
+    return out
+
+
+def _blur(out: np.ndarray, rng: np.random.Generator, side: float) -> np.ndarray:
+    """Defocus (Gaussian) or motion (rotated line kernel) blur, or neither (uint8 image)."""
     blur = rng.random()
     if blur < 0.2:
-        out = cv2.GaussianBlur(out, (0, 0), side * float(rng.uniform(0.002, 0.008)) + 0.3)
-    elif blur < 0.3:
+        return cv2.GaussianBlur(out, (0, 0), side * float(rng.uniform(0.002, 0.008)) + 0.3)
+    if blur < 0.3:
         length = max(3, int(side * rng.uniform(0.005, 0.02)) | 1)
         kernel: np.ndarray = np.zeros((length, length), np.float32)
         kernel[length // 2, :] = 1.0 / length
         rotation = cv2.getRotationMatrix2D((length / 2 - 0.5, length / 2 - 0.5), float(rng.uniform(0, 180)), 1.0)
         kernel = cv2.warpAffine(kernel, rotation, (length, length))
         normalised = (kernel / max(float(kernel.sum()), 1e-6)).astype(np.float32)
-        out = cv2.filter2D(out, -1, normalised)
+        return cv2.filter2D(out, -1, normalised)
+    return out
+
+
+def _resample_and_compress(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Down- then up-scaling, and JPEG re-compression (uint8 RGB image)."""
+    h, w = out.shape[:2]
     if rng.random() < 0.3:
         factor = float(rng.uniform(0.35, 0.75))
         small = cv2.resize(out, (max(16, int(w * factor)), max(16, int(h * factor))), interpolation=cv2.INTER_AREA)
@@ -118,3 +126,14 @@ def fundus_artefacts(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if decoded is not None:
             out = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     return out
+
+
+def fundus_artefacts(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Return a copy of a raw photo (H x W x 3 uint8) with a random set of camera and acquisition artefacts.
+
+    Each artefact fires with its own probability and strength; sizes are relative to the photo's shorter side
+    so a 224 px and a 768 px copy of a photo are degraded alike.
+    """
+    side = float(min(rgb.shape[:2]))
+    out = _spots_and_halo(_light_and_colour(rgb.astype(np.float32), rng, side), rng, side)
+    return _resample_and_compress(_blur(np.clip(out, 0, 255).astype(np.uint8), rng, side), rng)

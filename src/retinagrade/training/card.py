@@ -29,17 +29,32 @@ LIMITATIONS = """\
   healthy.
 """
 
-TERMS = """\
-| source | terms |
-|---|---|
-| APTOS 2019, EyePACS (Kaggle 2015) | Kaggle competition data: research and non-commercial use only |
-| EyeQ quality labels (gate only) | CC BY-NC-SA 4.0 (Fu et al., MICCAI 2019) |
-| Mexico (mexico-512) | no licence stated; research use; citation requested: Hughes Cano, Olivares Pinto & \
-Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic Retinopathy" |
+_TERMS_BY_FAMILY = {
+    "aptos2019": "| APTOS 2019 (Kaggle) | competition data: research and non-commercial use only |",
+    "eyepacs": "| EyePACS (Kaggle 2015) | competition data: research and non-commercial use only |",
+    "mexico": "| Mexico (mexico-512) | no licence stated; research use; citation requested: Hughes Cano, Olivares "
+    'Pinto & Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic '
+    'Retinopathy" |',
+}
 
-**Licence of the weights.** The weights are derived from these data and inherit their restrictions: research
-and non-commercial use only. The code is Apache-2.0.
-"""
+
+def terms(sources: list[str]) -> str:
+    """The terms table for the data a model was trained on, and what they mean for the weights."""
+    from retinagrade.training.data import family
+
+    rows = [_TERMS_BY_FAMILY.get(family(s), f"| {s} | see its README |") for s in sources]
+    rows.append("| EyeQ quality labels (quality gate only) | CC BY-NC-SA 4.0 (Fu et al., MICCAI 2019) |")
+    return "\n".join(
+        [
+            "| source | terms |",
+            "|---|---|",
+            *dict.fromkeys(rows),
+            "",
+            "**Licence of the weights.** The weights are derived from these data and inherit their restrictions: "
+            "research and non-commercial use only. The code is Apache-2.0.",
+            "",
+        ]
+    )
 
 
 def reproduce_command(cfg: dict[str, Any]) -> str:
@@ -99,6 +114,29 @@ def _recipe(cfg: dict[str, Any]) -> str:
     )
 
 
+def _cv_sections(cv: dict[str, Any]) -> list[str]:
+    """In-domain cross-validation sections: all images, each source, and the cross-source table."""
+    parts: list[str] = []
+    if "all" in cv:
+        parts += ["", "## In-domain cross-validation (out-of-fold, all images)", format_metrics_markdown(cv["all"], 3)]
+        for source, section in cv.items():
+            if source in ("all", "decision", "cross_source") or not isinstance(section, dict):
+                continue
+            parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
+    if "cross_source" in cv:
+        parts += [
+            "",
+            "## Cross-source: trained on one source only, tested on every image of the other",
+            "",
+            "| trained on -> tested on | images | referable AUC | QWK (most probable grade) |",
+            "|---|---|---|---|",
+        ]
+        for pair, m in cv["cross_source"].items():
+            auc = "n/a" if m["referable_auc"] is None else f"{m['referable_auc']:.3f}"
+            parts.append(f"| {pair} | {m['n']} | {auc} | {m['qwk_argmax']:.3f} |")
+    return parts
+
+
 def render_card(
     spec: dict[str, Any], extra_sections: list[str] | None = None, lead_sections: list[str] | None = None
 ) -> str:
@@ -151,7 +189,7 @@ def render_card(
         "Groups that never straddle a split: patient across all EyePACS folders (the same photo can be in two "
         "folders at two resolutions), `split_group` in Mexico, duplicate group in APTOS.",
         "",
-        TERMS,
+        terms(list(spec["training"]["data"])),
         f"Training: {_recipe(cfg)}",
         "",
         f"Reproduce: `{reproduce_command(cfg)}`.",
@@ -169,24 +207,7 @@ def render_card(
         for source, section in metrics["loso"]["sources"].items():
             parts += ["", f"## Held out: {source} (leave one source out)", format_metrics_markdown(section, 3)]
     # Specs written before LOSO kept the cross-validation results at the top of "metrics".
-    cv = metrics.get("cv") or (metrics if "all" in metrics else {})
-    if "all" in cv:
-        parts += ["", "## In-domain cross-validation (out-of-fold, all images)", format_metrics_markdown(cv["all"], 3)]
-        for source, section in cv.items():
-            if source in ("all", "decision", "cross_source") or not isinstance(section, dict):
-                continue
-            parts += ["", f"## Out-of-fold on {source}", format_metrics_markdown(section, heading_level=3)]
-    if "cross_source" in cv:
-        parts += [
-            "",
-            "## Cross-source: trained on one source only, tested on every image of the other",
-            "",
-            "| trained on -> tested on | images | referable AUC | QWK (most probable grade) |",
-            "|---|---|---|---|",
-        ]
-        for pair, m in cv["cross_source"].items():
-            auc = "n/a" if m["referable_auc"] is None else f"{m['referable_auc']:.3f}"
-            parts.append(f"| {pair} | {m['n']} | {auc} | {m['qwk_argmax']:.3f} |")
+    parts += _cv_sections(metrics.get("cv") or (metrics if "all" in metrics else {}))
     gate = spec.get("gate_meta")
     if gate:
         parts += [
