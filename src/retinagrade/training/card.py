@@ -210,12 +210,7 @@ def render_card(
     parts += _cv_sections(metrics.get("cv") or (metrics if "all" in metrics else {}))
     gate = spec.get("gate_meta")
     if gate:
-        parts += [
-            "",
-            "## Quality gate",
-            f"Fitted on {gate.get('fitted_on')}; out-of-fold ungradable-vs-gradable AUC {gate.get('eyeq_oof_auc')} "
-            f"(95% CI {gate.get('eyeq_oof_auc_ci95')}); split {gate.get('split')}. Details: `docs/gate-report.md`.",
-        ]
+        parts += ["", gate_section(gate)]
     for section in extra_sections or []:
         parts += ["", section]
     parts += [
@@ -225,6 +220,45 @@ def render_card(
         f"Decision chosen on held-out predictions: {json.dumps(decision, default=str)}",
     ]
     return "\n".join(parts) + "\n"
+
+
+def gate_section(gate: dict[str, Any]) -> str:
+    """The card's gate section, from the measurements ``retinagrade fit-gate`` records in the spec's ``gate_meta``."""
+    lines = [
+        "## Quality gate",
+        "Before grading, a gate decides whether the image is a colour fundus photograph and whether a grader could "
+        "read it. Not a fundus photograph (`not_fundus`, with a reason): cheap rules plus a learned detector "
+        f"({gate.get('detector', 'none')}), in its own ONNX file checksummed in the spec. It is meant to refuse "
+        "retinal OCT, fluorescein angiograms, external-eye photos, dermoscopy, endoscopy, microscopy, astronomy and faces. "
+        "Ungradable (`ungradable`, with reasons): a grader could not assess DR because the photo is too dark, "
+        "overexposed, too blurred to see vessels, or its field of view is largely cut off; the score is a logistic "
+        "model on relative image features, corrected for input resolution so that small but readable photos pass.",
+        "",
+        f"- Fitted on {gate.get('fitted_on')}; split {gate.get('split')}.",
+        f"- EyeQ ungradable-vs-gradable AUC on unseen patients {gate.get('eyeq_oof_auc')} "
+        f"(95% CI {gate.get('eyeq_oof_auc_ci95')}).",
+    ]
+    if "loko_graded" in gate:
+        share = gate.get("loko_not_fundus_share")
+        lines.append(
+            f"- Each negative kind left out of training in turn: {gate['loko_graded']} held-out negative(s) graded, "
+            f"{share:.1%} called `not_fundus`; each negative source left out: {gate.get('loso_graded')} graded."
+            if isinstance(share, float)
+            else f"- Each negative kind left out of training in turn: {gate['loko_graded']} held-out negative(s) "
+            "graded."
+        )
+    if isinstance(gate.get("lofso_max_not_fundus_share"), float):
+        lines.append(
+            "- A fundus source never seen in training: at most "
+            f"{gate['lofso_max_not_fundus_share']:.1%} of its photos called `not_fundus`."
+        )
+    lines += [
+        "- Ultra-widefield (Optos) images were not available to test; they are expected to be refused as "
+        "`not_fundus` (their field and colours differ from every fundus source the detector saw).",
+        "",
+        "Per kind, per source and coverage tables: `docs/gate-report.md`.",
+    ]
+    return "\n".join(lines)
 
 
 def write_card(spec_path: Path, out: Path, extra: list[Path] | None = None, lead: list[Path] | None = None) -> Path:
