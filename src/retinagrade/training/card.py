@@ -229,7 +229,8 @@ def gate_section(gate: dict[str, Any]) -> str:
         "Before grading, a gate decides whether the image is a colour fundus photograph and whether a grader could "
         "read it. Not a fundus photograph (`not_fundus`, with a reason): cheap rules plus a learned detector "
         f"({gate.get('detector', 'none')}), in its own ONNX file checksummed in the spec. It is meant to refuse "
-        "retinal OCT, fluorescein angiograms, external-eye photos, dermoscopy, endoscopy, microscopy, astronomy and faces. "
+        "retinal OCT, fluorescein angiograms, external-eye photos, dermoscopy, endoscopy, microscopy, astronomy "
+        "and faces. "
         "Ungradable (`ungradable`, with reasons): a grader could not assess DR because the photo is too dark, "
         "overexposed, too blurred to see vessels, or its field of view is largely cut off; the score is a logistic "
         "model on relative image features, corrected for input resolution so that small but readable photos pass.",
