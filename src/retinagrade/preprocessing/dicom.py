@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
 
+from retinagrade.constants import METADATA_KEYS
 from retinagrade.errors import (
     CorruptImageError,
     DicomMultiFrameError,
@@ -86,16 +87,6 @@ SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
 #: Encapsulated JPEG whose frame the ordinary JPEG decoder reads (8-bit DCT, what cameras write).
 _PILLOW_JPEG: Final = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit})
 _PILLOW_PHOTOMETRIC: Final = frozenset({"YBR_FULL_422", "YBR_FULL", "MONOCHROME2"})
-
-#: The identifiers that travel with a result (never into logs), under their DICOM keywords.
-METADATA_KEYWORDS: Final[tuple[str, ...]] = (
-    "PatientID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "Modality",
-)
 
 
 def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
@@ -156,7 +147,8 @@ def laterality(ds: Dataset) -> str | None:
 
 def dicom_metadata(ds: Dataset) -> dict[str, str]:
     """The identifiers of the instance, keyed by DICOM keyword; absent or empty ones are left out."""
-    meta = {key: str(ds.get(key, "") or "").strip() for key in METADATA_KEYWORDS}
+    # constants.METADATA_KEYS is the one list; laterality is read from either of its two attributes below.
+    meta = {key: str(ds.get(key, "") or "").strip() for key in METADATA_KEYS if key != "ImageLaterality"}
     side = laterality(ds)
     if side is not None:
         meta["ImageLaterality"] = side
