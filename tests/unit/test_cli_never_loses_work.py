@@ -134,7 +134,14 @@ def test_ctrl_c_keeps_the_rows_that_finished(tmp_path: Path, photo: bytes, model
     out = tmp_path / "r.csv"
     command = [sys.executable, "-m", "retinagrade.cli", "grade", str(folder), "-o", str(out), "-q"]
     command += ["--model", str(model_path)]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(SRC)}, stderr=subprocess.PIPE)
+    # A shell without job control (CI runs the suite in the background) starts children with SIGINT ignored,
+    # and Python then never installs its Ctrl-C handler: give the child the terminal's default, as a user has.
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (not out.exists() or len(_rows(out)) < 10):
