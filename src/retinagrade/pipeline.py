@@ -193,7 +193,7 @@ class GradingPipeline:
         result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, metadata)
         if explain:
             s = self.spec.preprocess.input_size
-            result.heatmap = evidence_map(outputs.cam, s, request.prepared.crop.mask)
+            result.heatmap = evidence_map(outputs.cam, s, self.spec.severity_channel, request.prepared.crop.mask)
             result.crop = request.prepared.crop.image
         return result
 

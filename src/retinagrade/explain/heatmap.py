@@ -10,17 +10,16 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-#: Channel of the ``cam`` output that belongs to the regression (severity) head.
-SEVERITY_CHANNEL = 5
 
-
-def evidence_map(cam: np.ndarray, size: int, mask: np.ndarray | None = None) -> np.ndarray:
+def evidence_map(cam: np.ndarray, size: int, channel: int, mask: np.ndarray | None = None) -> np.ndarray:
     """Severity evidence as an S x S float32 map in [0, 1] (0 = none), from one image's C x h x w ``cam``.
+
+    ``channel`` is the regression (severity) map's index in ``cam``: the spec's ``severity_channel``.
 
     Values are relative to the image's own strongest evidence above its median, so a healthy eye still shows
     where its (weak) evidence lies; the absolute strength is in the grade probabilities.
     """
-    severity = cam[SEVERITY_CHANNEL].astype(np.float32)
+    severity = cam[channel].astype(np.float32)
     relative = severity - float(np.median(severity))
     relative = np.maximum(relative, 0.0)
     peak = float(relative.max())

@@ -8,9 +8,7 @@ import numpy as np
 
 from retinagrade.cpus import available_cpus
 from retinagrade.errors import ModelError
-from retinagrade.inference.model_spec import ModelSpec
-
-REQUIRED_OUTPUTS = ("logits", "regression", "cam", "embedding")
+from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -43,12 +41,22 @@ class OnnxGrader:
         size = spec.preprocess.input_size
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, size, size]:
             raise ModelError(f"model input {inputs[0].shape} does not match the spec's 3 x {size} x {size}")
-        missing = [name for name in REQUIRED_OUTPUTS if name not in outputs]
+        # The spec declares the outputs (training wrote it); a spec that lacks a role this grader reads is refused.
+        absent_roles = [name for name in OUTPUT_NAMES if name not in spec.outputs]
+        if absent_roles:
+            raise ModelError(f"model spec declares no outputs {absent_roles}")
+        missing = [name for name in spec.outputs if name not in outputs]
         if missing:
             raise ModelError(f"model lacks outputs {missing}")
         self._input_name = inputs[0].name
 
     def run(self, batch: np.ndarray) -> ModelOutputs:
         """Run a N x 3 x S x S float32 batch."""
-        logits, regression, cam, embedding = self.session.run(list(REQUIRED_OUTPUTS), {self._input_name: batch})
-        return ModelOutputs(logits=logits, regression=regression.reshape(-1), cam=cam, embedding=embedding)
+        names = list(self.spec.outputs)
+        values = dict(zip(names, self.session.run(names, {self._input_name: batch}), strict=True))
+        return ModelOutputs(
+            logits=values["logits"],
+            regression=values["regression"].reshape(-1),
+            cam=values["cam"],
+            embedding=values["embedding"],
+        )
