@@ -25,7 +25,7 @@ from retinagrade.cli import app
 from retinagrade.inference.grader import OnnxGrader
 from retinagrade.inference.model_spec import CAM_CHANNELS, OUTPUT_NAMES, ModelSpec
 from retinagrade.preprocessing.decode import load_image
-from retinagrade.preprocessing.pipeline import batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import batch_tensor, prepare_fundus
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.train]
 
@@ -91,7 +91,7 @@ def _check_spec_serves(spec_path: Path, photo: Path) -> ModelSpec:
     referable = spec.raw["referable"]
     assert referable["sensitivity_out_of_fold"] is not None and referable["specificity_out_of_fold"] is not None
     assert ModelSpec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
-    image = prepare(load_image(photo, min_side=spec.preprocess.decode_min_side), spec.preprocess).model_image
+    image = prepare_fundus(load_image(photo, min_side=spec.preprocess.decode_min_side), spec.preprocess).model_image
     outputs = OnnxGrader(spec, threads=1).run(batch_tensor([image], spec.preprocess))
     assert outputs.logits.shape == (1, 5) and outputs.cam.shape[1] == len(spec.cam_channels)
     assert np.isfinite(outputs.logits).all()

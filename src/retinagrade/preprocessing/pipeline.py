@@ -82,8 +82,3 @@ def prepare_fundus(decoded: DecodedImage, config: PreprocessConfig) -> PreparedI
 def batch_tensor(images: list[np.ndarray], config: PreprocessConfig) -> np.ndarray:
     """N x 3 x S x S float32 model input from prepared uint8 images."""
     return to_tensor(images, config.mean, config.std)
-
-
-#: The old name, kept only while the training and gate code being rewritten on other branches still imports
-#: it; remove it when they have landed (``grep -rn "import.*\bprepare\b" src tests``).
-prepare = prepare_fundus

@@ -360,7 +360,7 @@ def assess_quality(
 
     Args:
         decoded: the image as decoded (the detector sees all of it; the rules its size and surround).
-        prepared: the output of :func:`retinagrade.preprocessing.pipeline.prepare` for ``decoded``.
+        prepared: the output of :func:`retinagrade.preprocessing.pipeline.prepare_fundus` for ``decoded``.
         params: the fitted gate (:meth:`GateParams.from_json` on ``models/gate.json``).
         detector: :func:`open_detector` of ``params``; required when the gate has one.
     """

@@ -1,6 +1,6 @@
 """Caches that make CPU training feasible: prepared images, and frozen-stem features of augmented views.
 
-Prepared images go through exactly the serving code (``decode_image`` + ``prepare``). Stem features are
+Prepared images go through exactly the serving code (``decode_image`` + ``prepare_fundus``). Stem features are
 computed with ONNX Runtime (several times faster than eager PyTorch on CPU) from the exported frozen stem.
 Cache files are keyed by a hash of everything that determines their content.
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from retinagrade.preprocessing.decode import load_image
-from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
 from retinagrade.training.augment import ARTEFACTS_VERSION, augment, fundus_artefacts
 from retinagrade.training.data import Sample
 
@@ -39,7 +39,7 @@ def _prepare_one(args: tuple[str, dict[str, Any]]) -> np.ndarray:
     path, cfg = args
     config = PreprocessConfig.from_dict(cfg)
     decoded = load_image(path, min_side=config.decode_min_side)
-    image: np.ndarray = prepare(decoded, config).model_image
+    image: np.ndarray = prepare_fundus(decoded, config).model_image
     return image
 
 
@@ -101,7 +101,7 @@ def _view_image(args: tuple[int, str, str, str, int, dict[str, Any], int]) -> np
     decoded = load_image(path, min_side=config.decode_min_side)
     degraded = dataclasses.replace(decoded, rgb=fundus_artefacts(decoded.rgb, rng))
     try:
-        image = prepare(degraded, config).model_image
+        image = prepare_fundus(degraded, config).model_image
     except Exception:
         image = clean
     return augment(image, rng, config.mask_margin)

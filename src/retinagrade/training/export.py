@@ -13,7 +13,7 @@ import torch
 
 from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
-from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare
+from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
 from retinagrade.training.model import DEFAULT_DROPOUT, GraderNet, build_grader, export_onnx
 
 
@@ -29,7 +29,9 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     """Largest absolute differences between PyTorch and ONNX Runtime outputs on the same prepared inputs."""
     import onnxruntime as ort
 
-    prepared = [prepare(decode_image(b, min_side=preprocess.decode_min_side), preprocess).model_image for b in images]
+    prepared = [
+        prepare_fundus(decode_image(b, min_side=preprocess.decode_min_side), preprocess).model_image for b in images
+    ]
     batch = batch_tensor(prepared, preprocess)
     with torch.no_grad():
         reference = [t.numpy() for t in net(torch.from_numpy(batch))]

@@ -1,6 +1,6 @@
 """Measure every image of the data folders once, through the serving path, and cache the result.
 
-Per image: the quality features (``decode_image(min_side=decode_min_side)`` -> ``prepare`` ->
+Per image: the quality features (``decode_image(min_side=decode_min_side)`` -> ``prepare_fundus`` ->
 :func:`compute_quality_features`, exactly what serving computes) and the detector backbone's features of
 several *views*: the image as sent, plus honest augmentations. A fundus view stays a fundus photo (rescales,
 JPEG re-compression, crops that keep the disc, exposure, flips); a negative view stays a negative (crops,

@@ -299,7 +299,7 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         f"Fit and validation took {seconds:.0f} s on a shared 2-core machine. Parameters: `models/gate.json`;",
         f"detector backbone: `models/{det.file}` (sha256 `{det.sha256[:16]}...`, also listed in the model spec's",
         "`gate_files`, checked at load like the model). Every image goes through the serving path",
-        "(`decode_image` -> `prepare` with the shipped model's preprocessing -> `compute_quality_features`;",
+        "(`decode_image` -> `prepare_fundus` with the shipped model's preprocessing -> `compute_quality_features`;",
         f"the detector sees a {det.input_side} px letterboxed thumbnail of the whole decoded image).",
         "",
         "## What the gate decides",
