@@ -317,27 +317,6 @@ class GradingService:
         await self._record([(result, response)])
         return result, response, png
 
-    async def grade_many(
-        self,
-        images: list[bytes | InputError],
-        *,
-        request_id: str,
-        started: float,
-        explain: bool = False,
-        client_request_id: str | None = None,
-        site: str | None = None,
-    ) -> list[GradeResponse | InputError]:
-        """Grade several images; an unreadable one yields its error and never fails the others."""
-        answers = await self.grade_many_results(
-            images,
-            request_id=request_id,
-            started=started,
-            explain=explain,
-            client_request_id=client_request_id,
-            site=site,
-        )
-        return [a if isinstance(a, InputError) else a[1] for a in answers]
-
     async def grade_many_results(
         self,
         images: list[bytes | InputError],
@@ -348,7 +327,8 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
     ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
-        """As :meth:`grade_many`, with each image's pipeline result beside its response."""
+        """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
+        and never fails the others."""
         chosen = self.sites.resolve(site)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
