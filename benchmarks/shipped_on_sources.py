@@ -68,6 +68,11 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "shipped_on_sources.json").write_text(json.dumps(report, indent=2, default=float))
         (args.out / "shipped_on_sources.md").write_text(markdown)
+        # Per-image predictions on the unseen images: what the fellow-eye measurement and the site tools read.
+        idx = np.flatnonzero(np.isin(inputs.sources, sources) & ~np.isin(inputs.groups, seen_groups))
+        T._write_predictions(
+            args.out / "shipped_predictions.csv", inputs, idx, preds.take(idx), decision, inputs.sources[idx]
+        )
 
 
 if __name__ == "__main__":

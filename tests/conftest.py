@@ -170,3 +170,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.train)
         if item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def paired_model(tmp_path: Path) -> Path:
+    """A copy of the model under test whose spec has a fellow-eye rule (weight 0.4, threshold 0.35).
+
+    Lets the pairing tests run whatever rule the shipped model was trained with, or none.
+    """
+    import json
+    import shutil
+
+    spec_path = model_under_test()
+    folder = tmp_path / "paired-model"
+    shutil.copytree(spec_path.parent, folder, ignore=shutil.ignore_patterns("README.md"))
+    copy = folder / spec_path.name
+    data = json.loads(copy.read_text())
+    data["fellow_eye"] = {"weight": 0.4, "referable_threshold": 0.35}
+    copy.write_text(json.dumps(data))
+    return copy

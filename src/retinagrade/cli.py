@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO, cast
 
 import typer
 from rich.console import Console
@@ -118,8 +118,9 @@ def grade(
         bool,
         typer.Option(
             "--pair-eyes",
-            help="Also decide per patient from both eyes: DICOM Patient ID and Image Laterality, else file "
-            "names PATIENT_left / PATIENT_right.",
+            help="Also decide per patient from both eyes, and add each eye's fellow-eye answer (paired_* "
+            "columns): DICOM Patient ID and Image Laterality, else file names PATIENT_left / _right / _L / _R / "
+            "_OD / _OS. Single-image answers do not change.",
         ),
     ] = False,
     engine: Annotated[Engine, typer.Option(help="local: this process; ray: a Ray cluster (the cluster extra).")] = (
@@ -181,6 +182,7 @@ def grade(
             quiet=quiet,
             also=write_sr,
             site=profile.name if profile else "",
+            pair_eyes=pair_eyes,
         )
     finally:
         if writer is not None:
@@ -278,27 +280,45 @@ def _grade_into(
     quiet: bool,
     also: Callable[[Path, ResultRecord], None] | None = None,
     site: str = "",
+    pair_eyes: bool = False,
 ) -> int:
     """Grade ``files``, writing and collecting each record as it finishes; returns the exit code so far.
 
-    ``also`` is called with each file and its record as it finishes (``--output-sr``).
+    ``also`` is called with each file and its record as it finishes (``--output-sr``). With ``pair_eyes``
+    a record waits until every file its name ties to the same patient has finished (files whose name names
+    no patient, such as DICOM files tagged inside, wait until the end), then gets its fellow-eye answer; an
+    interrupted run still writes every record that finished, paired with what finished.
     """
     from retinagrade.report import to_record
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    pairing = _Pairing(pipeline, files) if pair_eyes else None
+
+    def emit(path: Path, record: ResultRecord) -> None:
+        if writer is not None:
+            writer.write(record)
+        if also is not None:
+            also(path, record)
+        records.append(record)
+
     try:
-        with Progress(*columns, console=err, disable=quiet) as progress:
-            task = progress.add_task("grading", total=len(files))
-            # closing(): an interrupt stops the engine's worker threads here, not at interpreter exit.
-            with contextlib.closing(pipeline.grade_paths(files, workers=workers)) as outcomes:
-                for path, outcome in outcomes:
-                    record = to_record(path, outcome, site=site)
-                    if writer is not None:
-                        writer.write(record)
-                    if also is not None:
-                        also(path, record)
-                    records.append(record)
-                    progress.advance(task)
+        try:
+            with Progress(*columns, console=err, disable=quiet) as progress:
+                task = progress.add_task("grading", total=len(files))
+                # closing(): an interrupt stops the engine's worker threads here, not at interpreter exit.
+                with contextlib.closing(pipeline.grade_paths(files, workers=workers)) as outcomes:
+                    for path, outcome in outcomes:
+                        record = to_record(path, outcome, site=site)
+                        if pairing is None:
+                            emit(path, record)
+                        else:
+                            for ready in pairing.add(path, record, outcome):
+                                emit(*ready)
+                        progress.advance(task)
+        finally:
+            if pairing is not None:
+                for ready in pairing.flush():
+                    emit(*ready)
     except KeyboardInterrupt:
         err.print(f"[yellow]Interrupted after {len(records)} of {len(files)} files.[/yellow]")
         return EXIT_INTERRUPTED
@@ -308,18 +328,66 @@ def _grade_into(
     return EXIT_OK
 
 
-_EYE_IN_NAME: Final = re.compile(r"(?P<patient>.+)[_-](?P<eye>left|right)", re.IGNORECASE)
+class _Pairing:
+    """Holds records until their patient's files have all finished, then adds the fellow-eye answers."""
+
+    def __init__(self, pipeline: GradingPipeline, files: list[Path]) -> None:
+        from retinagrade.eyes import eye_from_name
+
+        self._spec = pipeline.spec
+        self._left: dict[str | None, int] = {}
+        for file in files:
+            named = eye_from_name(file.stem)
+            patient = named[0] if named else None
+            self._left[patient] = self._left.get(patient, 0) + 1
+        self._held: dict[str | None, list[tuple[Path, ResultRecord, tuple[Any, float] | None]]] = {}
+
+    def add(self, path: Path, record: ResultRecord, outcome: object) -> list[tuple[Path, ResultRecord]]:
+        from retinagrade.eyes import eye_from_name
+
+        named = eye_from_name(path.stem)
+        patient = named[0] if named else None
+        raw = getattr(outcome, "raw", None)
+        self._held.setdefault(patient, []).append((path, record, raw))
+        self._left[patient] -= 1
+        if patient is None or self._left[patient] > 0:
+            return []
+        return self._pair(self._held.pop(patient))
+
+    def flush(self) -> list[tuple[Path, ResultRecord]]:
+        held = [item for items in self._held.values() for item in items]
+        self._held.clear()
+        return self._pair(held)
+
+    def _pair(self, held: list[tuple[Path, ResultRecord, tuple[Any, float] | None]]) -> list[tuple[Path, ResultRecord]]:
+        from retinagrade.eyes import paired_answers
+        from retinagrade.report import with_pairing
+
+        items = []
+        for index, (_, record, raw) in enumerate(held):
+            patient, eye = patient_and_eye(record)
+            items.append((index, (patient, eye) if patient is not None and eye is not None else None, raw))
+        answers = paired_answers(items, self._spec)
+        out = []
+        for index, (path, record, _) in enumerate(held):
+            answer = answers.get(index)
+            fellows = [held[cast(int, k)][1].image for k in answer.fellows] if answer else []
+            out.append((path, with_pairing(record, answer, fellows)))
+        return out
 
 
 def patient_and_eye(record: ResultRecord) -> tuple[str | None, Eye | None]:
-    """Whose eye an image is: the DICOM header's Patient ID and laterality, else ``PATIENT_left/right`` names."""
+    """Whose eye an image is: the DICOM header's Patient ID and laterality, else the file name
+    (:func:`retinagrade.eyes.eye_from_name`: ``PATIENT_left``, ``_R``, ``_OD``, ``_OS``...)."""
+    from retinagrade.eyes import eye_from_name
+
     meta = record.metadata
     patient = meta.get("PatientID") or None
     eye: Eye | None = {"L": "left", "R": "right"}.get(meta.get("ImageLaterality", ""))  # type: ignore[assignment]
-    named = _EYE_IN_NAME.fullmatch(Path(record.image).stem)
+    named = eye_from_name(Path(record.image).stem)
     if named is not None:
-        patient = patient or named["patient"]
-        eye = eye or named["eye"].lower()  # type: ignore[assignment]
+        patient = patient or named[0]
+        eye = eye or named[1]
     return patient, eye
 
 
@@ -486,6 +554,53 @@ def train(
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
 
 
+@app.command("fellow-eye")
+def fellow_eye_command(
+    predictions: Annotated[
+        Path, typer.Argument(help="Held-out predictions: loso_predictions.csv of a train run, or the benchmark's.")
+    ],
+    model: Annotated[
+        Path | None, typer.Option(help="Spec whose temperature the probabilities use (default: the run's spec).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write fellow_eye.json and fellow_eye.md here.")] = None,
+    min_sensitivity: Annotated[float, typer.Option(help="Sensitivity target of the fused operating point.")] = 0.90,
+    write_spec: Annotated[
+        bool, typer.Option(help="Write the chosen rule (or its absence) into --model's spec (a train run's spec).")
+    ] = False,
+) -> None:
+    """Measure fellow-eye fusion on held-out predictions (image- and patient-level AUC per source, weight chosen
+    leave-one-source-out); with --write-spec, set the spec's fellow-eye rule as ``retinagrade train`` does."""
+    import json
+
+    from retinagrade.inference.model_spec import ModelSpec
+    from retinagrade.training import fellow_eye
+
+    spec_path = model or predictions.parent / "retinagrade-dr.json"
+    try:
+        spec = ModelSpec.load(spec_path, verify_checksum=False)
+        paired = fellow_eye.Paired.read(predictions)
+    except (RetinagradeError, OSError, KeyError, ValueError) as exc:
+        err.print(f"[red]Cannot read the predictions or the spec:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    report = fellow_eye.measure(paired, spec.temperature)
+    sys.stdout.write(fellow_eye.format_markdown(report))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fellow_eye.json").write_text(json.dumps(report, indent=2, default=float))
+        (out / "fellow_eye.md").write_text(fellow_eye.format_markdown(report))
+    if write_spec:
+        calib = list((spec.raw.get("training", {}).get("config", {}) or {}).get("calibration_sources") or [])
+        calib = [s for s in calib if s in set(paired.sources.tolist())] or sorted(set(paired.sources.tolist()))
+        rule = fellow_eye.choose_rule(paired, spec.temperature, calib, min_sensitivity)
+        data = spec.to_dict()
+        if rule is None:
+            data.pop("fellow_eye", None)
+        else:
+            data["fellow_eye"] = rule
+        spec_path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+        err.print(f"fellow-eye rule: {'none (fusion did not raise held-out AUC)' if rule is None else rule['weight']}")
+
+
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A training run folder (holds final.pt and train_config.json).")],
@@ -622,7 +737,6 @@ def calibrate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the kappa and AUC intervals.")] = 1000,
 ) -> None:
     """Fit the site's temperature, referable threshold and cut-points on local photos; write a site profile."""
-    import re
 
     try:
         from retinagrade.training.calibrate import calibrate_site, summary_rows

@@ -94,6 +94,8 @@ class GradeResult:
     metadata: Mapping[str, str] = field(default_factory=dict)
     heatmap: np.ndarray | None = None
     crop: np.ndarray | None = None
+    #: The model's grade logits and regression output (graded images), for the fellow-eye rule.
+    raw: tuple[np.ndarray, float] | None = None
 
     @property
     def recommendation(self) -> Recommendation:
@@ -191,6 +193,7 @@ class GradingPipeline:
             return GradeResult(status, quality, None, request.sha256, size, request.timings_ms, metadata)
         decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec)
         result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, metadata)
+        result.raw = (np.array(outputs.logits, dtype=np.float64), float(outputs.regression[0]))
         if explain:
             s = self.spec.preprocess.input_size
             result.heatmap = evidence_map(outputs.cam, s, self.spec.severity_channel, request.prepared.crop.mask)

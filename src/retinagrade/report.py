@@ -14,7 +14,7 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +22,7 @@ from typing import IO, Any, Final, Protocol
 
 from retinagrade.constants import METADATA_KEYS, NUM_GRADES, Status
 from retinagrade.errors import RetinagradeError
+from retinagrade.eyes import PairedAnswer
 from retinagrade.pipeline import GradeResult
 from retinagrade.referral import Action, Urgency, recommend
 
@@ -47,6 +48,10 @@ class ResultRecord:
         error_code, error_message: why an image was not read; empty unless ``status == "error"``.
         sha256, width, height: the image's bytes and full size; empty/None for an error.
         site: the site profile the result was made under (empty when none).
+        paired_grade, paired_referable, paired_p_referable: the fellow-eye answer (the model's fellow-eye
+            rule applied with the other eye's graded images, :func:`retinagrade.eyes.paired_answers`); None
+            unless eyes were paired and the other eye was graded. The single-image fields never change.
+        fellow_images: the other eye's images that answer used.
         metadata: what the file said about patient and eye, keyed by DICOM keyword.
     """
 
@@ -71,6 +76,10 @@ class ResultRecord:
     width: int | None = None
     height: int | None = None
     site: str = ""
+    paired_grade: int | None = None
+    paired_referable: bool | None = None
+    paired_p_referable: float | None = None
+    fellow_images: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,8 +89,8 @@ class ResultRecord:
             value = getattr(self, f.name)
             if f.name == "probabilities":
                 flat.update({f"p{k}": value[k] if value else None for k in range(NUM_GRADES)})
-            elif f.name == "reasons":
-                flat["reasons"] = list(value)
+            elif f.name in ("reasons", "fellow_images"):
+                flat[f.name] = list(value)
             elif f.name == "metadata":
                 flat["metadata"] = dict(value)
             else:
@@ -91,7 +100,7 @@ class ResultRecord:
     def without_identifiers(self) -> dict[str, Any]:
         """:meth:`to_dict` without the image's name and metadata, for the audit trail (no patient identifiers)."""
         flat = self.to_dict()
-        del flat["image"], flat["metadata"]
+        del flat["image"], flat["metadata"], flat["fellow_images"]
         return flat
 
 
@@ -101,7 +110,7 @@ def printable_name(name: str | os.PathLike[str]) -> str:
 
 
 def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeError, *, site: str = "") -> ResultRecord:
-    """The record of one image's result or error."""
+    """The record of one image's result or error (single-image answer; :func:`with_pairing` adds the fellow eye)."""
     image = printable_name(name)
     if isinstance(outcome, RetinagradeError):
         advice = recommend("error", None)
@@ -139,6 +148,20 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         height=outcome.original_size[1],
         site=site,
         metadata=MappingProxyType(dict(outcome.metadata)),
+    )
+
+
+def with_pairing(record: ResultRecord, paired: PairedAnswer | None, fellow_names: Sequence[str]) -> ResultRecord:
+    """The record with its fellow-eye answer (unchanged without one)."""
+    if paired is None:
+        return record
+    decision = paired.decision
+    return dataclasses.replace(
+        record,
+        paired_grade=decision.grade,
+        paired_referable=decision.referable,
+        paired_p_referable=decision.p_referable,
+        fellow_images=tuple(printable_name(n) for n in fellow_names),
     )
 
 
@@ -424,5 +447,9 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "width",
     "height",
     "site",
+    "paired_grade",
+    "paired_referable",
+    "paired_p_referable",
+    "fellow_images",
     *METADATA_KEYS,
 )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -101,3 +104,34 @@ def test_referrals_are_per_patient() -> None:
         [_outcome(0, "left", True, "a"), _outcome(1, "left", False, "b"), _outcome(2, "right", False, "b")]
     )
     assert [(r.patient_id, r.decision) for r in referrals] == [("a", "refer"), ("b", "no_refer")]
+
+
+@pytest.mark.shared_data
+def test_batch_pairs_the_eyes_of_a_patient_without_changing_single_answers(
+    make_settings: Any, paired_model: Path, raw_fundus_paths: list[Path]
+) -> None:
+    from retinagrade.api.app import create_app
+
+    left, right, other = (p.read_bytes() for p in raw_fundus_paths[:3])
+    files = [
+        ("files", ("a.jpeg", left, "image/jpeg")),
+        ("files", ("b.jpeg", right, "image/jpeg")),
+        ("files", ("c.jpeg", other, "image/jpeg")),
+    ]
+    data = {"eye": ["left", "right", "left"], "patient_id": ["p1", "p1", "p2"]}
+    with TestClient(create_app(make_settings(model=paired_model))) as paired_client:
+        body = paired_client.post("/v1/grade/batch", files=files, data=data).json()
+        single = [
+            paired_client.post("/v1/grade", files={"file": (f[1][0], f[1][1], "image/jpeg")}).json() for f in files
+        ]
+    items = body["items"]
+    graded = [i["result"]["status"] == "graded" for i in items]
+    assert graded[0] and graded[1], "the test photos must be gradable"
+    for item, alone in zip(items, single, strict=True):
+        assert item["result"]["probabilities"] == alone["probabilities"]
+        assert item["result"]["referable"] == alone["referable"]
+    assert items[0]["paired"]["fellow_images"] == [1] and items[1]["paired"]["fellow_images"] == [0]
+    assert items[2]["paired"] is None  # p2 has one eye in the batch
+    low, high = sorted(i["result"]["p_referable"] for i in items[:2])
+    assert low - 1e-6 <= items[0]["paired"]["p_referable"] <= high + 1e-6
+    assert abs(sum(items[0]["paired"]["probabilities"]) - 1.0) < 1e-6

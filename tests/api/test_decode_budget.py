@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.service import DecodeBudget
 
 

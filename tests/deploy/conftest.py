@@ -43,7 +43,7 @@ def service_metric_samples() -> set[str]:
     """Every sample name the service can expose on /metrics, from its own metrics module."""
     from prometheus_client.metrics_core import Metric
 
-    from retinagrade.api.metrics import ServiceMetrics
+    from retinagrade.api.telemetry import ServiceMetrics
 
     suffixes = {
         "counter": ("_total", "_created"),

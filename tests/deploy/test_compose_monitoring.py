@@ -104,7 +104,7 @@ def test_queries_use_only_metrics_the_service_exports(source: str, service_metri
     used = {name for expr in exprs for name in METRIC_TOKEN.findall(expr)}
     assert used, "no retinagrade metric referenced"
     missing = used - service_metric_samples
-    assert not missing, f"not exported by src/retinagrade/api/metrics.py: {sorted(missing)}"
+    assert not missing, f"not exported by src/retinagrade/api/telemetry.py: {sorted(missing)}"
 
 
 def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.cli import app
 from retinagrade.monitoring.drift import PSI_ALERT, DriftMonitor, build_reference
 from retinagrade.training.validate_report import observation

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from retinagrade.api.errors import OverloadedError
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.inference.grader import ModelOutputs
 from retinagrade.pipeline import PreparedRequest
 

@@ -9,7 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from retinagrade.api.errors import NotReadyError, UnauthorizedError
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.service import GradingService
 from retinagrade.api.settings import Settings
 

@@ -22,7 +22,7 @@ from starlette.types import Message, Receive
 
 from retinagrade.api.batching import Admission
 from retinagrade.api.errors import BodyTimeoutError, ClientClosedError, OverloadedError, RequestTooLargeError
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 
 
 class ByteBudget:

@@ -13,7 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 
 access_log = logging.getLogger("retinagrade.api.access")
 #: A client's X-Request-ID is kept (as ``client_request_id``, never as the audit key) only if it is 1-64 of

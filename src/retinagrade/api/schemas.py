@@ -97,6 +97,18 @@ class GradeResponse(BaseModel):
     )
 
 
+class PairedAnswer(BaseModel):
+    """This eye's answer from both eyes of its patient (the model's fellow-eye rule, ``fellow_eye`` in
+    ``/v1/model``); the image's own ``result`` is the single-image answer and does not change."""
+
+    grade: int = Field(ge=0, le=NUM_GRADES - 1)
+    grade_name: str
+    referable: bool
+    p_referable: float = Field(ge=0.0, le=1.0)
+    probabilities: list[float] = Field(min_length=NUM_GRADES, max_length=NUM_GRADES)
+    fellow_images: list[int] = Field(description="Indices of the other eye's graded images it used.")
+
+
 class BatchItem(BaseModel):
     """One image of a batch: its result, or the error that kept it from being graded."""
 
@@ -105,6 +117,11 @@ class BatchItem(BaseModel):
     eye: Eye | None = None
     patient_id: str | None = None
     result: GradeResponse | None = None
+    paired: PairedAnswer | None = Field(
+        default=None,
+        description="Set when the image was graded, is tagged with a patient and an eye, and a graded image of "
+        "the other eye is in the batch (and the model has a fellow-eye rule).",
+    )
     error: ErrorBody | None = None
 
 

@@ -28,7 +28,7 @@ from retinagrade.api.audit import AuditRecord, AuditStore, AuditStoreError
 from retinagrade.api.batching import Admission, DynamicBatcher
 from retinagrade.api.errors import AuditUnavailableError
 from retinagrade.api.intake import BodyIntake, BodyPace, ByteBudget
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, ResultStatus, Timings
 from retinagrade.api.settings import Settings
 from retinagrade.api.sites import Site, SiteRegistry

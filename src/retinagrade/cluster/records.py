@@ -91,7 +91,7 @@ def from_row(row: Mapping[str, Any]) -> ResultRecord:
             values[f.name] = () if probabilities[0] is None else tuple(probabilities)
         elif f.name == "metadata":
             values[f.name] = types.MappingProxyType({k: row[k] for k in METADATA_KEYS if row.get(k) is not None})
-        elif f.name == "reasons":
+        elif f.name in ("reasons", "fellow_images"):
             values[f.name] = tuple(row[f.name] or ())
         else:
             values[f.name] = row[f.name]

@@ -70,6 +70,27 @@ class Decision:
     thresholds: tuple[float, ...] = (0.5, 1.5, 2.5, 3.5)
 
 
+def _fellow_eye(section: Any) -> FellowEyeRule | None:
+    if section is None:
+        return None
+    weight, threshold = float(section["weight"]), float(section["referable_threshold"])
+    if not 0.0 <= weight < 1.0 or not 0.0 < threshold < 1.0:
+        raise ValueError(f"fellow_eye weight must be in [0, 1) and its threshold in (0, 1), got {section!r}")
+    return FellowEyeRule(weight=weight, referable_threshold=threshold)
+
+
+@dataclass(frozen=True)
+class FellowEyeRule:
+    """How an eye's answer takes in the other eye of the same patient (:func:`retinagrade.eyes.fuse_logits`).
+
+    ``weight`` moves an eye's logits toward the mean of its fellow eye's; ``referable_threshold`` is the
+    operating point of the fused P(referable), chosen like the single-image one on held-out predictions.
+    """
+
+    weight: float
+    referable_threshold: float
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Parsed model spec. ``path`` is the spec file; the ONNX file lies beside it."""
@@ -91,6 +112,7 @@ class ModelSpec:
     path: Path | None = None
     outputs: tuple[str, ...] = OUTPUT_NAMES
     cam_channels: tuple[str, ...] = CAM_CHANNELS
+    fellow_eye: FellowEyeRule | None = None
 
     @property
     def severity_channel(self) -> int:
@@ -140,6 +162,7 @@ class ModelSpec:
                 path=path,
                 outputs=tuple(data.get("output_names", OUTPUT_NAMES)),
                 cam_channels=tuple(data.get("cam_channels", CAM_CHANNELS)),
+                fellow_eye=_fellow_eye(data.get("fellow_eye")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc
@@ -186,6 +209,14 @@ class ModelSpec:
             data["gate_files"] = dict(self.gate_files)
         else:
             data.pop("gate_files", None)
+        if self.fellow_eye is not None:
+            data["fellow_eye"] = {
+                **data.get("fellow_eye", {}),
+                "weight": self.fellow_eye.weight,
+                "referable_threshold": self.fellow_eye.referable_threshold,
+            }
+        else:
+            data.pop("fellow_eye", None)
         return data
 
     @classmethod
@@ -241,6 +272,7 @@ class ModelSpec:
             "referable",
             "decision",
             "calibration",
+            "fellow_eye",
             "preprocess",
             "grade_names",
             "limitations",

@@ -36,6 +36,7 @@ from retinagrade.inference.model_spec import (
     CAM_CHANNELS,
     OUTPUT_NAMES,
     Decision,
+    FellowEyeRule,
     ModelSpec,
     sha256_file,
 )
@@ -943,6 +944,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         summary["loso"] = loso
         if cfg.folds <= 1:
             decision = loso["decision"]
+            if is_writer():
+                summary["fellow_eye"] = _fellow_eye_rule(cfg, out_dir, float(decision["temperature"]))
     summary["decision"] = decision
     if cfg.train_final:
         started = time.perf_counter()
@@ -954,6 +957,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _barrier()
     return summary
+
+
+def _fellow_eye_rule(cfg: TrainConfig, out_dir: Path, temperature: float) -> dict[str, Any] | None:
+    """The fellow-eye rule chosen on the leave-one-source-out predictions (None when fusion does not help)."""
+    from retinagrade.training import fellow_eye
+
+    predictions = out_dir / "loso_predictions.csv"
+    if not predictions.is_file():
+        return None
+    calib = [s for s in cfg.calibration_sources if s in cfg.loso] or list(cfg.loso)
+    rule = fellow_eye.choose_rule(fellow_eye.Paired.read(predictions), temperature, calib, cfg.min_sensitivity)
+    log.info("fellow-eye rule: %s", "none (no gain)" if rule is None else f"weight {rule['weight']}")
+    return rule
 
 
 def build_spec(
@@ -1025,6 +1041,9 @@ def build_spec(
         ),
         "license": _licence(sorted(counts)),
     }
+    fellow = summary.get("fellow_eye")
+    if fellow:
+        raw["fellow_eye"] = fellow
     return ModelSpec(
         name=cfg.name,
         version=__version__,
@@ -1041,6 +1060,7 @@ def build_spec(
         outputs=OUTPUT_NAMES,
         cam_channels=CAM_CHANNELS,
         raw=raw,
+        fellow_eye=(FellowEyeRule(float(fellow["weight"]), float(fellow["referable_threshold"])) if fellow else None),
     )
 
 

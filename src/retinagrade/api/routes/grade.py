@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, Query, Request
 
@@ -17,9 +17,18 @@ from retinagrade.api.interop import (
     require_dicom,
     sr_response,
 )
-from retinagrade.api.schemas import BatchItem, BatchResponse, ErrorBody, EyeSummary, GradeResponse, PatientReferral
+from retinagrade.api.schemas import (
+    BatchItem,
+    BatchResponse,
+    ErrorBody,
+    EyeSummary,
+    GradeResponse,
+    PairedAnswer,
+    PatientReferral,
+)
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, form_field, read_batch, read_image
 from retinagrade.errors import InputError
+from retinagrade.eyes import paired_answers
 from retinagrade.referral import TaggedOutcome, patient_referrals
 
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
@@ -117,6 +126,8 @@ async def grade_batch(
 
     Images tagged with a ``patient_id`` get a referral decision per patient from both eyes: refer if either
     eye is referable; ``cannot_decide`` if an image was not graded or an eye is missing and none is referable.
+    An image tagged with patient and eye whose other eye is also in the batch gets a ``paired`` answer, the
+    model's fellow-eye rule (the patient decision stays on the single-image answers).
     """
     wanted = negotiate(request, dicom_offered=False)
     await service.check_audit()
@@ -151,6 +162,24 @@ async def grade_batch(
             referable = graded.referable if graded else None
             urgency = graded.urgency if graded and graded.status == "graded" else None
             outcomes.append(TaggedOutcome(index, patient, eye, referable, urgency))
+    tagged = [
+        (
+            item.index,
+            (item.patient_id, item.eye) if item.patient_id is not None and item.eye is not None else None,
+            None if isinstance(answer, InputError) else answer[0].raw,
+        )
+        for item, answer in zip(items, answers, strict=True)
+    ]
+    for key, paired in paired_answers(tagged, service.pipeline.spec).items():
+        decision = paired.decision
+        items[cast(int, key)].paired = PairedAnswer(
+            grade=decision.grade,
+            grade_name=decision.grade_name,
+            referable=decision.referable,
+            p_referable=decision.p_referable,
+            probabilities=list(decision.probabilities),
+            fellow_images=[cast(int, k) for k in paired.fellows],
+        )
     if wanted == "fhir":
         used = sorted({answer[1].site for answer in answers if not isinstance(answer, InputError) and answer[1].site})
         algorithm = algorithm_of(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from retinagrade.api.metrics import ServiceMetrics
+from retinagrade.api.telemetry import ServiceMetrics
 
 router = APIRouter(tags=["operations"])
 
