@@ -165,7 +165,7 @@ def test_loso_from_a_config_file_chooses_the_decision_on_held_out_cameras(
     config = tmp_path / "train.yaml"
     config.write_text(
         "labels:\n" + "".join(f"  - {p}\n" for p in tiny_sources) + "input_size: 96\nfrozen_stages: 5\nviews: 1\n"
-        "artefact_views: 1\nepochs: 1\nbatch_size: 8\nfolds: 0\nsource_balance: 1.0\n"
+        "artefact_views: 1\nepochs: 1\nbatch_size: 8\nfolds: 0\nsource_balance: 1.0\nema: 0.9\n"
         "loso: [eyepacs-768, mexico-512]\n"
     )
     run_dir = tmp_path / "run"
@@ -190,6 +190,14 @@ def test_loso_from_a_config_file_chooses_the_decision_on_held_out_cameras(
     assert spec.referable_threshold == pytest.approx(point["threshold"])
     assert spec.raw["training"]["grade_ranges"] == {"mexico-512": 4}
     assert json.loads((run_dir / "train_config.json").read_text())["source_balance"] == 1.0
+    # The fellow-eye rule is chosen on the same held-out predictions (or refused), and the spec carries it.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "fellow_eye" in summary
+    rule = summary["fellow_eye"]
+    if rule is None:
+        assert spec.fellow_eye is None
+    else:
+        assert spec.fellow_eye is not None and spec.fellow_eye.weight == rule["weight"] > 0
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path: Path) -> None:

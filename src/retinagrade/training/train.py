@@ -67,6 +67,8 @@ class TrainConfig:
             ``artefact`` (view 0 + artefact views); recipes that differ only here share one cache.
         source_balance: 0 samples images uniformly; 1 gives every source the same share of each epoch;
             in between, a source's share is proportional to ``n_source ** (1 - source_balance)``.
+        ema: decay of an exponential moving average of the trained weights (and batch-norm statistics),
+            updated every step and used as the final weights; 0 keeps the last step's weights.
         loso: sources to hold out one at a time (leave-one-source-out); their predictions choose the
             calibration and operating point when ``folds`` is 0 or 1.
         min_sensitivity: the operating point's sensitivity constraint (per held-out camera source under LOSO).
@@ -112,6 +114,7 @@ class TrainConfig:
     cross_source: bool = False
     oversample: dict[str, int] = field(default_factory=dict)
     source_balance: float = 0.0
+    ema: float = 0.0
     loso: list[str] = field(default_factory=list)
     calibration_sources: list[str] = field(default_factory=lambda: list(CAMERA_SOURCES))
     eval_labels: list[str] = field(default_factory=list)
@@ -445,6 +448,14 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
     )
     low_all = torch.from_numpy(inputs.low.astype(np.int64))
     high_all = torch.from_numpy(inputs.high.astype(np.int64))
+    trained = _Heads(net.tail) if cfg.heads_only else net.tail if cached else net
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            trained, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+        )
+        if cfg.ema > 0
+        else None
+    )
     for epoch in range(cfg.epochs):
         net.tail.train()
         if not cached and cfg.frozen_stages == 0:
@@ -468,6 +479,8 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
             loss.backward()
             optimiser.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(trained)
             total += loss.item()
         log.info(
             "epoch %d/%d loss %.4f (%.0f s)",
@@ -476,6 +489,9 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
             total / steps_per_epoch,
             time.perf_counter() - started,
         )
+    if averaged is not None:
+        # The moving average (weights and batch-norm statistics) becomes the model.
+        trained.load_state_dict(averaged.module.state_dict())
     net.eval()
     return net
 
