@@ -203,6 +203,8 @@ def render_card(
         parts.append(
             f"Held-out sensitivity {sens:.3f}, specificity {spec_:.3f} (pooled over the sources it was chosen on)."
         )
+    if spec.get("fellow_eye"):
+        parts += ["", fellow_eye_section(spec["fellow_eye"])]
     if "loso" in metrics:
         for source, section in metrics["loso"]["sources"].items():
             parts += ["", f"## Held out: {source} (leave one source out)", format_metrics_markdown(section, 3)]
@@ -220,6 +222,38 @@ def render_card(
         f"Decision chosen on held-out predictions: {json.dumps(decision, default=str)}",
     ]
     return "\n".join(parts) + "\n"
+
+
+def fellow_eye_section(rule: dict[str, Any]) -> str:
+    """The card's fellow-eye section, from the rule ``retinagrade train`` chose on held-out predictions."""
+    lines = [
+        "## Fellow eye (batch endpoint and `grade --pair-eyes`)",
+        f"An eye whose patient's other eye is graded in the same request also gets a paired answer: {rule['rule']}, "
+        f"weight **{rule['weight']:.1f}**, referable when the fused P(grade >= 2) >= "
+        f"**{rule['referable_threshold']:.4f}**; chosen on {rule['chosen_on']}. The single-image answer never "
+        "changes; the patient's referral is made from the single-image answers.",
+        "",
+        "| held-out source | weight (chosen on the other sources) | image AUC own | image AUC fused | gain (95% CI) "
+        "| patient AUC own | patient AUC fused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def num(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+    for source, row in rule.get("measured", {}).items():
+        gain = row["image_auc_gain"]
+        lines.append(
+            f"| {source} | {row['weight']:.1f} | {num(row['image_auc_own'])} | {num(row['image_auc_fused'])} | "
+            f"{gain['value']:+.3f} ({gain['ci_low']:+.3f} to {gain['ci_high']:+.3f}) | "
+            f"{num(row.get('patient_auc_own'))} | {num(row.get('patient_auc_fused'))} |"
+        )
+    lines += [
+        "",
+        "Gain interval: patient-grouped bootstrap of the paired AUC difference. Mexico's labels are per patient, so "
+        "its fellow-eye gain overstates what fusion does for eyes graded one by one.",
+    ]
+    return "\n".join(lines)
 
 
 def gate_section(gate: dict[str, Any]) -> str:

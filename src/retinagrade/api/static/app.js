@@ -492,6 +492,13 @@
         typeof result.p_referable === "number" ? ` · Probability of referable disease: ${percent(result.p_referable)}` : ""),
       el("p", { className: "quality" }, `Image quality: good (${percent(result.quality.score)})`),
       reasonList(result.quality.reasons));
+    if (entry.paired) {
+      // The service's fellow-eye answer: this eye read together with the other eye's photos (same patient).
+      body.append(el("p", { className: "paired" },
+        `Read together with the other eye: grade ${entry.paired.grade} (${entry.paired.grade_name}), `
+        + `${entry.paired.referable ? "referable" : "not referable"}, probability of referable disease `
+        + `${percent(entry.paired.p_referable)}. The decision above is this photo's own.`));
+    }
     if (result.explanation) media.append(evidenceFigure(entry, result.explanation));
     return card;
   }
