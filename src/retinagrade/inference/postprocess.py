@@ -28,10 +28,14 @@ def consistent_grade(grade: int, referable: bool, probs: np.ndarray, min_grade: 
     """Make the grade agree with the referral decision, which is set at the validated operating point.
 
     A referable eye reported as grade 0-1 (or the reverse) would contradict itself; the referral decision
-    wins and the grade becomes the most probable grade on its side of the line.
+    wins. An eye referred although its grade rule said 0-1 becomes ``min_grade`` (moderate NPDR), the nearest
+    referable grade: at a sensitive operating point its probabilities above the line are small and nearly
+    flat, and their argmax would report healthy-looking eyes as proliferative and urgent (31 of 483 healthy
+    eyepacs-768 eyes on leave-one-source-out predictions, against 3 with the nearest grade). An eye not
+    referred although its grade rule said 2+ becomes the most probable grade below the line.
     """
     if referable and grade < min_grade:
-        return min_grade + int(np.argmax(probs[min_grade:]))
+        return min_grade
     if not referable and grade >= min_grade:
         return int(np.argmax(probs[:min_grade]))
     return grade

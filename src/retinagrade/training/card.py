@@ -21,6 +21,10 @@ LIMITATIONS = """\
   populations, cameras, handheld or smartphone fundus photos is unknown until measured; leave-one-source-out
   numbers above are the best guide, and they are far from in-domain numbers. Validate locally before any
   clinical use.
+- The global operating point keeps sensitivity at 0.90 on the worse unseen camera set (US EyePACS camera photos,
+  referable AUC about 0.80 there), so it refers many healthy eyes everywhere; grades follow the referral, so
+  referred healthy eyes read as grade 2. Calibrate the threshold on local graded photos (`retinagrade calibrate`)
+  before routine use.
 - No diabetic macular oedema (DME) labels are used: the model does not assess DME, a common reason for referral.
 - Ungradable images are refused by a quality gate fitted on EyePACS/EyeQ labels; its own error rates are in
   `docs/gate-report.md`.

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retinagrade import __version__
 from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
@@ -74,6 +75,8 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
     }
     typed = dataclasses.replace(
         ModelSpec.from_dict(spec),
+        # The installed model is versioned with the release that installs it.
+        version=__version__,
         sha256=sha256_file(onnx_path),
         model_file=onnx_path.name,
         gate_file=gate_target.name,

@@ -53,3 +53,12 @@ def test_grade_follows_referral_decision() -> None:
     # a low operating point refers an eye whose most likely grade is 1
     result = decide_grade(np.log(probs), 1.0, _spec(referable_threshold=0.3))
     assert result.referable and result.grade >= 2
+
+
+def test_a_referred_healthy_looking_eye_is_moderate_not_proliferative() -> None:
+    # Above the line the probabilities are small and flat, grade 4 the largest of them: the eye is referred
+    # (a sensitive operating point) at the nearest referable grade, never as urgent proliferative DR.
+    probs = np.array([0.83, 0.04, 0.04, 0.04, 0.05])
+    assert consistent_grade(0, True, probs) == 2
+    result = decide_grade(np.log(probs), 0.1, _spec(referable_threshold=0.1))
+    assert result.referable and result.grade == 2 and result.urgency == "refer"

@@ -19,7 +19,7 @@ from retinagrade.interop.dicomweb import PacsGrader, PacsUnavailableError
 from retinagrade.interop.findings import AlgorithmInfo
 from retinagrade.interop.photo import PhotoIdentity, pixels_to_dicom
 
-ALGORITHM = AlgorithmInfo("retinagrade-dr", "0.1.0", "cd" * 32)
+ALGORITHM = AlgorithmInfo("retinagrade-dr", "0.2.0", "cd" * 32)
 PATIENT = "PAT-LOG-4711"
 
 

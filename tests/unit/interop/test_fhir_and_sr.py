@@ -23,7 +23,7 @@ from retinagrade.interop.findings import AlgorithmInfo, EyeFinding, finding_from
 from retinagrade.interop.photo import PhotoIdentity, to_bytes, wrap_jpeg
 from retinagrade.preprocessing.dicom import decode_dicom, read_dataset
 
-ALGORITHM = AlgorithmInfo("retinagrade-dr", "0.1.0", "ab" * 32, "Decision support only.", "clinic-a")
+ALGORITHM = AlgorithmInfo("retinagrade-dr", "0.2.0", "ab" * 32, "Decision support only.", "clinic-a")
 META = {
     "PatientID": "PAT-9",
     "StudyInstanceUID": "1.2.3",
@@ -85,7 +85,7 @@ def test_bundle_for_a_patient_with_two_eyes(graded_pair) -> None:
         else:
             assert "dataAbsentReason" in obs
     (device,) = _resources(bundle, "Device")
-    assert device["version"][0]["value"] == "0.1.0"
+    assert device["version"][0]["value"] == "0.2.0"
     assert device["identifier"][0]["value"] == "ab" * 32
     assert device["property"][0]["valueCode"][0]["text"] == "clinic-a"
     assert "Decision support" in device["note"][0]["text"]
