@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.service import DecodeBudget
+from retinagrade.api.telemetry import ServiceMetrics
 
 
 def test_decodes_over_the_budget_wait_their_turn() -> None:

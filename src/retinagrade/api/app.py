@@ -19,12 +19,12 @@ from retinagrade.api.audit import AuditStore, AuditStoreError
 from retinagrade.api.dependencies import require_api_key
 from retinagrade.api.errors import install_error_handlers
 from retinagrade.api.logging import configure_logging
-from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.middleware import RequestContextMiddleware
 from retinagrade.api.routes import docs, explain, grade, health, model, ui
 from retinagrade.api.service import GradingService, warm_up
 from retinagrade.api.settings import Settings
 from retinagrade.api.sites import SiteRegistry
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.errors import ModelError
 from retinagrade.pipeline import GradingPipeline
 

@@ -9,9 +9,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from retinagrade.api.errors import NotReadyError, UnauthorizedError
-from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.service import GradingService
 from retinagrade.api.settings import Settings
+from retinagrade.api.telemetry import ServiceMetrics
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="Required only when RETINAGRADE_API_KEYS is set."

@@ -28,10 +28,10 @@ from retinagrade.api.audit import AuditRecord, AuditStore, AuditStoreError
 from retinagrade.api.batching import Admission, DynamicBatcher
 from retinagrade.api.errors import AuditUnavailableError
 from retinagrade.api.intake import BodyIntake, BodyPace, ByteBudget
-from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.api.schemas import Explanation, GradeResponse, ImageInfo, ModelRef, Quality, ResultStatus, Timings
 from retinagrade.api.settings import Settings
 from retinagrade.api.sites import Site, SiteRegistry
+from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.constants import NUM_GRADES
 from retinagrade.errors import ImageTooLargeError, InputError, ModelError
 from retinagrade.explain.heatmap import encode_png, overlay
