@@ -32,8 +32,9 @@ from retinagrade.errors import RetinagradeError
 from retinagrade.files import collect_images
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
+    from retinagrade.eyes import RawOutputs
     from retinagrade.inference.site_profile import SiteProfile
-    from retinagrade.pipeline import GradingPipeline
+    from retinagrade.pipeline import GradingPipeline, Outcome
     from retinagrade.referral import Eye
     from retinagrade.report import ResultRecord, ResultWriter, RunContext
 
@@ -340,14 +341,14 @@ class _Pairing:
             named = eye_from_name(file.stem)
             patient = named[0] if named else None
             self._left[patient] = self._left.get(patient, 0) + 1
-        self._held: dict[str | None, list[tuple[Path, ResultRecord, tuple[Any, float] | None]]] = {}
+        self._held: dict[str | None, list[tuple[Path, ResultRecord, RawOutputs | None]]] = {}
 
-    def add(self, path: Path, record: ResultRecord, outcome: object) -> list[tuple[Path, ResultRecord]]:
+    def add(self, path: Path, record: ResultRecord, outcome: Outcome) -> list[tuple[Path, ResultRecord]]:
         from retinagrade.eyes import eye_from_name
 
         named = eye_from_name(path.stem)
         patient = named[0] if named else None
-        raw = getattr(outcome, "raw", None)
+        raw = None if isinstance(outcome, RetinagradeError) else outcome.raw
         self._held.setdefault(patient, []).append((path, record, raw))
         self._left[patient] -= 1
         if patient is None or self._left[patient] > 0:
@@ -359,7 +360,7 @@ class _Pairing:
         self._held.clear()
         return self._pair(held)
 
-    def _pair(self, held: list[tuple[Path, ResultRecord, tuple[Any, float] | None]]) -> list[tuple[Path, ResultRecord]]:
+    def _pair(self, held: list[tuple[Path, ResultRecord, RawOutputs | None]]) -> list[tuple[Path, ResultRecord]]:
         from retinagrade.eyes import paired_answers
         from retinagrade.report import with_pairing
 
@@ -590,7 +591,6 @@ def fellow_eye_command(
         (out / "fellow_eye.md").write_text(fellow_eye.format_markdown(report))
     if write_spec:
         calib = list((spec.raw.get("training", {}).get("config", {}) or {}).get("calibration_sources") or [])
-        calib = [s for s in calib if s in set(paired.sources.tolist())] or sorted(set(paired.sources.tolist()))
         rule = fellow_eye.choose_rule(paired, spec.temperature, calib, min_sensitivity)
         data = spec.to_dict()
         if rule is None:

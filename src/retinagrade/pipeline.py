@@ -25,6 +25,7 @@ from retinagrade.constants import Status
 from retinagrade.cpus import available_cpus
 from retinagrade.errors import ModelError, RetinagradeError
 from retinagrade.explain.heatmap import evidence_map
+from retinagrade.eyes import RawOutputs
 from retinagrade.inference.grader import ModelOutputs, OnnxGrader
 from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.postprocess import GradeDecision, decide_grade
@@ -95,7 +96,7 @@ class GradeResult:
     heatmap: np.ndarray | None = None
     crop: np.ndarray | None = None
     #: The model's grade logits and regression output (graded images), for the fellow-eye rule.
-    raw: tuple[np.ndarray, float] | None = None
+    raw: RawOutputs | None = None
 
     @property
     def recommendation(self) -> Recommendation:

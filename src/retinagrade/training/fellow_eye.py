@@ -203,26 +203,29 @@ def choose_rule(
 ) -> dict[str, Any] | None:
     """The fellow-eye rule a model ships with, or None when fusion does not raise held-out AUC.
 
-    The weight is the one with the best mean image-level AUC over the held-out calibration sources that have
-    fellow eyes and per-eye labels (sources labelled per patient only when there is no other); the fused
-    operating point is chosen like the single-image one
+    ``calibration_sources`` are narrowed to those in the predictions (all of them when none is), as the
+    single-image decision narrows them to the held-out sources. The weight is the one with the best mean
+    image-level AUC over those with fellow eyes and per-eye labels (sources labelled per patient only when
+    there is no other); the fused operating point is chosen like the single-image one
     (:func:`~retinagrade.training.train.travelling_operating_point`).
     """
     from retinagrade.training.train import travelling_operating_point
 
+    present = sorted(set(paired.sources.tolist()))
+    calibration = [s for s in calibration_sources if s in present] or present
     report = measure(paired, temperature)
-    with_pairs = [s for s in calibration_sources if report["sources"].get(s, {}).get("with_fellow", 0) > 0]
+    with_pairs = [s for s in calibration if report["sources"][s]["with_fellow"] > 0]
     per_eye = [s for s in with_pairs if s not in PER_PATIENT_LABEL_SOURCES] or with_pairs
     if not per_eye:
         return None
 
     def mean_auc(weight: float) -> float:
-        return float(np.nanmean([report["sources"][s]["by_weight"][f"{weight:.1f}"]["image_auc"] for s in per_eye]))
+        return float(np.nanmean([_image_auc_at(report, s, weight) for s in per_eye]))
 
     weight = max(report["weights"], key=mean_auc)
     if weight == 0.0 or mean_auc(weight) <= mean_auc(0.0):
         return None
-    cal = np.flatnonzero(np.isin(paired.sources, calibration_sources) & (paired.truth >= 0))
+    cal = np.flatnonzero(np.isin(paired.sources, calibration) & (paired.truth >= 0))
     fused = paired.p_referable(weight, temperature)
     point = travelling_operating_point(fused[cal], paired.truth[cal], paired.sources[cal], min_sensitivity)
     return {
@@ -230,14 +233,14 @@ def choose_rule(
         "referable_threshold": point["threshold"],
         "rule": "fused logits = (1 - weight) x own + weight x mean(fellow eye's graded images)",
         "chosen_on": f"leave-one-source-out predictions of {', '.join(per_eye)} (weight) and of "
-        f"{', '.join(calibration_sources)} (threshold, sensitivity >= {min_sensitivity:.2f} on each)",
+        f"{', '.join(calibration)} (threshold, sensitivity >= {min_sensitivity:.2f} on each)",
         "image_auc": {
-            s: {"own": mean_auc_of(report, s, 0.0), "fused": mean_auc_of(report, s, weight)} for s in with_pairs
+            s: {"own": _image_auc_at(report, s, 0.0), "fused": _image_auc_at(report, s, weight)} for s in with_pairs
         },
         "operating_point": point,
         "measured": report["leave_one_source_out"],
     }
 
 
-def mean_auc_of(report: dict[str, Any], source: str, weight: float) -> float:
+def _image_auc_at(report: dict[str, Any], source: str, weight: float) -> float:
     return float(report["sources"][source]["by_weight"][f"{weight:.1f}"]["image_auc"])

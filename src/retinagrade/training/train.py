@@ -982,8 +982,8 @@ def _fellow_eye_rule(cfg: TrainConfig, out_dir: Path, temperature: float) -> dic
     predictions = out_dir / "loso_predictions.csv"
     if not predictions.is_file():
         return None
-    calib = [s for s in cfg.calibration_sources if s in cfg.loso] or list(cfg.loso)
-    rule = fellow_eye.choose_rule(fellow_eye.Paired.read(predictions), temperature, calib, cfg.min_sensitivity)
+    paired = fellow_eye.Paired.read(predictions)
+    rule = fellow_eye.choose_rule(paired, temperature, list(cfg.calibration_sources), cfg.min_sensitivity)
     log.info("fellow-eye rule: %s", "none (no gain)" if rule is None else f"weight {rule['weight']}")
     return rule
 
