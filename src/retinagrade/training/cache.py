@@ -43,15 +43,50 @@ def _prepare_one(args: tuple[str, dict[str, Any]]) -> np.ndarray:
     return image
 
 
+def source_runs(samples: Sequence[Sample]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive samples from one source (label files are read whole, in order)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or samples[i].source != samples[start].source:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def _concatenate(parts: Sequence[np.ndarray], target: Path) -> np.ndarray:
+    """Write ``parts`` one after another into the ``.npy`` file ``target`` (atomically) and memory-map it."""
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    out = np.lib.format.open_memmap(target.with_suffix(".tmp.npy"), mode="w+", dtype=parts[0].dtype, shape=shape)
+    row = 0
+    for part in parts:
+        for start in range(0, len(part), 512):
+            block = np.asarray(part[start : start + 512])
+            out[row : row + len(block)] = block
+            row += len(block)
+    out.flush()
+    del out
+    target.with_suffix(".tmp.npy").rename(target)
+    return np.load(target, mmap_mode="r")
+
+
 def prepared_images(
     samples: Sequence[Sample], config: PreprocessConfig, cache_dir: Path, workers: int = 2
 ) -> np.ndarray:
-    """N x S x S x 3 uint8 prepared model images, computed once and memory-mapped afterwards."""
+    """N x S x S x 3 uint8 prepared model images, computed once and memory-mapped afterwards.
+
+    Each source is cached on its own and the sources are joined, so a recipe that adds or drops a source
+    recomputes nothing for the others.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(s.path) for s in samples]
     target = cache_dir / f"prepared-{_key(paths, config.to_dict())}.npy"
     if target.exists():
         return np.load(target, mmap_mode="r")
+    runs = source_runs(samples)
+    if len(runs) > 1:
+        parts = [prepared_images(samples[a:b], config, cache_dir, workers) for a, b in runs]
+        return _concatenate(parts, target)
     size = config.input_size
     out = np.lib.format.open_memmap(
         target.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
@@ -177,7 +212,9 @@ def stem_features(
 
     Each view is its own cache file, computed in the order clean, then standard and artefact views interleaved,
     so a long cache build stopped early still leaves whole views, and adding views later reuses the others.
-    ``images`` must be the memory-mapped array returned by :func:`prepared_images` (workers re-open it by path).
+    Each source's views are cached on their own and joined (as :func:`prepared_images`). ``images`` must be the
+    memory-mapped array returned by :func:`prepared_images` (workers re-open it by path); the cache key is the
+    samples' paths followed by ``key_parts``.
     """
     import onnxruntime as ort
 
@@ -185,12 +222,35 @@ def stem_features(
     if not prepared_path.is_file():
         raise ValueError("stem_features needs the memory-mapped prepared images (from prepared_images)")
     kinds = view_kinds(views, artefact_views)
+    full_key = [[str(s.path) for s in samples], *key_parts]
 
     def target(kind: str, number: int) -> Path:
         version = ARTEFACTS_VERSION if kind == "artefact" else 0
-        return cache_dir / f"stem-{_key(list(key_parts), kind, number, version, seed, images.shape)}.npy"
+        return cache_dir / f"stem-{_key(full_key, kind, number, version, seed, images.shape)}.npy"
 
     missing = [k for k in kinds if not target(*k).exists()]
+    runs = source_runs(samples)
+    if missing and len(runs) > 1:
+        stacks = [
+            stem_features(
+                samples[a:b],
+                prepared_images(samples[a:b], config, cache_dir, threads),
+                stem_onnx,
+                config,
+                views,
+                cache_dir,
+                key_parts,
+                artefact_views=artefact_views,
+                seed=seed,
+                batch_size=batch_size,
+                threads=threads,
+            )
+            for a, b in runs
+        ]
+        for v, kind in enumerate(kinds):
+            if kind in missing:
+                _concatenate([stack.views[v] for stack in stacks], target(*kind))
+        missing = []
     # Interleave standard and artefact views so both kinds grow together.
     missing.sort(key=lambda k: (k[0] != "clean", k[1], k[0]))
     if missing:

@@ -328,7 +328,8 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
             net = build_grader(cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights)
             export_onnx(net.stem, stem_path, cfg.input_size)
         _barrier()
-        key = [[str(s.path) for s in samples], cfg.arch, stages, preprocess.to_dict(), cfg.pretrained_weights]
+        stem_key = [cfg.arch, stages, preprocess.to_dict(), cfg.pretrained_weights]
+        key = [[str(s.path) for s in samples], *stem_key]
 
         def cached() -> ViewStack:
             stack = stem_features(
@@ -338,7 +339,7 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
                 preprocess,
                 cfg.views,
                 cache_dir,
-                key_parts=key,
+                key_parts=stem_key,
                 artefact_views=cfg.artefact_views,
                 seed=cfg.seed,
                 threads=cfg.threads,
