@@ -84,6 +84,15 @@ def _note(record: ResultRecord) -> str:
     return record.error_message if record.status == "error" else ", ".join(record.reasons)
 
 
+OperatingPointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--operating-point",
+        envvar="RETINAGRADE_OPERATING_POINT",
+        help="Named operating point to refer at (balanced, sensitive, ...; `retinagrade model` lists them); "
+        "default: the site profile's, else the model's default.",
+    ),
+]
 SiteOption = Annotated[
     Path | None,
     typer.Option("--site", help="Site profile (.json from `retinagrade calibrate`): the site's operating point."),
@@ -135,6 +144,7 @@ def grade(
     block_size: Annotated[int, typer.Option(min=1, help="ray: images per prepare task.")] = 32,
     cpus_per_worker: Annotated[float | None, typer.Option(help="ray: CPUs reserved per model actor.")] = None,
     site: SiteOption = None,
+    operating_point: OperatingPointOption = None,
 ) -> None:
     """Grade fundus photographs; rows are written as each image finishes.
 
@@ -154,6 +164,7 @@ def grade(
         from retinagrade.cluster import command
 
         settings: dict[str, object] = {"model": model, "address": address, "workers": workers or 1}
+        settings.update(operating_point=operating_point)
         settings.update(threads=threads or 1)
         settings.update(cpus_per_worker=cpus_per_worker, shard_rows=shard_rows, block_size=block_size)
         raise typer.Exit(command.run(paths, output, quiet=quiet, console=err, write_csv=write_csv, **settings))
@@ -166,12 +177,9 @@ def grade(
     context = _run_context(model)
     write_sr = _sr_writer(output_sr, context)
     writer = _open_output(output, overwrite, context)
-    pipeline = _load_pipeline(model, threads, writer, output)
-    profile = None
-    if site is not None:
-        pipeline, profile = _with_site(pipeline, site, writer, output)
-        if not quiet:
-            err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
+    pipeline, profile = _decision_layer(
+        _load_pipeline(model, threads, writer, output), site, operating_point, writer, output, quiet
+    )
     records: list[ResultRecord] = []
     try:
         code = _grade_into(
@@ -269,6 +277,37 @@ def _load_pipeline(
             writer.close()
             output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
         raise typer.Exit(EXIT_RUN_FAILED) from None
+
+
+def _decision_layer(
+    pipeline: GradingPipeline,
+    site: Path | None,
+    operating_point: str | None,
+    writer: ResultWriter | None,
+    output: Path | None,
+    quiet: bool,
+) -> tuple[GradingPipeline, SiteProfile | None]:
+    """The pipeline with the site profile and the named operating point applied (the point wins over the
+    site's own); an unknown point stops the run before any image is read."""
+    profile = None
+    if site is not None:
+        pipeline, profile = _with_site(pipeline, site, writer, output)
+        if not quiet:
+            err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
+    try:
+        pipeline = pipeline.at_operating_point(operating_point)
+    except RetinagradeError as exc:
+        err.print(f"[red]{escape(exc.message)}[/red]")
+        if writer is not None and output is not None:
+            writer.close()
+            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
+        raise typer.Exit(EXIT_USAGE) from None
+    if not quiet:
+        err.print(
+            f"Operating point: {pipeline.spec.operating_point} "
+            f"(refer at grade 2+ or P(referable) >= {pipeline.spec.referable_threshold:.3f})"
+        )
+    return pipeline, profile
 
 
 def _grade_into(
@@ -555,6 +594,36 @@ def train(
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
 
 
+@app.command("loso-report")
+def loso_report_command(
+    runs: Annotated[list[Path], typer.Argument(help="LOSO run folders (train --loso SOURCE --no-final) to join.")],
+    out: Annotated[Path, typer.Option(help="Folder for loso.json, loso.md and loso_predictions.csv.")] = Path(
+        "runs/loso"
+    ),
+    write_spec: Annotated[
+        Path | None,
+        typer.Option(help="Write the fitted decision layer into this model spec (its ONNX file stays as it is)."),
+    ] = None,
+) -> None:
+    """Join separate leave-one-source-out runs, fit the decision layer on them and report every source.
+
+    Runs that hold out the same source are averaged (an ensemble of their tails). With ``--write-spec`` the
+    spec's temperature, grade rule, operating points and fellow-eye rule are replaced by the fitted ones.
+    """
+    from retinagrade.training.loso_runs import report_runs, write_layer_into_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = report_runs(runs, out)
+    except (OSError, ValueError, KeyError) as exc:
+        err.print(f"[red]cannot join the LOSO runs: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    err.print(f"wrote {out / 'loso.md'}")
+    if write_spec is not None:
+        spec = write_layer_into_spec(write_spec, report, out / "loso_predictions.csv")
+        err.print(f"wrote the decision layer into {write_spec} (default operating point {spec.operating_point})")
+
+
 @app.command("fellow-eye")
 def fellow_eye_command(
     predictions: Annotated[
@@ -679,6 +748,7 @@ def validate(
         "report"
     ),
     site: SiteOption = None,
+    operating_point: OperatingPointOption = None,
     model: ModelOption = None,
     workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
@@ -692,6 +762,11 @@ def validate(
         raise typer.Exit(2) from None
     samples = _local_sample(labels)
     pipeline, profile = _site_pipeline(model, threads, site)
+    try:
+        pipeline = pipeline.at_operating_point(operating_point)
+    except RetinagradeError as exc:
+        err.print(f"[red]{escape(exc.message)}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
     outcomes, grading_s = _grade_sample(pipeline, samples, workers)
     try:
         report = write_validation_report(
@@ -727,8 +802,15 @@ def calibrate(
     labels: Annotated[list[Path], typer.Option(help="Label CSV(s) of locally graded photos (any supported layout).")],
     out: Annotated[Path, typer.Option(help="Site profile to write (.json).")] = Path("site.json"),
     min_sensitivity: Annotated[
-        float, typer.Option(min=0.5, max=0.999, help="Target for the LOWER 95% confidence limit of sensitivity.")
+        float, typer.Option(min=0.5, max=0.999, help="Sensitivity target of the site's threshold (point estimate).")
     ] = 0.90,
+    conservative: Annotated[
+        bool,
+        typer.Option(
+            "--conservative",
+            help="Hold the LOWER 95% confidence limit of sensitivity to the target (refers many more healthy eyes).",
+        ),
+    ] = False,
     name: Annotated[str | None, typer.Option(help="Site name (default: the label file's folder name).")] = None,
     model: ModelOption = None,
     workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
@@ -760,6 +842,7 @@ def calibrate(
             observations=[o for o in map(observation, outcomes) if o is not None],
             n_images=len(samples),
             min_sensitivity=min_sensitivity,
+            conservative=conservative,
             n_folds=folds,
             n_boot=bootstrap,
         )
@@ -774,13 +857,19 @@ def calibrate(
         table.add_row(*row)
     Console().print(table)
     fit = profile.fit["referable_threshold"]
+    err.print(
+        f"Threshold {profile.referable_threshold:.3f} ({fit['rule']}): sensitivity on the sample "
+        f"{fit['sample_sensitivity']:.3f} (95% CI {fit['sample_sensitivity_lower_bound']:.3f}-"
+        f"{fit['sample_sensitivity_upper_bound']:.3f}); grade rule: {profile.fit['grade_rule']['used']}."
+    )
+    for warning in profile.fit.get("warnings", []):
+        err.print(f"[yellow]Warning: {warning}.[/yellow]")
     if not fit["bound_met"]:
         err.print(
-            f"[yellow]The sample cannot show sensitivity >= {min_sensitivity:.2f} at 95% confidence "
-            f"({profile.sample['n_referable']} referable photos; lower limit "
-            f"{fit['sample_sensitivity_lower_bound']:.3f} "
-            "even when every one is referred). The threshold refers every referable photo of the sample; "
-            "grade more referable cases to tighten it.[/yellow]"
+            f"[yellow]The sample cannot show sensitivity >= {min_sensitivity:.2f} "
+            + ("at 95% confidence " if conservative else "")
+            + f"({profile.sample['n_referable']} referable photos, even when every one is referred). The threshold "
+            "refers every referable photo of the sample; grade more referable cases to tighten it.[/yellow]"
         )
     if not 0.06 < profile.temperature < 19.0:
         err.print(

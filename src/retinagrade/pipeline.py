@@ -129,10 +129,21 @@ class GradingPipeline:
 
     @classmethod
     def load(
-        cls, model: str | Path | None = None, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        cls,
+        model: str | Path | None = None,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        operating_point: str | None = None,
     ) -> GradingPipeline:
-        """Load a model spec (or the ONNX file beside it) and its gate; fail loudly if anything is off."""
-        spec = ModelSpec.load(model or DEFAULT_MODEL)
+        """Load a model spec (or the ONNX file beside it) and its gate; fail loudly if anything is off.
+
+        ``operating_point`` names one of the spec's operating points (default: the spec's default).
+
+        Raises:
+            ModelError: the model, its spec or its gate is missing or wrong.
+            UnknownOperatingPointError: the spec has no operating point of that name.
+        """
+        spec = ModelSpec.load(model or DEFAULT_MODEL).with_operating_point(operating_point)
         gate_path = spec.gate_path
         if gate_path is None or not gate_path.is_file():
             raise ModelError(f"quality-gate file {gate_path} named by the model spec does not exist")
@@ -152,6 +163,16 @@ class GradingPipeline:
         clone = copy.copy(self)
         clone.spec = spec
         return clone
+
+    def at_operating_point(self, name: str | None) -> GradingPipeline:
+        """The same pipeline deciding referrals at another of the spec's named operating points (None: as is).
+
+        Raises:
+            UnknownOperatingPointError: the spec (or the site profile applied to it) has no such point.
+        """
+        if not name:
+            return self
+        return self.with_spec(self.spec.with_operating_point(name))
 
     # -- stages -------------------------------------------------------------------------------------------
     def prepare(self, data: bytes) -> PreparedRequest:

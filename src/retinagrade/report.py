@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, Final, Protocol
 
-from retinagrade.constants import METADATA_KEYS, NUM_GRADES, Status
+from retinagrade.constants import METADATA_KEYS, NUM_GRADES, ReferralReason, Status
 from retinagrade.errors import RetinagradeError
 from retinagrade.eyes import PairedAnswer
 from retinagrade.pipeline import GradeResult
@@ -41,7 +41,11 @@ class ResultRecord:
             printable: bytes of a file name that are not UTF-8 appear as ``\\xNN``.
         status: ``graded``, ``ungradable``, ``not_fundus`` or ``error``.
         grade, grade_name, referable, confidence, p_referable, probabilities: the decision; None (empty
-            probabilities) unless graded.
+            probabilities) unless graded. ``confidence`` is the calibrated probability of the reported grade.
+        referral_reason: why the eye was referred (``grade``, ``risk``: grade 0-1 with P(referable) at or over
+            the operating point, or ``none``); None unless graded.
+        operating_point, referable_threshold: the named operating point the referral was decided at and its
+            risk threshold; empty/None unless graded.
         urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
         quality, is_fundus, gradable, reasons: the quality gate's verdict; None (no reasons) for an error.
         fundus_score: the gate's P(colour fundus photograph); None for an error or a gate without a detector.
@@ -62,6 +66,7 @@ class ResultRecord:
     grade: int | None = None
     grade_name: str | None = None
     referable: bool | None = None
+    referral_reason: ReferralReason | None = None
     confidence: float | None = None
     probabilities: tuple[float, ...] = ()
     p_referable: float | None = None
@@ -76,6 +81,8 @@ class ResultRecord:
     width: int | None = None
     height: int | None = None
     site: str = ""
+    operating_point: str = ""
+    referable_threshold: float | None = None
     paired_grade: int | None = None
     paired_referable: bool | None = None
     paired_p_referable: float | None = None
@@ -135,6 +142,7 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         grade=decision.grade if decision else None,
         grade_name=decision.grade_name if decision else None,
         referable=decision.referable if decision else None,
+        referral_reason=decision.referral_reason if decision else None,
         confidence=decision.confidence if decision else None,
         probabilities=decision.probabilities if decision else (),
         p_referable=decision.p_referable if decision else None,
@@ -147,6 +155,8 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         width=outcome.original_size[0],
         height=outcome.original_size[1],
         site=site,
+        operating_point=decision.operating_point if decision else "",
+        referable_threshold=decision.referable_threshold if decision else None,
         metadata=MappingProxyType(dict(outcome.metadata)),
     )
 
@@ -447,6 +457,9 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "width",
     "height",
     "site",
+    "referral_reason",
+    "operating_point",
+    "referable_threshold",
     "paired_grade",
     "paired_referable",
     "paired_p_referable",

@@ -275,12 +275,13 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
         Raises:
-            InputError: the bytes are not a readable image of an accepted kind and size, or ``site`` names no
-                loaded site profile.
+            InputError: the bytes are not a readable image of an accepted kind and size, ``site`` names no
+                loaded site profile, or ``operating_point`` no point of the model or the site.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
         _, response, png = await self.grade_result(
@@ -290,6 +291,7 @@ class GradingService:
             explain=explain,
             client_request_id=client_request_id,
             site=site,
+            operating_point=operating_point,
         )
         return response, png
 
@@ -302,9 +304,10 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None]:
         """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
-        chosen = self.sites.resolve(site)
+        chosen = self.sites.resolve(site, operating_point)
         try:
             request = await self._prepare(data)
         except InputError as exc:
@@ -326,10 +329,11 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
     ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
         and never fails the others."""
-        chosen = self.sites.resolve(site)
+        chosen = self.sites.resolve(site, operating_point)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
@@ -377,6 +381,9 @@ class GradingService:
             grade=record.grade,
             grade_name=record.grade_name,
             referable=record.referable,
+            referral_reason=record.referral_reason,
+            operating_point=record.operating_point or None,
+            referable_threshold=record.referable_threshold,
             urgency=record.urgency,
             action=record.action,
             probabilities=list(record.probabilities) or None,

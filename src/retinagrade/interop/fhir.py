@@ -32,9 +32,13 @@ from retinagrade.interop.findings import (
     ICDR_ANSWERS,
     NO,
     NOT_GRADED_REASON,
+    OPERATING_POINT,
     P_REFERABLE,
     QUALITY_SCORE,
     REFERABLE,
+    REFERABLE_THRESHOLD,
+    REFERRAL_REASON,
+    REFERRAL_REASONS,
     REPORT_TITLE,
     SEVERITY,
     YES,
@@ -108,6 +112,13 @@ def _components(finding: EyeFinding) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     if finding.referable is not None:
         parts.append({"code": _codeable(REFERABLE), "valueCodeableConcept": _yes_no(finding.referable)})
+    if finding.referral_reason in REFERRAL_REASONS:
+        reason = REFERRAL_REASONS[str(finding.referral_reason)]
+        parts.append({"code": _codeable(REFERRAL_REASON), "valueCodeableConcept": _codeable(reason)})
+    if finding.operating_point:
+        parts.append({"code": _codeable(OPERATING_POINT), "valueString": finding.operating_point})
+    if finding.referable_threshold is not None:
+        parts.append({"code": _codeable(REFERABLE_THRESHOLD), "valueQuantity": _unitless(finding.referable_threshold)})
     if finding.p_referable is not None:
         parts.append({"code": _codeable(P_REFERABLE), "valueQuantity": _unitless(finding.p_referable)})
     parts.append({"code": _codeable(GRADABLE), "valueCodeableConcept": _yes_no(finding.gradable)})
@@ -149,6 +160,7 @@ def _observation(
     if finding.grade is not None:
         obs["valueCodeableConcept"] = _codeable(ICDR_ANSWERS[finding.grade])
         obs["interpretation"] = [{"text": "referable" if finding.referable else "not referable"}]
+        obs["note"].append({"text": finding.referral_sentence})
     else:
         absent = "error" if finding.status == "error" else "not-performed"
         obs["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}

@@ -75,7 +75,17 @@ EYE_SITE: Final[Mapping[Eye, Concept]] = {
 YES: Final = snomed("373066001", "Yes")
 NO: Final = snomed("373067005", "No")
 
-REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (ICDR moderate NPDR or worse)")
+# Code meanings are at most 64 characters (DICOM LO).
+REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (grade, or risk at the threshold)")
+REFERRAL_REASON: Final = local("referral-reason", "Reason for the referral decision")
+#: The values of :data:`REFERRAL_REASON`, by ``referral_reason``.
+REFERRAL_REASONS: Final[Mapping[str, Concept]] = {
+    "grade": local("refer-grade", "Referred for its grade (moderate NPDR or worse)"),
+    "risk": local("refer-risk", "Mild or no DR seen; referred for the risk of referable DR"),
+    "none": local("not-referred", "Not referred"),
+}
+OPERATING_POINT: Final = local("op-point", "Operating point of the referral decision")
+REFERABLE_THRESHOLD: Final = local("risk-threshold", "Risk threshold of the operating point")
 P_REFERABLE: Final = local("p-referable-dr", "Probability of referable diabetic retinopathy")
 GRADABLE: Final = local("gradable", "Photograph gradable")
 QUALITY_SCORE: Final = local("quality-score", "Photograph gradability score")
@@ -112,6 +122,9 @@ class EyeFinding:
     laterality: Eye | None
     grade: int | None = None
     referable: bool | None = None
+    referral_reason: str | None = None
+    operating_point: str = ""
+    referable_threshold: float | None = None
     p_referable: float | None = None
     probabilities: tuple[float, ...] = ()
     quality_score: float | None = None
@@ -123,6 +136,46 @@ class EyeFinding:
     @property
     def grade_name(self) -> str | None:
         return GRADE_NAMES[self.grade] if self.grade is not None else None
+
+    @property
+    def referral_sentence(self) -> str:
+        """The referral decision and its reason in one sentence, the same in the page, the SR and FHIR."""
+        return referral_sentence(
+            self.grade, self.referral_reason, self.p_referable, self.referable_threshold, self.operating_point
+        )
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def referral_sentence(
+    grade: int | None,
+    reason: str | None,
+    p_referable: float | None,
+    threshold: float | None,
+    operating_point: str = "",
+) -> str:
+    """What the referral decision says, and why, for a graded eye ("" when not graded).
+
+    A grade 0-1 eye referred for its risk says so in words, so nobody reads it as moderate DR.
+    """
+    if grade is None or reason is None:
+        return ""
+    name = GRADE_NAMES[grade]
+    point = f" at operating point '{operating_point}'" if operating_point else ""
+    risk = "" if p_referable is None else _percent(p_referable)
+    line = "" if threshold is None else _percent(threshold)
+    if reason == "grade":
+        return f"ICDR grade {grade} ({name}): refer." + (f" Estimated risk of referable DR {risk}." if risk else "")
+    if reason == "risk":
+        return (
+            f"Mild or no DR seen (ICDR grade {grade}, {name}); referred because the estimated risk of referable DR "
+            f"is {risk} (refers at {line} or more{point})."
+        )
+    return f"ICDR grade {grade} ({name}): no referral; estimated risk of referable DR {risk}" + (
+        f" (below {line}{point})." if line else "."
+    )
 
 
 def eye_of(metadata: Mapping[str, str]) -> Eye | None:
@@ -162,6 +215,9 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
         side,
         grade=decision.grade,
         referable=decision.referable,
+        referral_reason=decision.referral_reason,
+        operating_point=decision.operating_point,
+        referable_threshold=decision.referable_threshold,
         p_referable=decision.p_referable,
         probabilities=decision.probabilities,
         quality_score=quality.score,
@@ -184,6 +240,15 @@ class RecordLike(Protocol):
 
     @property
     def referable(self) -> bool | None: ...
+
+    @property
+    def referral_reason(self) -> str | None: ...
+
+    @property
+    def operating_point(self) -> str: ...
+
+    @property
+    def referable_threshold(self) -> float | None: ...
 
     @property
     def p_referable(self) -> float | None: ...
@@ -225,6 +290,9 @@ def finding_from_record(record: RecordLike) -> EyeFinding:
         eye_of(meta),
         grade=record.grade,
         referable=record.referable,
+        referral_reason=record.referral_reason,
+        operating_point=record.operating_point,
+        referable_threshold=record.referable_threshold,
         p_referable=record.p_referable,
         probabilities=tuple(record.probabilities),
         quality_score=record.quality,

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import numpy as np
@@ -38,6 +39,7 @@ from retinagrade.inference.model_spec import (
     Decision,
     FellowEyeRule,
     ModelSpec,
+    OperatingPoint,
     sha256_file,
 )
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor
@@ -45,6 +47,7 @@ from retinagrade.training import metrics as M
 from retinagrade.training.augment import ARTEFACTS_VERSION, augment
 from retinagrade.training.cache import ViewStack, advance_features, prepared_images, stem_features, view_indices
 from retinagrade.training.data import Sample, leave_source_out, make_folds, read_sources
+from retinagrade.training.decisions import apply_layer, fit_decision_layer, fit_temperature_partial, referable_truth
 from retinagrade.training.model import DEFAULT_DROPOUT, GlobalMean, GraderNet, Stem, Tail, build_grader, export_onnx
 
 log = logging.getLogger(__name__)
@@ -544,61 +547,14 @@ def _grade_scores(preds: Predictions, temperature: float) -> dict[str, np.ndarra
     }
 
 
-def fit_temperature_partial(logits: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
-    """Temperature minimising the partial-label NLL (-log P(allowed grades)); equals NLL for exact labels."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax, logsumexp
+def decide(preds: Predictions, low: np.ndarray, high: np.ndarray, sources: np.ndarray) -> dict[str, Any]:
+    """The decision layer (:func:`~retinagrade.training.decisions.fit_decision_layer`) on held-out predictions.
 
-    z = np.asarray(logits, np.float64)
-    k = np.arange(z.shape[1])[None, :]
-    allowed = (k >= low[:, None]) & (k <= high[:, None])
-
-    def nll(log_t: float) -> float:
-        lp = log_softmax(z / np.exp(log_t), axis=1)
-        return float(-logsumexp(np.where(allowed, lp, -np.inf), axis=1).mean())
-
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(result.x))
-
-
-def _grade_rule(preds: Predictions, grades: np.ndarray, temperature: float) -> dict[str, Any]:
-    """The decision rule (argmax / thresholded expected grade / thresholded regression) with the best QWK."""
-    scores = _grade_scores(preds, temperature)
-    candidates: dict[str, tuple[tuple[float, ...], float]] = {}
-    argmax_pred = scores["probs"].argmax(axis=1)
-    candidates["argmax"] = ((0.5, 1.5, 2.5, 3.5), float(M.quadratic_weighted_kappa(grades, argmax_pred)))
-    for rule in ("expected_grade", "regression"):
-        thresholds = tuple(float(t) for t in M.optimise_thresholds(scores[rule], grades))
-        qwk = float(M.quadratic_weighted_kappa(grades, M.apply_thresholds(scores[rule], thresholds)))
-        candidates[rule] = (thresholds, qwk)
-    rule = max(candidates, key=lambda r: candidates[r][1])
-    return {
-        "rule": rule,
-        "thresholds": list(candidates[rule][0]),
-        "qwk_by_rule": {r: q for r, (_, q) in candidates.items()},
-    }
-
-
-def decide(preds: Predictions, grades: np.ndarray, min_sensitivity: float = 0.90) -> dict[str, Any]:
-    """Calibrate (temperature), pick the decision rule with the best QWK, and the referable operating point.
-
-    All choices are made on held-out (out-of-fold) predictions of exactly graded images.
+    Every choice is made on held-out predictions (out of fold or out of source); the grade rule on the sources
+    graded on all five grades.
     """
-    temperature = float(M.fit_temperature(preds.logits, grades))
-    decision = {"temperature": temperature, **_grade_rule(preds, grades, temperature)}
-    p_ref = _grade_scores(preds, temperature)["p_referable"]
-    point = M.choose_operating_point(p_ref, grades >= REFERABLE_MIN_GRADE, min_sensitivity=min_sensitivity)
-    decision["referable_threshold"] = float(point.threshold)
-    decision["chosen_on"] = "out-of-fold predictions"
-    return decision
-
-
-def referable_truth(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """1 referable, 0 not, -1 unknown (a grade range straddling the referable grade, e.g. NPDR = 1-3)."""
-    truth = np.full(len(low), -1)
-    truth[low >= REFERABLE_MIN_GRADE] = 1
-    truth[high < REFERABLE_MIN_GRADE] = 0
-    return truth
+    five = [name for name in sorted(set(sources.tolist())) if _is_five_grade_arrays(low, high, sources, name)]
+    return fit_decision_layer(preds.logits, preds.regression, low, high, sources, five or sorted(set(sources)))
 
 
 def travelling_operating_point(
@@ -628,30 +584,30 @@ def travelling_operating_point(
     }
 
 
-def grades_from(preds: Predictions, decision: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities, grade, P(referable)) under a decision; grade is kept consistent with the referral."""
-    from retinagrade.inference.postprocess import consistent_grade
+def grades_from(
+    preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, grade, P(referable), referred) under a decision layer at a named operating point.
 
-    scores = _grade_scores(preds, decision["temperature"])
-    if decision["rule"] == "argmax":
-        raw = scores["probs"].argmax(axis=1)
-    else:
-        raw = M.apply_thresholds(scores[decision["rule"]], decision["thresholds"])
-    referable = scores["p_referable"] >= decision["referable_threshold"]
-    final = np.array(
-        [consistent_grade(int(g), bool(r), p) for g, r, p in zip(raw, referable, scores["probs"], strict=True)]
-    )
-    return scores["probs"], final, scores["p_referable"]
+    The grade is the rule's own (never rewritten to agree with the referral).
+    """
+    return apply_layer(preds.logits, preds.regression, decision, point)
 
 
-def _metrics_for(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
-    """Metrics on the exactly graded images of ``idx`` (``preds`` aligned with ``idx``)."""
+def _metrics_for(
+    inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> dict[str, Any]:
+    """Metrics on the exactly graded images of ``idx`` (``preds`` aligned with ``idx``) at a named point."""
     exact = inputs.low[idx] == inputs.high[idx]
     idx, preds = idx[exact], preds.take(np.flatnonzero(exact))
-    probs, final, p_ref = grades_from(preds, decision)
-    return M.evaluate_predictions(
-        inputs.low[idx], probs, final, p_ref, decision["referable_threshold"], groups=inputs.groups[idx]
+    probs, final, p_ref, refer = grades_from(preds, decision, point)
+    name = point or decision["operating_points"]["default"]
+    threshold = float(decision["operating_points"]["points"][name]["threshold"])
+    metrics = M.evaluate_predictions(
+        inputs.low[idx], probs, final, p_ref, threshold, groups=inputs.groups[idx], referred=refer
     )
+    metrics["operating_point"] = name
+    return metrics
 
 
 def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]:
@@ -676,7 +632,7 @@ def _write_predictions(
     path: Path, inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], split: np.ndarray
 ) -> None:
     """Held-out predictions, one row per image (``fold`` is the CV fold or the held-out source)."""
-    probs, final, p_ref = grades_from(preds, decision)
+    probs, final, p_ref, refer = grades_from(preds, decision)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -689,6 +645,7 @@ def _write_predictions(
                 "grade_low",
                 "grade_high",
                 "grade_pred",
+                "referred",
                 "p_referable",
                 "regression",
                 *[f"p{k}" for k in range(NUM_GRADES)],
@@ -707,6 +664,7 @@ def _write_predictions(
                     int(inputs.low[i]),
                     int(inputs.high[i]),
                     int(final[j]),
+                    int(refer[j]),
                     f"{p_ref[j]:.6f}",
                     f"{preds.regression[j]:.6f}",
                     *[f"{p:.6f}" for p in probs[j]],
@@ -737,7 +695,7 @@ def cross_validate(cfg: TrainConfig, inputs: Inputs, out_dir: Path | None = None
         log.info("fold %d done, %.0f s", k, time.perf_counter() - started)
     idx = np.flatnonzero(done & (inputs.low == inputs.high))
     sub = oof.take(idx)
-    decision = decide(sub, inputs.low[idx], cfg.min_sensitivity)
+    decision = decide(sub, inputs.low[idx], inputs.high[idx], inputs.sources[idx])
     if out_dir is not None and is_writer():
         _write_predictions(out_dir / "oof_predictions.csv", inputs, idx, sub, decision, folds[idx])
     cv: dict[str, Any] = {"decision": decision, "all": _metrics_for(inputs, idx, sub, decision)}
@@ -771,10 +729,12 @@ def cross_source(cfg: TrainConfig, inputs: Inputs) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _coarse_metrics(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
+def _coarse_metrics(
+    inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> dict[str, Any]:
     """Metrics of a coarsely labelled source: no-DR vs PDR (the exact labels), referable metrics on those."""
     exact = np.flatnonzero(inputs.low[idx] == inputs.high[idx])
-    metrics = _metrics_for(inputs, idx, preds, decision)
+    metrics = _metrics_for(inputs, idx, preds, decision, point)
     present = sorted(set(inputs.low[idx[exact]].tolist()))
     metrics["coarse"] = {
         "exact_grades_present": present,
@@ -818,7 +778,7 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
         if out_dir is not None and is_writer():
             # Keep partial results: a long LOSO run can be stopped and still report the sources done so far.
             np.savez(out_dir / "loso_logits.npz", logits=preds.logits, regression=preds.regression, held=held)
-    report = loso_report(cfg, inputs, preds, held, holdout, timings, out_dir)
+    report = loso_report(inputs, preds, held, holdout, timings, out_dir)
     if seen:
         report["excluded_seen_by_init"] = {"init_sources": sorted(seen), "images": excluded}
         if out_dir is not None and is_writer():
@@ -830,7 +790,6 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
 
 
 def loso_report(
-    cfg: TrainConfig,
     inputs: Inputs,
     preds: Predictions,
     held: np.ndarray,
@@ -838,37 +797,31 @@ def loso_report(
     timings: dict[str, float] | None = None,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Choose the travelling decision on held-out predictions and score every held-out source with it."""
+    """Fit the decision layer on the pooled held-out predictions and score every held-out source at every point.
+
+    ``sources`` holds each source's metrics at the default operating point; ``by_point`` at every named point.
+    """
     sources = inputs.sources
-    truth = referable_truth(inputs.low, inputs.high)
-    calib = [s for s in cfg.calibration_sources if s in holdout] or list(holdout)
-    cal_idx = np.flatnonzero(held & np.isin(sources, calib))
-    temperature = fit_temperature_partial(preds.logits[cal_idx], inputs.low[cal_idx], inputs.high[cal_idx])
-    p_ref = _grade_scores(preds.take(cal_idx), temperature)["p_referable"]
-    point = travelling_operating_point(p_ref, truth[cal_idx], sources[cal_idx], cfg.min_sensitivity)
-    exact_held = np.flatnonzero(held & (inputs.low == inputs.high) & np.isin(sources, list(holdout)))
-    five_grade = [s for s in holdout if _is_five_grade(inputs, s)]
-    rule_idx = exact_held[np.isin(sources[exact_held], five_grade)] if five_grade else exact_held
-    decision = {
-        "temperature": temperature,
-        **_grade_rule(preds.take(rule_idx), inputs.low[rule_idx], temperature),
-        "referable_threshold": point["threshold"],
-        "chosen_on": f"leave-one-source-out predictions of {', '.join(calib)} (temperature, threshold) and of "
-        f"{', '.join(five_grade or holdout)} (grade rule)",
-        "operating_point": point,
-    }
-    report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}}
+    idx = np.flatnonzero(held & np.isin(sources, list(holdout)))
+    decision = decide(preds.take(idx), inputs.low[idx], inputs.high[idx], sources[idx])
+    default = decision["operating_points"]["default"]
+    report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}, "by_point": {}}
     if timings:
         report["wall_time_s"] = timings
-    for name in holdout:
-        idx = np.flatnonzero((sources == name) & held)
-        p = preds.take(idx)
-        if _is_five_grade(inputs, name):
-            report["sources"][name] = _metrics_for(inputs, idx, p, decision)
-        else:
-            report["sources"][name] = _coarse_metrics(inputs, idx, p, decision)
+    for point in decision["operating_points"]["points"]:
+        table: dict[str, Any] = {}
+        for name in holdout:
+            part = np.flatnonzero((sources == name) & held)
+            if len(part) == 0:
+                continue
+            p = preds.take(part)
+            if _is_five_grade(inputs, name):
+                table[name] = _metrics_for(inputs, part, p, decision, point)
+            else:
+                table[name] = _coarse_metrics(inputs, part, p, decision, point)
+        report["by_point"][point] = table
+    report["sources"] = report["by_point"][default]
     if out_dir is not None and is_writer():
-        idx = np.flatnonzero(held)
         _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
         (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))
         from retinagrade.training.report import format_loso_markdown
@@ -879,9 +832,13 @@ def loso_report(
 
 def _is_five_grade(inputs: Inputs, source: str) -> bool:
     """Whether a source grades every image exactly and uses more than two grades."""
-    part = inputs.sources == source
-    exact = inputs.low[part] == inputs.high[part]
-    return bool(exact.all()) and len(set(inputs.low[part].tolist())) > 2
+    return _is_five_grade_arrays(inputs.low, inputs.high, inputs.sources, source)
+
+
+def _is_five_grade_arrays(low: np.ndarray, high: np.ndarray, sources: np.ndarray, source: str) -> bool:
+    part = sources == source
+    exact = low[part] == high[part]
+    return bool(exact.all()) and len(set(low[part].tolist())) > 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -911,6 +868,10 @@ def default_decision() -> dict[str, Any]:
         "thresholds": [0.5, 1.5, 2.5, 3.5],
         "referable_threshold": 0.5,
         "qwk_by_rule": {},
+        "operating_points": {
+            "default": "untuned",
+            "points": {"untuned": {"threshold": 0.5, "description": "nothing held out: P(referable) >= 0.5"}},
+        },
         "chosen_on": "nothing held out: defaults",
     }
 
@@ -1006,19 +967,12 @@ def build_spec(
         else:
             counts.setdefault(s.source, [0] * NUM_GRADES)
             ranges[s.source] = ranges.get(s.source, 0) + 1
-    held_out = summary.get("cv", {}).get("all", {}).get("referable", {})
     chosen_on = decision.get("chosen_on", "held-out predictions")
-    if "loso" in summary and cfg.folds <= 1:
-        point = decision.get("operating_point", {})
-        sensitivity, specificity = point.get("pooled_sensitivity"), point.get("pooled_specificity")
-        chosen = (
-            f"highest threshold with sensitivity >= {cfg.min_sensitivity:.2f} on every held-out camera source "
-            f"({', '.join(point.get('per_source_max_threshold', {}))}), leave-one-source-out"
-        )
-    else:
-        sensitivity = (held_out.get("sensitivity") or {}).get("value")
-        specificity = (held_out.get("specificity") or {}).get("value")
-        chosen = f"highest out-of-fold specificity with sensitivity >= {cfg.min_sensitivity:.2f}"
+    points_section = decision["operating_points"]
+    default = str(points_section["default"])
+    default_point = points_section["points"][default]
+    per_source = default_point.get("per_source", {})
+    chosen = f"{default}: {default_point.get('description', '')}"
     metrics = {k: v for k, v in summary.items() if k in ("cv", "loso")}
     metrics["decision"] = decision
     raw = {
@@ -1040,16 +994,17 @@ def build_spec(
             "heads": "5-way softmax (ICDR grade) + scalar regression, on globally pooled features",
         },
         "calibration": {"method": f"temperature scaling on {chosen_on}", "temperature": decision["temperature"]},
-        "decision": {"qwk_by_rule_held_out": decision.get("qwk_by_rule", {})},
+        "decision": {
+            "qwk_by_rule_held_out": decision.get("qwk_by_rule", {}),
+            **{str(k): decision[k] for k in ("min_band_width", "band_widths", "why") if k in decision},
+        },
         "referable": {
             "score": "calibrated P(grade >= 2)",
+            "rule": "referred when the grade is 2 or worse, or when P(grade >= 2) reaches the operating point",
             "chosen": chosen,
-            "sensitivity_held_out": sensitivity,
-            "specificity_held_out": specificity,
-            # Kept under the names the service and the page read.
-            "sensitivity_out_of_fold": sensitivity,
-            "specificity_out_of_fold": specificity,
+            "per_source_held_out": per_source,
         },
+        "operating_points": points_section,
         "training": {"data": counts, "grade_ranges": ranges, "config": asdict(cfg)},
         "metrics": metrics,
         "intended_use": (
@@ -1069,7 +1024,14 @@ def build_spec(
         preprocess=cfg.preprocess(),
         temperature=float(decision["temperature"]),
         decision=Decision(rule=decision["rule"], thresholds=tuple(float(t) for t in decision["thresholds"])),
-        referable_threshold=float(decision["referable_threshold"]),
+        referable_threshold=float(default_point["threshold"]),
+        operating_point=default,
+        operating_points=MappingProxyType(
+            {
+                name: OperatingPoint(name, float(point["threshold"]), str(point.get("description", "")))
+                for name, point in points_section["points"].items()
+            }
+        ),
         grade_names=GRADE_NAMES,
         referable_min_grade=REFERABLE_MIN_GRADE,
         ood=ood,
@@ -1103,8 +1065,10 @@ __all__ = [
     "decide",
     "export_model",
     "fit",
+    "fit_temperature_partial",
     "leave_one_source_out",
     "load_inputs",
     "predict",
+    "referable_truth",
     "run",
 ]
