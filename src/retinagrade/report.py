@@ -42,8 +42,10 @@ class ResultRecord:
         status: ``graded``, ``ungradable``, ``not_fundus`` or ``error``.
         grade, grade_name, referable, confidence, p_referable, probabilities: the decision; None (empty
             probabilities) unless graded. ``confidence`` is the calibrated probability of the reported grade.
-        referral_reason: why the eye was referred (``grade``, ``risk``: grade 0-1 with P(referable) at or over
-            the operating point, or ``none``); None unless graded.
+        referral_reason: why the eye was referred (``grade``; ``risk``: grade 0-1 with P(referable) at or over
+            the operating point; ``dme``: macular oedema alone; or ``none``); None unless graded.
+        p_dme, dme: calibrated probability of diabetic macular oedema and the oedema decision at its own
+            threshold; None unless graded by a model with a DME output.
         operating_point, referable_threshold: the named operating point the referral was decided at and its
             risk threshold; empty/None unless graded.
         urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
@@ -70,6 +72,8 @@ class ResultRecord:
     confidence: float | None = None
     probabilities: tuple[float, ...] = ()
     p_referable: float | None = None
+    p_dme: float | None = None
+    dme: bool | None = None
     quality: float | None = None
     is_fundus: bool | None = None
     fundus_score: float | None = None
@@ -146,6 +150,8 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         confidence=decision.confidence if decision else None,
         probabilities=decision.probabilities if decision else (),
         p_referable=decision.p_referable if decision else None,
+        p_dme=decision.p_dme if decision else None,
+        dme=decision.dme if decision else None,
         quality=quality.score,
         is_fundus=quality.is_fundus,
         fundus_score=quality.fundus_score,
@@ -460,6 +466,8 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "referral_reason",
     "operating_point",
     "referable_threshold",
+    "p_dme",
+    "dme",
     "paired_grade",
     "paired_referable",
     "paired_p_referable",

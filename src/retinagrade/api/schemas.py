@@ -93,6 +93,10 @@ class GradeResponse(BaseModel):
     probabilities: list[float] | None = Field(None, min_length=NUM_GRADES, max_length=NUM_GRADES)
     p_referable: float | None = Field(None, description="Calibrated P(grade >= 2): the estimated risk of referable DR.")
     confidence: float | None = Field(None, description="Calibrated probability of the reported grade.")
+    p_dme: float | None = Field(
+        None, ge=0.0, le=1.0, description="Calibrated probability of diabetic macular oedema (models with a DME head)."
+    )
+    dme: bool | None = Field(None, description="Macular oedema at its own operating point (models with a DME head).")
     quality: Quality
     model: ModelRef
     site: str | None = Field(

@@ -389,6 +389,8 @@ class GradingService:
             probabilities=list(record.probabilities) or None,
             p_referable=record.p_referable,
             confidence=record.confidence,
+            p_dme=record.p_dme,
+            dme=record.dme,
             quality=Quality(
                 score=result.quality.score,
                 is_fundus=result.quality.is_fundus,

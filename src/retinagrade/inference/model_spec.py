@@ -25,6 +25,8 @@ SPEC_FORMAT_VERSION = 1
 DECISION_RULES = ("argmax", "expected_grade", "regression")
 #: The network's outputs, by ONNX output name (declared once; training exports them, serving reads them).
 OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
+#: Outputs a model may have beyond :data:`OUTPUT_NAMES`: ``dme`` (N x 1 logit of diabetic macular oedema).
+OPTIONAL_OUTPUTS = ("dme",)
 #: Channels of the ``cam`` output: one class-activation map per grade logit, then the regression (severity).
 CAM_CHANNELS = (*(f"grade{k}" for k in range(len(GRADE_NAMES))), "regression")
 _OUTPUT_DESCRIPTIONS = {
@@ -132,6 +134,33 @@ def _operating_points(data: dict[str, Any]) -> tuple[dict[str, OperatingPoint], 
     return points, default
 
 
+@dataclass(frozen=True)
+class DmeRule:
+    """How the DME output becomes an answer: Platt scaling of its logit, then a threshold of its own.
+
+    ``p_dme = sigmoid(scale * logit + bias)``; oedema is reported (and referred) when ``p_dme >= threshold``.
+    """
+
+    scale: float
+    bias: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and math.isfinite(self.bias) and 0.0 < self.threshold < 1.0):
+            raise ValueError(f"DME rule needs a finite scale and bias and a threshold in (0, 1), got {self!r}")
+
+    def probability(self, logit: float) -> float:
+        z = self.scale * float(logit) + self.bias
+        return float(1.0 / (1.0 + math.exp(-z))) if z >= 0 else float(math.exp(z) / (1.0 + math.exp(z)))
+
+
+def _dme(section: Any) -> DmeRule | None:
+    if section is None:
+        return None
+    calibration = section["calibration"]
+    return DmeRule(float(calibration["scale"]), float(calibration["bias"]), float(section["threshold"]))
+
+
 def _fellow_eye(section: Any) -> FellowEyeRule | None:
     if section is None:
         return None
@@ -182,6 +211,7 @@ class ModelSpec:
     fellow_eye: FellowEyeRule | None = None
     operating_point: str = LEGACY_POINT
     operating_points: Mapping[str, OperatingPoint] = field(default_factory=lambda: MappingProxyType({}))
+    dme: DmeRule | None = None
 
     @property
     def default_operating_point(self) -> str:
@@ -266,6 +296,7 @@ class ModelSpec:
                 fellow_eye=_fellow_eye(data.get("fellow_eye")),
                 operating_point=default,
                 operating_points=MappingProxyType(points),
+                dme=_dme(data.get("dme")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc
@@ -332,6 +363,20 @@ class ModelSpec:
             data["gate_files"] = dict(self.gate_files)
         else:
             data.pop("gate_files", None)
+        if self.dme is not None:
+            section = data.get("dme", {})
+            data["dme"] = {
+                **section,
+                "calibration": {
+                    **section.get("calibration", {}),
+                    "method": "platt",
+                    "scale": self.dme.scale,
+                    "bias": self.dme.bias,
+                },
+                "threshold": self.dme.threshold,
+            }
+        else:
+            data.pop("dme", None)
         if self.fellow_eye is not None:
             data["fellow_eye"] = {
                 **data.get("fellow_eye", {}),
@@ -397,6 +442,7 @@ class ModelSpec:
             "decision",
             "calibration",
             "fellow_eye",
+            "dme",
             "preprocess",
             "grade_names",
             "limitations",

@@ -25,17 +25,20 @@ def grade_from_score(score: np.ndarray | float, thresholds: tuple[float, ...] | 
 
 
 def referral_reason(
-    grade: int, p_referable: float, threshold: float, min_grade: int = REFERABLE_MIN_GRADE
+    grade: int, p_referable: float, threshold: float, min_grade: int = REFERABLE_MIN_GRADE, dme: bool = False
 ) -> ReferralReason:
-    """Why an eye is referred: its grade, or (grade below ``min_grade``) its risk at the operating point.
+    """Why an eye is referred: its grade, else its risk at the operating point, else macular oedema alone.
 
     The grade is the model's own estimate and is never rewritten to agree with the referral: an eye whose most
     likely grade is 0-1 but whose calibrated P(referable) reaches the threshold is referred for its *risk*,
-    and says so, instead of being reported as moderate DR it was not seen to have.
+    and says so, instead of being reported as moderate DR it was not seen to have. ``dme`` is the reason only
+    when oedema alone triggered the referral (its own flag is in the answer either way).
     """
     if grade >= min_grade:
         return "grade"
-    return "risk" if p_referable >= threshold else "none"
+    if p_referable >= threshold:
+        return "risk"
+    return "dme" if dme else "none"
 
 
 def grade_rule(probs: np.ndarray, regression: np.ndarray | float, decision: Decision) -> np.ndarray:
@@ -66,6 +69,8 @@ class GradeDecision:
             at a screening operating point is made on risks well below one half).
         operating_point: the name of the operating point the referral was decided at.
         referable_threshold: that point's risk threshold.
+        p_dme: calibrated probability of diabetic macular oedema (None: the model has no DME output).
+        dme: oedema at the DME rule's own threshold (None without a DME output).
         urgency: how soon to refer (:func:`~retinagrade.referral.urgency_of_grade`), so that every door
             shows the same clinical rule.
     """
@@ -80,15 +85,21 @@ class GradeDecision:
     operating_point: str
     referable_threshold: float
     urgency: Urgency
+    p_dme: float | None = None
+    dme: bool | None = None
 
 
-def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> GradeDecision:
-    """Apply the spec's calibration, grade rule and operating point to one image's outputs."""
+def decide_grade(
+    logits: np.ndarray, regression: float, spec: ModelSpec, dme_logit: float | None = None
+) -> GradeDecision:
+    """Apply the spec's calibration, grade rule, operating point and DME rule to one image's outputs."""
     probs = softmax(logits, spec.temperature)
     min_grade = spec.referable_min_grade
     p_referable = float(probs[min_grade:].sum())
     grade = int(grade_rule(probs, float(regression), spec.decision))
-    reason = referral_reason(grade, p_referable, spec.referable_threshold, min_grade)
+    p_dme = spec.dme.probability(dme_logit) if spec.dme is not None and dme_logit is not None else None
+    dme = None if p_dme is None or spec.dme is None else p_dme >= spec.dme.threshold
+    reason = referral_reason(grade, p_referable, spec.referable_threshold, min_grade, bool(dme))
     referable = reason != "none"
     return GradeDecision(
         grade=grade,
@@ -101,4 +112,6 @@ def decide_grade(logits: np.ndarray, regression: float, spec: ModelSpec) -> Grad
         operating_point=spec.operating_point,
         referable_threshold=float(spec.referable_threshold),
         urgency=urgency_of_grade(grade, referable),
+        p_dme=p_dme,
+        dme=dme,
     )

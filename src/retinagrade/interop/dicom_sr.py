@@ -27,12 +27,14 @@ from pydicom.sr.codedict import codes
 
 from retinagrade.errors import InputError
 from retinagrade.interop.findings import (
+    DME,
     EYE_SITE,
     GRADABLE,
     ICDR_ANSWERS,
     NO,
     NOT_GRADED_REASON,
     OPERATING_POINT,
+    P_DME,
     P_REFERABLE,
     PROCEDURE,
     QUALITY_SCORE,
@@ -108,6 +110,8 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
         )
     if finding.referable is not None:
         items.append(hd.sr.QualitativeEvaluation(_coded(REFERABLE), _coded(YES if finding.referable else NO)))
+    if finding.dme is not None:
+        items.append(hd.sr.QualitativeEvaluation(_coded(DME), _coded(YES if finding.dme else NO)))
     if finding.referral_reason in REFERRAL_REASONS:
         reason = REFERRAL_REASONS[str(finding.referral_reason)]
         items.append(hd.sr.QualitativeEvaluation(_coded(REFERRAL_REASON), _coded(reason)))
@@ -125,6 +129,7 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
 def _measurements(finding: EyeFinding) -> list[hd.sr.Measurement]:
     values = [
         (P_REFERABLE, finding.p_referable),
+        (P_DME, finding.p_dme),
         (REFERABLE_THRESHOLD, finding.referable_threshold),
         (QUALITY_SCORE, finding.quality_score),
     ]

@@ -27,12 +27,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from retinagrade.interop.findings import (
+    DME,
     EYE_SITE,
     GRADABLE,
     ICDR_ANSWERS,
     NO,
     NOT_GRADED_REASON,
     OPERATING_POINT,
+    P_DME,
     P_REFERABLE,
     QUALITY_SCORE,
     REFERABLE,
@@ -167,6 +169,34 @@ def _observation(
     return obs
 
 
+def _dme_observation(
+    item: FhirItem, device_ref: str, patient_ref: str | None, study_ref: str | None, now: str
+) -> dict[str, Any] | None:
+    """Diabetic macular oedema as its own Observation (SNOMED CT 312912001 present or absent), when measured."""
+    finding = item.finding
+    if finding.dme is None or finding.p_dme is None:
+        return None
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
+        "code": _codeable(DME),
+        "effectiveDateTime": now,
+        "issued": now,
+        "device": {"reference": device_ref},
+        "valueCodeableConcept": _yes_no(finding.dme),
+        "component": [{"code": _codeable(P_DME), "valueQuantity": _unitless(finding.p_dme)}],
+        "note": [{"text": f"Image: {item.name}"}],
+    }
+    if patient_ref is not None:
+        obs["subject"] = {"reference": patient_ref}
+    if study_ref is not None:
+        obs["derivedFrom"] = [{"reference": study_ref}]
+    if finding.laterality is not None:
+        obs["bodySite"] = _codeable(EYE_SITE[finding.laterality])
+    return obs
+
+
 def _conclusion(findings: list[EyeFinding]) -> str:
     if any(f.referable for f in findings):
         return "Refer: referable diabetic retinopathy in at least one eye (automated, preliminary)."
@@ -246,6 +276,10 @@ def build_bundle(items: Iterable[FhirItem], algorithm: AlgorithmInfo) -> dict[st
             patient_ref = patients[patient_id]
         study_ref = add(_imaging_study(members, study_uid, patient_ref)) if study_uid and patient_ref else None
         observation_refs = [add(_observation(m, device_ref, patient_ref, study_ref, now)) for m in members]
+        for member in members:
+            oedema = _dme_observation(member, device_ref, patient_ref, study_ref, now)
+            if oedema is not None:
+                observation_refs.append(add(oedema))
         report: dict[str, Any] = {
             "resourceType": "DiagnosticReport",
             "status": "preliminary",

@@ -6,7 +6,9 @@ Where a published terminology defines a concept it is used (sources in docs/inte
   the answers of LOINC answer list LL2117-1 (LA18643-9 no apparent retinopathy ... LA18648-8 proliferative);
 - the eye as SNOMED CT 362502000 "Entire right eye" / 362503005 "Entire left eye" (HL7 Eyecare target-site
   value set), yes/no as SNOMED CT 373066001 / 373067005 (DICOM CID 230);
-- the algorithm as DICOM TID 4019 (DCM 111001 Algorithm Name, 111003 Algorithm Version).
+- the algorithm as DICOM TID 4019 (DCM 111001 Algorithm Name, 111003 Algorithm Version);
+- diabetic macular oedema as SNOMED CT 312912001 "Macular edema due to diabetes mellitus" (a disorder concept,
+  used as the finding that is present or absent, as FHIR eye-care profiles do), with P(DME) as a local code.
 
 Concepts no terminology defines (referable at this model's operating point, the gate's gradability and its
 reasons, P(referable)) carry retinagrade's own codes, in the private coding scheme ``99RETINAGRADE`` (DICOM)
@@ -78,10 +80,13 @@ NO: Final = snomed("373067005", "No")
 # Code meanings are at most 64 characters (DICOM LO).
 REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (grade, or risk at the threshold)")
 REFERRAL_REASON: Final = local("referral-reason", "Reason for the referral decision")
+DME: Final = snomed("312912001", "Macular edema due to diabetes mellitus")
+P_DME: Final = local("p-dme", "Probability of diabetic macular oedema")
 #: The values of :data:`REFERRAL_REASON`, by ``referral_reason``.
 REFERRAL_REASONS: Final[Mapping[str, Concept]] = {
     "grade": local("refer-grade", "Referred for its grade (moderate NPDR or worse)"),
     "risk": local("refer-risk", "Mild or no DR seen; referred for the risk of referable DR"),
+    "dme": local("refer-dme", "Referred for diabetic macular oedema"),
     "none": local("not-referred", "Not referred"),
 }
 OPERATING_POINT: Final = local("op-point", "Operating point of the referral decision")
@@ -126,6 +131,8 @@ class EyeFinding:
     operating_point: str = ""
     referable_threshold: float | None = None
     p_referable: float | None = None
+    p_dme: float | None = None
+    dme: bool | None = None
     probabilities: tuple[float, ...] = ()
     quality_score: float | None = None
     gradable: bool = False
@@ -168,6 +175,11 @@ def referral_sentence(
     line = "" if threshold is None else _percent(threshold)
     if reason == "grade":
         return f"ICDR grade {grade} ({name}): refer." + (f" Estimated risk of referable DR {risk}." if risk else "")
+    if reason == "dme":
+        return (
+            f"ICDR grade {grade} ({name}); referred for diabetic macular oedema (its estimated probability "
+            "shown with the oedema finding)."
+        )
     if reason == "risk":
         return (
             f"Mild or no DR seen (ICDR grade {grade}, {name}); referred because the estimated risk of referable DR "
@@ -219,6 +231,8 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
         operating_point=decision.operating_point,
         referable_threshold=decision.referable_threshold,
         p_referable=decision.p_referable,
+        p_dme=decision.p_dme,
+        dme=decision.dme,
         probabilities=decision.probabilities,
         quality_score=quality.score,
         gradable=True,
@@ -249,6 +263,12 @@ class RecordLike(Protocol):
 
     @property
     def referable_threshold(self) -> float | None: ...
+
+    @property
+    def p_dme(self) -> float | None: ...
+
+    @property
+    def dme(self) -> bool | None: ...
 
     @property
     def p_referable(self) -> float | None: ...
@@ -294,6 +314,8 @@ def finding_from_record(record: RecordLike) -> EyeFinding:
         operating_point=record.operating_point,
         referable_threshold=record.referable_threshold,
         p_referable=record.p_referable,
+        p_dme=record.p_dme,
+        dme=record.dme,
         probabilities=tuple(record.probabilities),
         quality_score=record.quality,
         gradable=bool(record.gradable) and record.status == "graded",

@@ -89,6 +89,7 @@
     internal_error: "The grading service failed. Try again; if it keeps failing, tell your IT support.",
     unknown_site: "The grading service has no site profile of that name. Ask your IT support which sites it serves.",
     unknown_operating_point: "The grading service has no operating point of that name. The model card lists the ones it has.",
+    unknown_evidence: "This model has no evidence map of that kind.",
     site_profile_invalid: "The grading service's site profile does not fit its model. Tell your IT support.",
     calibration_sample_too_small: "Too few graded photos to calibrate the site. See the site deployment guide.",
     network: "The grading service cannot be reached. Check that it is running and try again.",
