@@ -507,6 +507,13 @@ def train(
         list[str] | None, typer.Option(help="Hold out this source (repeatable): leave-one-source-out evaluation.")
     ] = None,
     min_sensitivity: Annotated[float | None, typer.Option(help="Sensitivity target of the operating point.")] = None,
+    dme_fold: Annotated[
+        list[int] | None,
+        typer.Option(help="Run only this DME cross-validation fold (repeatable): no CV, LOSO or final fit."),
+    ] = None,
+    cache_only: Annotated[
+        bool, typer.Option("--cache-only", help="Build the prepared-image and feature caches, then stop.")
+    ] = False,
 ) -> None:
     """Cross-validate and/or leave sources out, calibrate and choose the operating point on held-out predictions,
     train on all data, export ONNX. Runs under ``torchrun`` as DistributedDataParallel (rank 0 writes)."""
@@ -541,7 +548,11 @@ def train(
         "source_balance": source_balance,
         "loso": list(loso) if loso else None,
         "min_sensitivity": min_sensitivity,
+        "run_dme_folds": list(dme_fold) if dme_fold else None,
     }
+    if dme_fold or cache_only:
+        # One DME fold (one process each, like --loso SOURCE) or only the caches: nothing else runs.
+        given.update({"folds": 0, "loso": [], "train_final": False})
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         cfg = TrainConfig.from_file(config, **overrides) if config is not None else TrainConfig(**overrides)  # type: ignore[arg-type]
@@ -551,6 +562,8 @@ def train(
     if not cfg.labels:
         err.print("[red]no label files: pass --labels or a --config that lists them[/red]")
         raise typer.Exit(2)
+    if cache_only:
+        cfg.dme_folds = 0
     summary = run(cfg)
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
 
@@ -900,6 +913,44 @@ def dicomweb(
     typer.echo(json.dumps(summary.as_dict()))
     if summary.failed:
         raise typer.Exit(1)
+
+
+sources_app = typer.Typer(no_args_is_help=True, help="Fetched training sources (see ../shared/data/sources).")
+app.add_typer(sources_app, name="sources")
+
+
+@sources_app.command("prepare")
+def sources_prepare(
+    name: Annotated[str, typer.Argument(help="mexico-dme, odir-400 or eyepacs-400.")],
+    repo: Annotated[Path, typer.Option(help="Checkout of the source's repository at the named commit.")],
+    out: Annotated[Path, typer.Option(help="Folder of prepared sources (git-ignored).")] = Path("data/external"),
+    labels: Annotated[
+        Path | None, typer.Option(help="Label CSV (odir-400, eyepacs-400); default ../shared/data/sources/.")
+    ] = None,
+    mexico_512: Annotated[
+        Path | None, typer.Option(help="mexico-512/labels.csv (mexico-dme); default ../shared/data/mexico-512/.")
+    ] = None,
+) -> None:
+    """Copy a fetched source's named photos into OUT/NAME/images and write its labels.csv and provenance.json."""
+    from retinagrade.training.sources import prepare_source
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = prepare_source(name, repo, out, labels=labels, mexico_512=mexico_512)
+    except RetinagradeError as exc:
+        err.print(f"[red]{exc.message}[/red] ({exc.code})")
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(json.dumps(report.to_dict(), indent=2))
+    err.print(f"Wrote {out / name}/labels.csv: {report.images} images, {report.groups} split groups")
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """The fetched sources this release can prepare, with repository and commit."""
+    from retinagrade.training.sources import EXTERNAL_SOURCES
+
+    for source in EXTERNAL_SOURCES.values():
+        typer.echo(f"{source.name}\t{source.repository}@{source.commit}\t{source.what}")
 
 
 if __name__ == "__main__":
