@@ -22,11 +22,16 @@ DECISION_RULES = ("argmax", "expected_grade", "regression")
 OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
 #: Channels of the ``cam`` output: one class-activation map per grade logit, then the regression (severity).
 CAM_CHANNELS = (*(f"grade{k}" for k in range(len(GRADE_NAMES))), "regression")
+#: Optional output of models with a macular-oedema head (0.3.0 on): N x 1 DME logit, appended after
+#: :data:`OUTPUT_NAMES`; its class-activation map is appended to the ``cam`` channels under the same name.
+#: Models without it (0.2.0) declare neither and still load.
+DME_OUTPUT = "dme"
 _OUTPUT_DESCRIPTIONS = {
     "logits": "N x 5 grade logits (divide by calibration.temperature before softmax)",
     "regression": "N x 1 grade as a number",
     "cam": "N x C x h x w class-activation maps, channels named by cam_channels; spatial mean = output",
     "embedding": "N x C pooled features",
+    DME_OUTPUT: "N x 1 diabetic macular oedema logit (uncalibrated)",
 }
 
 

@@ -247,9 +247,9 @@ def stem_features(
             )
             for a, b in runs
         ]
-        for v, kind in enumerate(kinds):
-            if kind in missing:
-                _concatenate([stack.views[v] for stack in stacks], target(*kind))
+        for v, view in enumerate(kinds):
+            if view in missing:
+                _concatenate([stack.views[v] for stack in stacks], target(*view))
         missing = []
     # Interleave standard and artefact views so both kinds grow together.
     missing.sort(key=lambda k: (k[0] != "clean", k[1], k[0]))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from retinagrade import __version__
 from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
@@ -21,12 +22,18 @@ from retinagrade.training.model import DEFAULT_DROPOUT, GraderNet, build_grader,
 def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
     """The trained network of a run folder, in eval mode, and its resolved training config."""
     cfg = json.loads((run_dir / "train_config.json").read_text())
-    net = build_grader(cfg["arch"], cfg["frozen_stages"], pretrained=False, dropout=cfg.get("dropout", DEFAULT_DROPOUT))
+    net = build_grader(
+        cfg["arch"],
+        cfg["frozen_stages"],
+        pretrained=False,
+        dropout=cfg.get("dropout", DEFAULT_DROPOUT),
+        dme=float(cfg.get("dme_weight", 0.0)) > 0,
+    )
     net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
     return net.eval(), cfg
 
 
-def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:
+def parity(net: nn.Module, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:
     """Largest absolute differences between PyTorch and ONNX Runtime outputs on the same prepared inputs."""
     import onnxruntime as ort
 
@@ -37,8 +44,9 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     with torch.no_grad():
         reference = [t.numpy() for t in net(torch.from_numpy(batch))]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    outputs = session.run(list(OUTPUT_NAMES), {"input": batch})
-    return {n: float(np.abs(r - o).max()) for n, r, o in zip(OUTPUT_NAMES, reference, outputs, strict=True)}
+    names = list(getattr(net, "output_names", OUTPUT_NAMES))
+    outputs = session.run(names, {"input": batch})
+    return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
 
 
 def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None) -> dict[str, Any]:
