@@ -514,6 +514,10 @@ def train(
     cache_only: Annotated[
         bool, typer.Option("--cache-only", help="Build the prepared-image and feature caches, then stop.")
     ] = False,
+    set_field: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="FIELD=VALUE (YAML) for any training config field, e.g. --set flip_tta=true."),
+    ] = None,
 ) -> None:
     """Cross-validate and/or leave sources out, calibrate and choose the operating point on held-out predictions,
     train on all data, export ONNX. Runs under ``torchrun`` as DistributedDataParallel (rank 0 writes)."""
@@ -555,6 +559,7 @@ def train(
         given.update({"folds": 0, "loso": [], "train_final": False})
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
+        overrides.update(_config_settings(set_field or []))
         cfg = TrainConfig.from_file(config, **overrides) if config is not None else TrainConfig(**overrides)  # type: ignore[arg-type]
     except (OSError, ValueError, TypeError) as exc:
         err.print(f"[red]bad training config: {exc}[/red]")
@@ -566,6 +571,48 @@ def train(
         cfg.dme_folds = 0
     summary = run(cfg)
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
+
+
+def _config_settings(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values read as YAML) for a training config; unknown fields are refused."""
+    import yaml
+
+    from retinagrade.training.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with a training config field")
+        settings[name.strip()] = yaml.safe_load(value)
+    return settings
+
+
+@app.command("ensemble-loso")
+def ensemble_loso(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their loso_logits.npz) of the same inputs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the averaged loso_logits.npz and ensemble.json.")],
+) -> None:
+    """Score an ensemble on leave-one-source-out without a new fit: average the runs' held-out logits (each image
+    over the runs that held it out) and give the referable AUC per held-out source, ensemble and members."""
+    import numpy as np
+
+    from retinagrade.training.ensemble import average_held_out, referable_auc_by_source
+
+    try:
+        members = {str(r): referable_auc_by_source(average_held_out([r])) for r in runs}
+        arrays = average_held_out(list(runs))
+        combined = referable_auc_by_source(arrays)
+    except (OSError, KeyError, ValueError) as exc:
+        err.print(f"[red]Cannot average the held-out logits:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    out.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = dict(arrays)
+    np.savez(out / "loso_logits.npz", **saved)
+    report = {"runs": [str(r) for r in runs], "ensemble": combined, "members": members}
+    (out / "ensemble.json").write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command("fellow-eye")
@@ -624,11 +671,18 @@ def export(
         "models/gate.json"
     ),
     parity_image: Annotated[list[Path], typer.Option(help="Real photos for the ONNX-vs-PyTorch check.")] = [],  # noqa: B006
+    with_run: Annotated[
+        list[Path] | None, typer.Option(help="Another run of the same frozen stem: its tail joins an ensemble.")
+    ] = None,
 ) -> None:
     """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, install it and write the card."""
     from retinagrade.training.export import export_run
 
-    report = export_run(run_dir, out, gate, parity_images=parity_image)
+    try:
+        report = export_run(run_dir, out, gate, parity_images=parity_image, with_runs=with_run)
+    except ValueError as exc:
+        err.print(f"[red]Cannot export:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     Console().print_json(json.dumps(report))
 
 

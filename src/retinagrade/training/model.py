@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -251,6 +251,50 @@ class GraderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.tail(self.stem(x))
+
+
+class FlipAveraged(nn.Module):
+    """Horizontal-flip test-time augmentation inside the graph: the outputs of the photo and of its mirror image,
+    averaged; the mirror's CAM is flipped back first, so each averaged map still has the averaged output as its
+    spatial mean. Costs a second pass of the whole network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self.net.output_names)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plain = self.net(x)
+        mirrored = list(self.net(torch.flip(x, dims=[3])))
+        mirrored[2] = torch.flip(mirrored[2], dims=[3])
+        return tuple((a + b) / 2 for a, b in zip(plain, mirrored, strict=True))
+
+
+class TailEnsemble(nn.Module):
+    """Several tails (stages after the frozen ones + heads) on one shared frozen stem, as one network.
+
+    The stem, most of the inference cost, runs once; each tail runs on its features and the outputs (logits,
+    regression, CAM, embedding, DME) are averaged, so the CAM's spatial mean is still the averaged output.
+    """
+
+    def __init__(self, stem: Stem, tails: list[Tail]) -> None:
+        super().__init__()
+        if len({t.output_names for t in tails}) != 1:
+            raise ValueError("the tails of an ensemble must have the same outputs (all with or all without DME)")
+        self.stem = stem
+        self.tails = nn.ModuleList(tails)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return cast(Tail, self.tails[0]).output_names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.stem(x)
+        outputs = [tail(features) for tail in self.tails]
+        return tuple(torch.stack(parts).mean(dim=0) for parts in zip(*outputs, strict=True))
 
 
 def build_grader(

@@ -47,7 +47,16 @@ from retinagrade.training import metrics as M
 from retinagrade.training.augment import ARTEFACTS_VERSION, augment
 from retinagrade.training.cache import ViewStack, advance_features, prepared_images, stem_features, view_indices
 from retinagrade.training.data import Sample, family, leave_source_out, make_folds, read_sources
-from retinagrade.training.model import DEFAULT_DROPOUT, GlobalMean, GraderNet, Stem, Tail, build_grader, export_onnx
+from retinagrade.training.model import (
+    DEFAULT_DROPOUT,
+    FlipAveraged,
+    GlobalMean,
+    GraderNet,
+    Stem,
+    Tail,
+    build_grader,
+    export_onnx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,11 @@ class TrainConfig:
             DME label count); 0 builds no DME head.
         dme_folds: patient-grouped folds of the DME cross-validation within the Mexican photos (0 = none);
             ``run_dme_folds`` runs only those folds (one process per fold), out-of-fold logits in ``dme_cv/``.
+        flip_tta: horizontal-flip test-time augmentation: held-out predictions average the clean view and a
+            cached mirrored one, and the exported graph averages both passes (twice the inference cost).
+        contrastive_weight: weight of a supervised contrastive loss on the pooled features that pulls images
+            of the same exact grade from *different* sources together (0 = off); ``contrastive_temperature``
+            is its softmax temperature.
     """
 
     labels: list[str] = field(default_factory=list)
@@ -130,6 +144,9 @@ class TrainConfig:
     dme_weight: float = 0.0
     dme_folds: int = 0
     run_dme_folds: list[int] | None = None
+    flip_tta: bool = False
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
     @property
     def dme_head(self) -> bool:
@@ -258,18 +275,23 @@ class Feed:
         if features is not None and allowed_views is None:
             allowed_views = np.arange(features.shape[1])
         self.allowed_views = allowed_views
+        # The mirrored clean view is cached last (flip_tta) and only ever read at predict time.
+        self.flipped_view = features.shape[1] - 1 if features is not None and cfg.flip_tta else None
         # Small caches (pooled embeddings) are read into memory once: batches become one fancy index.
         self.dense: np.ndarray | None = None
         if features is not None and int(np.prod(features.shape)) * 4 <= DENSE_FEATURES_BYTES:
             self.dense = np.stack([np.asarray(v, dtype=np.float32) for v in features.views], axis=1)
 
-    def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
+    def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool, flipped: bool = False) -> torch.Tensor:
+        """Model inputs of ``idx``: a random allowed view each (``train``), else the clean one or its mirror."""
         if self.features is not None:
             assert self.allowed_views is not None
+            if flipped and self.flipped_view is None:
+                raise ValueError("no mirrored view cached: the recipe needs flip_tta")
             views = (
                 self.allowed_views[rng.integers(0, len(self.allowed_views), size=len(idx))]
                 if train
-                else np.zeros(len(idx), int)
+                else np.full(len(idx), self.flipped_view if flipped else 0, int)
             )
             if self.dense is not None:
                 return torch.from_numpy(np.ascontiguousarray(self.dense[idx, views]))
@@ -281,6 +303,8 @@ class Feed:
         batch = [
             augment(np.asarray(self.images[i]), rng, self.preprocess.mask_margin)
             if train
+            else np.ascontiguousarray(np.asarray(self.images[i])[:, ::-1])
+            if flipped
             else np.asarray(self.images[i])
             for i in idx
         ]
@@ -383,6 +407,7 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
                 artefact_views=cfg.artefact_views,
                 seed=cfg.seed,
                 threads=cfg.threads,
+                flipped=cfg.flip_tta,
             )
             if stages < cfg.frozen_stages or cfg.heads_only:
                 deeper = initial_net(cfg)
@@ -457,6 +482,30 @@ def _loss(
     return loss
 
 
+def supervised_contrastive(
+    embedding: torch.Tensor, grades: torch.Tensor, sources: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) whose positives are images of the same exact grade from
+    a different source: it pulls a grade's features together across cameras and datasets, the domain-alignment
+    term of the published domain-generalisation methods for DR grading. ``grades`` is -1 where only a range is
+    known (such images are only negatives); anchors without a positive in the batch are skipped (0 if none).
+    """
+    z = nn.functional.normalize(embedding, dim=1)
+    similarity = z @ z.T / temperature
+    n = len(z)
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    known = grades >= 0
+    positive = (grades[:, None] == grades[None, :]) & (sources[:, None] != sources[None, :])
+    positive &= known[:, None] & known[None, :] & ~self_mask
+    log_prob = similarity - torch.logsumexp(similarity.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    count = positive.sum(dim=1)
+    anchors = count > 0
+    if not bool(anchors.any()):
+        return embedding.sum() * 0.0
+    per_anchor = -(log_prob * positive).sum(dim=1)[anchors] / count[anchors]
+    return per_anchor.mean()
+
+
 def _epoch_draws(
     cfg: TrainConfig, train_idx: np.ndarray, sources: list[str] | None, rng: np.random.Generator
 ) -> np.ndarray:
@@ -471,6 +520,39 @@ def _epoch_draws(
     weight = counts.astype(np.float64) ** (-cfg.source_balance)
     p = weight[inverse] / weight[inverse].sum()
     return rng.choice(train_idx, size=len(train_idx), replace=True, p=p)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Every sample's training targets as tensors: grade bounds, DME (NaN unknown), exact grade, source index."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    dme: torch.Tensor
+    exact: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def of(cls, inputs: Inputs) -> _Targets:
+        return cls(
+            torch.from_numpy(inputs.low.astype(np.int64)),
+            torch.from_numpy(inputs.high.astype(np.int64)),
+            torch.from_numpy(inputs.dme),
+            torch.from_numpy(np.where(inputs.low == inputs.high, inputs.low, -1).astype(np.int64)),
+            torch.from_numpy(np.unique(inputs.sources, return_inverse=True)[1].astype(np.int64)),
+        )
+
+    def loss(self, outputs: tuple[Any, ...], idx: np.ndarray, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+        """The recipe's loss on a batch of outputs (:func:`_loss`, + the contrastive term when weighted)."""
+        dme_logit = outputs[4] if len(outputs) > 4 else None
+        low, high, dme = self.low[idx].to(device), self.high[idx].to(device), self.dme[idx].to(device)
+        loss = _loss(outputs[0], outputs[1], low, high, cfg, dme_logit, dme)
+        if cfg.contrastive_weight > 0:
+            exact, source = self.exact[idx].to(device), self.source[idx].to(device)
+            loss = loss + cfg.contrastive_weight * supervised_contrastive(
+                outputs[3], exact, source, cfg.contrastive_temperature
+            )
+        return loss
 
 
 def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> GraderNet:
@@ -507,9 +589,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
-    low_all = torch.from_numpy(inputs.low.astype(np.int64))
-    high_all = torch.from_numpy(inputs.high.astype(np.int64))
-    dme_all = torch.from_numpy(inputs.dme)
+    targets = _Targets.of(inputs)
     trained = _Heads(net.tail) if cfg.heads_only else net.tail if cached else net
     averaged = (
         torch.optim.swa_utils.AveragedModel(
@@ -535,18 +615,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
             if len(idx) == 0:
                 continue
             x = feed.batch(idx, rng, train=True).to(device)
-            outputs = module(x)
-            logits, regression = outputs[0], outputs[1]
-            dme_logit = outputs[4] if len(outputs) > 4 else None
-            loss = _loss(
-                logits,
-                regression,
-                low_all[idx].to(device),
-                high_all[idx].to(device),
-                cfg,
-                dme_logit,
-                dme_all[idx].to(device),
-            )
+            loss = targets.loss(module(x), idx, cfg, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -582,7 +651,21 @@ class _Heads(nn.Module):
 
 @torch.no_grad()
 def predict(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int = 128) -> Predictions:
-    """Outputs for the unaugmented view of ``idx``."""
+    """Outputs for the unaugmented view of ``idx``; with ``flip_tta`` the mean of it and its mirror image."""
+    plain = _predict_view(net, feed, idx, batch_size, flipped=False)
+    if not feed.cfg.flip_tta:
+        return plain
+    mirrored = _predict_view(net, feed, idx, batch_size, flipped=True)
+    dme = (plain.dme + mirrored.dme) / 2 if plain.dme is not None and mirrored.dme is not None else None
+    return Predictions(
+        (plain.logits + mirrored.logits) / 2,
+        (plain.regression + mirrored.regression) / 2,
+        (plain.embedding + mirrored.embedding) / 2,
+        dme,
+    )
+
+
+def _predict_view(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int, flipped: bool) -> Predictions:
     net.eval()
     cached = feed.features is not None
     device = next(net.parameters()).device
@@ -590,7 +673,7 @@ def predict(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int = 128) 
     rng = np.random.default_rng(0)
     has_dme = net.tail.dme is not None
     for start in range(0, len(idx), batch_size):
-        x = feed.batch(idx[start : start + batch_size], rng, train=False).to(device)
+        x = feed.batch(idx[start : start + batch_size], rng, train=False, flipped=flipped).to(device)
         module: nn.Module = (_Heads(net.tail) if x.ndim == 2 else net.tail) if cached else net
         outputs = module(x)
         logits, regression, embedding = (cast(torch.Tensor, outputs[k]) for k in (0, 1, 3))
@@ -1181,7 +1264,7 @@ def export_model(
     """Write ``<name>.onnx``, ``final.pt`` and the spec (a :class:`ModelSpec`, via ``to_dict``)."""
     train_preds = predict(net, inputs.feed, np.arange(len(inputs.samples)))
     onnx_path = out_dir / f"{cfg.name}.onnx"
-    export_onnx(net, onnx_path, cfg.input_size)
+    export_onnx(FlipAveraged(net) if cfg.flip_tta else net, onnx_path, cfg.input_size)
     torch.save(net.state_dict(), out_dir / "final.pt")
     spec = build_spec(cfg, onnx_path, decision, summary, _ood_stats(train_preds.embedding), inputs.samples)
     spec_path = out_dir / f"{cfg.name}.json"

@@ -113,3 +113,42 @@ def test_v3_recipe_trains_a_dme_head_and_exports_a_model_that_serves(
     np.testing.assert_allclose(outputs.cam[:, -1].mean(axis=(1, 2)), dme[:, 0], atol=1e-4)
     training = json.loads((run_dir / "train_config.json").read_text())
     assert training["dme_weight"] == 1.0 and training["optional_labels"][0] == str(v3_sources["mexico-dme"])
+
+
+def test_levers_train_end_to_end_and_two_seeds_export_as_one_ensemble_graph(
+    tmp_path: Path, v3_sources: dict[str, Path]
+) -> None:
+    """Lite1 with stage 4 trainable (a new cache), flip TTA, the contrastive loss and EMA; two seeds of that
+    recipe scored as an ensemble on their held-out logits and exported as one graph."""
+    extra = "arch: tf_efficientnet_lite1\nflip_tta: true\ncontrastive_weight: 0.2\nema: 0.9\ndme_folds: 0\n"
+    config = _config(tmp_path, v3_sources, extra).read_text().replace("frozen_stages: 5", "frozen_stages: 4")
+    (tmp_path / "levers.yaml").write_text(config)
+    runner = CliRunner()
+    runs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
+    for seed, run_dir in enumerate(runs):
+        args = ["train", "--config", str(tmp_path / "levers.yaml"), "--out", str(run_dir), "--seed", str(seed)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    spec = ModelSpec.load(runs[0] / "retinagrade-dr.json")
+    assert spec.raw["training"]["config"]["frozen_stages"] == 4 and spec.outputs[-1] == DME_OUTPUT
+    # stage 4 trains: the run's checkpoint holds it in the tail
+    assert any(k.startswith("tail.blocks.0.") for k in __import__("torch").load(runs[0] / "final.pt"))
+
+    result = runner.invoke(app, ["ensemble-loso", *map(str, runs), "--out", str(tmp_path / "ens")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert set(report["ensemble"]) == {"eyepacs-x"} and len(report["members"]) == 2
+    mean = np.load(tmp_path / "ens" / "loso_logits.npz")
+    first, second = np.load(runs[0] / "loso_logits.npz"), np.load(runs[1] / "loso_logits.npz")
+    np.testing.assert_allclose(mean["logits"][mean["held"]], (first["logits"] + second["logits"])[mean["held"]] / 2)
+
+    models = tmp_path / "models"
+    gate = Path(__file__).resolve().parents[3] / "models" / "gate.json"
+    args = ["export", str(runs[0]), "--with-run", str(runs[1]), "--out", str(models), "--gate", str(gate)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    exported = ModelSpec.load(models / "retinagrade-dr.json")
+    assert exported.raw["ensemble"]["runs"] == [str(r) for r in runs]
+    assert max(exported.raw["export"]["parity_max_abs_diff"].values()) < 1e-3
+    outputs = OnnxGrader(exported, threads=1).run(np.zeros((1, 3, 64, 64), np.float32))
+    assert outputs.cam.shape[1] == len(CAM_CHANNELS) + 1
