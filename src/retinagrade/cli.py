@@ -986,12 +986,12 @@ def sources_prepare(
     ] = None,
 ) -> None:
     """Copy a fetched source's named photos into OUT/NAME/images and write its labels.csv and provenance.json."""
-    from retinagrade.training.sources import prepare_source
+    from retinagrade.training.sources import DataSourceError, prepare_source
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         report = prepare_source(name, repo, out, labels=labels, mexico_512=mexico_512)
-    except RetinagradeError as exc:
+    except DataSourceError as exc:
         err.print(f"[red]{exc.message}[/red] ({exc.code})")
         raise typer.Exit(EXIT_USAGE) from None
     typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -144,10 +144,3 @@ class CalibrationSampleError(RetinagradeError):
 
     code = "calibration_sample_too_small"
     http_status = 422
-
-
-class DataSourceError(RetinagradeError):
-    """A fetched training source cannot be prepared: another commit, a missing label file or folder."""
-
-    code = "data_source_invalid"
-    http_status = 400

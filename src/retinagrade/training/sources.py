@@ -39,9 +39,21 @@ from typing import Any
 
 import numpy as np
 
-from retinagrade.errors import DataSourceError
-
 log = logging.getLogger(__name__)
+
+
+class DataSourceError(ValueError):
+    """A fetched source cannot be prepared: another commit, a missing label file or folder, an unknown name.
+
+    A training-time (CLI) error, never an HTTP one, so it stays outside the service's error hierarchy; it carries
+    a stable code all the same.
+    """
+
+    code = "data_source_invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)

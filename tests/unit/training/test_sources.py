@@ -13,9 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from retinagrade.cli import app
-from retinagrade.errors import DataSourceError
 from retinagrade.training.data import leave_source_out, read_labels, read_sources
-from retinagrade.training.sources import prepare_source
+from retinagrade.training.sources import DataSourceError, prepare_source
 
 
 def _photo(path: Path, shade: int, black: bool = False) -> bytes:
