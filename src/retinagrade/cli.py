@@ -557,6 +557,9 @@ def train(
     if dme_fold or cache_only:
         # One DME fold (one process each, like --loso SOURCE) or only the caches: nothing else runs.
         given.update({"folds": 0, "loso": [], "train_final": False})
+    elif loso:
+        # --loso SOURCE is one held-out fit (one process each): the config's DME folds are their own jobs.
+        given["dme_folds"] = 0
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         overrides.update(_config_settings(set_field or []))

@@ -158,3 +158,25 @@ def test_any_config_field_can_be_set_from_the_command_line_and_unknown_ones_are_
     }
     result = CliRunner().invoke(app, ["train", "--labels", str(tmp_path / "x.csv"), "--set", "fliptta=true"])
     assert result.exit_code == 2 and "fliptta" in result.output
+
+
+def test_one_held_out_source_or_one_dme_fold_per_process_runs_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from retinagrade import cli
+    from retinagrade.training import train
+
+    seen: list[train.TrainConfig] = []
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append(cfg) or {})
+    config = tmp_path / "c.yaml"
+    config.write_text("labels: [x.csv]\nloso: [a, b]\ndme_weight: 0.5\ndme_folds: 5\nfolds: 0\n")
+    runner = CliRunner()
+    assert runner.invoke(cli.app, ["train", "--config", str(config), "--loso", "a", "--no-final"]).exit_code == 0
+    assert runner.invoke(cli.app, ["train", "--config", str(config), "--dme-fold", "3"]).exit_code == 0
+    assert runner.invoke(cli.app, ["train", "--config", str(config)]).exit_code == 0
+    held_out, fold, everything = seen
+    assert (held_out.loso, held_out.dme_folds, held_out.train_final) == (["a"], 0, False)
+    assert (fold.loso, fold.dme_folds, fold.run_dme_folds, fold.train_final) == ([], 5, [3], False)
+    assert (everything.loso, everything.dme_folds, everything.train_final) == (["a", "b"], 5, True)
