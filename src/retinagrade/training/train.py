@@ -98,6 +98,9 @@ class TrainConfig:
             ``run_dme_folds`` runs only those folds (one process per fold), out-of-fold logits in ``dme_cv/``.
         flip_tta: horizontal-flip test-time augmentation: held-out predictions average the clean view and a
             cached mirrored one, and the exported graph averages both passes (twice the inference cost).
+        fit_seed: shifts every fit's random seed (head initialisation, dropout, batch order) without touching
+            ``seed``, which also keys the augmented views of the feature cache: ensemble members of one recipe
+            differ in ``fit_seed`` and share one cache.
         contrastive_weight: weight of a supervised contrastive loss on the pooled features that pulls images
             of the same exact grade from *different* sources together (0 = off); ``contrastive_temperature``
             is its softmax temperature.
@@ -145,6 +148,7 @@ class TrainConfig:
     dme_folds: int = 0
     run_dme_folds: list[int] | None = None
     flip_tta: bool = False
+    fit_seed: int = 0
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
 
@@ -564,6 +568,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
     from torch.utils.data import Dataset, DistributedSampler
 
     rank, world = _dist()
+    seed += 100_003 * cfg.fit_seed
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = initial_net(cfg)

@@ -115,20 +115,31 @@ def test_v3_recipe_trains_a_dme_head_and_exports_a_model_that_serves(
     assert training["dme_weight"] == 1.0 and training["optional_labels"][0] == str(v3_sources["mexico-dme"])
 
 
-def test_levers_train_end_to_end_and_two_seeds_export_as_one_ensemble_graph(
+def test_levers_train_end_to_end_and_two_fit_seeds_export_as_one_ensemble_graph(
     tmp_path: Path, v3_sources: dict[str, Path]
 ) -> None:
-    """Lite1 with stage 4 trainable (a new cache), flip TTA, the contrastive loss and EMA; two seeds of that
+    """Lite1 with stage 4 trainable (a new cache), flip TTA, the contrastive loss and EMA; two fit seeds of that
     recipe scored as an ensemble on their held-out logits and exported as one graph."""
     extra = "arch: tf_efficientnet_lite1\nflip_tta: true\ncontrastive_weight: 0.2\nema: 0.9\ndme_folds: 0\n"
     config = _config(tmp_path, v3_sources, extra).read_text().replace("frozen_stages: 5", "frozen_stages: 4")
     (tmp_path / "levers.yaml").write_text(config)
     runner = CliRunner()
-    runs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
-    for seed, run_dir in enumerate(runs):
-        args = ["train", "--config", str(tmp_path / "levers.yaml"), "--out", str(run_dir), "--seed", str(seed)]
+    runs = [tmp_path / f"member{member}" for member in (0, 1)]
+    cached: list[set[str]] = []
+    for member, run_dir in enumerate(runs):
+        args = [
+            "train",
+            "--config",
+            str(tmp_path / "levers.yaml"),
+            "--out",
+            str(run_dir),
+            "--set",
+            f"fit_seed={member}",
+        ]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
+        cached.append({p.name for p in (tmp_path / "cache").iterdir()})
+    assert cached[0] == cached[1]  # the second member reuses the first one's feature cache
     spec = ModelSpec.load(runs[0] / "retinagrade-dr.json")
     assert spec.raw["training"]["config"]["frozen_stages"] == 4 and spec.outputs[-1] == DME_OUTPUT
     # stage 4 trains: the run's checkpoint holds it in the tail
@@ -140,6 +151,7 @@ def test_levers_train_end_to_end_and_two_seeds_export_as_one_ensemble_graph(
     assert set(report["ensemble"]) == {"eyepacs-x"} and len(report["members"]) == 2
     mean = np.load(tmp_path / "ens" / "loso_logits.npz")
     first, second = np.load(runs[0] / "loso_logits.npz"), np.load(runs[1] / "loso_logits.npz")
+    assert not np.allclose(first["logits"][first["held"]], second["logits"][second["held"]])
     np.testing.assert_allclose(mean["logits"][mean["held"]], (first["logits"] + second["logits"])[mean["held"]] / 2)
 
     models = tmp_path / "models"
