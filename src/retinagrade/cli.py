@@ -546,6 +546,17 @@ def train(
         list[str] | None, typer.Option(help="Hold out this source (repeatable): leave-one-source-out evaluation.")
     ] = None,
     min_sensitivity: Annotated[float | None, typer.Option(help="Sensitivity target of the operating point.")] = None,
+    dme_fold: Annotated[
+        list[int] | None,
+        typer.Option(help="Run only this DME cross-validation fold (repeatable): no CV, LOSO or final fit."),
+    ] = None,
+    cache_only: Annotated[
+        bool, typer.Option("--cache-only", help="Build the prepared-image and feature caches, then stop.")
+    ] = False,
+    set_field: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="FIELD=VALUE (YAML) for any training config field, e.g. --set flip_tta=true."),
+    ] = None,
 ) -> None:
     """Cross-validate and/or leave sources out, calibrate and choose the operating point on held-out predictions,
     train on all data, export ONNX. Runs under ``torchrun`` as DistributedDataParallel (rank 0 writes)."""
@@ -580,9 +591,17 @@ def train(
         "source_balance": source_balance,
         "loso": list(loso) if loso else None,
         "min_sensitivity": min_sensitivity,
+        "run_dme_folds": list(dme_fold) if dme_fold else None,
     }
+    if dme_fold or cache_only:
+        # One DME fold (one process each, like --loso SOURCE) or only the caches: nothing else runs.
+        given.update({"folds": 0, "loso": [], "train_final": False})
+    elif loso:
+        # --loso SOURCE is one held-out fit (one process each): the config's DME folds are their own jobs.
+        given["dme_folds"] = 0
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
+        overrides.update(_config_settings(set_field or []))
         cfg = TrainConfig.from_file(config, **overrides) if config is not None else TrainConfig(**overrides)  # type: ignore[arg-type]
     except (OSError, ValueError, TypeError) as exc:
         err.print(f"[red]bad training config: {exc}[/red]")
@@ -590,6 +609,8 @@ def train(
     if not cfg.labels:
         err.print("[red]no label files: pass --labels or a --config that lists them[/red]")
         raise typer.Exit(2)
+    if cache_only:
+        cfg.dme_folds = 0
     summary = run(cfg)
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
 
@@ -622,6 +643,48 @@ def loso_report_command(
     if write_spec is not None:
         spec = write_layer_into_spec(write_spec, report, out / "loso_predictions.csv")
         err.print(f"wrote the decision layer into {write_spec} (default operating point {spec.operating_point})")
+
+
+def _config_settings(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values read as YAML) for a training config; unknown fields are refused."""
+    import yaml
+
+    from retinagrade.training.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with a training config field")
+        settings[name.strip()] = yaml.safe_load(value)
+    return settings
+
+
+@app.command("ensemble-loso")
+def ensemble_loso(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their loso_logits.npz) of the same inputs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the averaged loso_logits.npz and ensemble.json.")],
+) -> None:
+    """Score an ensemble on leave-one-source-out without a new fit: average the runs' held-out logits (each image
+    over the runs that held it out) and give the referable AUC per held-out source, ensemble and members."""
+    import numpy as np
+
+    from retinagrade.training.ensemble import average_held_out, referable_auc_by_source
+
+    try:
+        members = {str(r): referable_auc_by_source(average_held_out([r])) for r in runs}
+        arrays = average_held_out(list(runs))
+        combined = referable_auc_by_source(arrays)
+    except (OSError, KeyError, ValueError) as exc:
+        err.print(f"[red]Cannot average the held-out logits:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    out.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = dict(arrays)
+    np.savez(out / "loso_logits.npz", **saved)
+    report = {"runs": [str(r) for r in runs], "ensemble": combined, "members": members}
+    (out / "ensemble.json").write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command("fellow-eye")
@@ -680,11 +743,18 @@ def export(
         "models/gate.json"
     ),
     parity_image: Annotated[list[Path], typer.Option(help="Real photos for the ONNX-vs-PyTorch check.")] = [],  # noqa: B006
+    with_run: Annotated[
+        list[Path] | None, typer.Option(help="Another run of the same frozen stem: its tail joins an ensemble.")
+    ] = None,
 ) -> None:
     """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, install it and write the card."""
     from retinagrade.training.export import export_run
 
-    report = export_run(run_dir, out, gate, parity_images=parity_image)
+    try:
+        report = export_run(run_dir, out, gate, parity_images=parity_image, with_runs=with_run)
+    except ValueError as exc:
+        err.print(f"[red]Cannot export:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     Console().print_json(json.dumps(report))
 
 
@@ -989,6 +1059,44 @@ def dicomweb(
     typer.echo(json.dumps(summary.as_dict()))
     if summary.failed:
         raise typer.Exit(1)
+
+
+sources_app = typer.Typer(no_args_is_help=True, help="Fetched training sources (see ../shared/data/sources).")
+app.add_typer(sources_app, name="sources")
+
+
+@sources_app.command("prepare")
+def sources_prepare(
+    name: Annotated[str, typer.Argument(help="mexico-dme, odir-400 or eyepacs-400.")],
+    repo: Annotated[Path, typer.Option(help="Checkout of the source's repository at the named commit.")],
+    out: Annotated[Path, typer.Option(help="Folder of prepared sources (git-ignored).")] = Path("data/external"),
+    labels: Annotated[
+        Path | None, typer.Option(help="Label CSV (odir-400, eyepacs-400); default ../shared/data/sources/.")
+    ] = None,
+    mexico_512: Annotated[
+        Path | None, typer.Option(help="mexico-512/labels.csv (mexico-dme); default ../shared/data/mexico-512/.")
+    ] = None,
+) -> None:
+    """Copy a fetched source's named photos into OUT/NAME/images and write its labels.csv and provenance.json."""
+    from retinagrade.training.sources import DataSourceError, prepare_source
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = prepare_source(name, repo, out, labels=labels, mexico_512=mexico_512)
+    except DataSourceError as exc:
+        err.print(f"[red]{exc.message}[/red] ({exc.code})")
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(json.dumps(report.to_dict(), indent=2))
+    err.print(f"Wrote {out / name}/labels.csv: {report.images} images, {report.groups} split groups")
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """The fetched sources this release can prepare, with repository and commit."""
+    from retinagrade.training.sources import EXTERNAL_SOURCES
+
+    for source in EXTERNAL_SOURCES.values():
+        typer.echo(f"{source.name}\t{source.repository}@{source.commit}\t{source.what}")
 
 
 if __name__ == "__main__":

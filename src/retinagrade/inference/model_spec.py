@@ -25,15 +25,18 @@ SPEC_FORMAT_VERSION = 1
 DECISION_RULES = ("argmax", "expected_grade", "regression")
 #: The network's outputs, by ONNX output name (declared once; training exports them, serving reads them).
 OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
-#: Outputs a model may have beyond :data:`OUTPUT_NAMES`: ``dme`` (N x 1 logit of diabetic macular oedema).
-OPTIONAL_OUTPUTS = ("dme",)
 #: Channels of the ``cam`` output: one class-activation map per grade logit, then the regression (severity).
 CAM_CHANNELS = (*(f"grade{k}" for k in range(len(GRADE_NAMES))), "regression")
+#: Optional output of models with a macular-oedema head (0.3.0 on): N x 1 DME logit, appended after
+#: :data:`OUTPUT_NAMES`; its class-activation map is appended to the ``cam`` channels under the same name.
+#: Models without it (0.2.0) declare neither and still load.
+DME_OUTPUT = "dme"
 _OUTPUT_DESCRIPTIONS = {
     "logits": "N x 5 grade logits (divide by calibration.temperature before softmax)",
     "regression": "N x 1 grade as a number",
     "cam": "N x C x h x w class-activation maps, channels named by cam_channels; spatial mean = output",
     "embedding": "N x C pooled features",
+    DME_OUTPUT: "N x 1 diabetic macular oedema logit (uncalibrated)",
 }
 
 
