@@ -371,3 +371,81 @@ def apply_layer(
     name = point or layer["operating_points"]["default"]
     threshold = float(layer["operating_points"]["points"][name]["threshold"])
     return probs, grades, p_referable, referred(grades, p_referable, threshold)
+
+
+# -- macular oedema ---------------------------------------------------------------------------------------
+
+#: The held-out source whose photos carry DME labels from one collection batch (the honest DME test set).
+DME_SOURCE: Final[str] = "mexico-512"
+#: Most grade 0-1 eyes without oedema that a DME threshold may flag, on every held-out source.
+DME_MAX_FLAG_RATE: Final[float] = 0.10
+
+
+def fit_platt(logit: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(scale, bias) of ``sigmoid(scale * logit + bias)`` minimising the log-loss of binary ``truth``."""
+    from scipy.optimize import minimize
+
+    x = np.asarray(logit, dtype=np.float64)
+    y = np.asarray(truth, dtype=np.float64)
+
+    def loss(params: np.ndarray) -> float:
+        z = params[0] * x + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    result = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
+
+
+def fit_dme_rule(
+    logit_dme: np.ndarray,
+    dme_true: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+    groups: np.ndarray,
+    fit_on: str = DME_SOURCE,
+    max_flag_rate: float = DME_MAX_FLAG_RATE,
+) -> dict[str, Any] | None:
+    """Calibration and threshold of the DME output from held-out predictions; None without labelled ones.
+
+    ``p_dme`` is Platt-scaled on the labelled held-out photos of ``fit_on``. The threshold is the lowest (most
+    sensitive) at which, on every held-out source, at most ``max_flag_rate`` of the eyes graded 0-1 and not
+    labelled DME are flagged: oedema referrals must not flood a camera's healthy eyes. Sensitivity and AUC are
+    measured on ``fit_on``'s labelled photos, with group-bootstrap intervals.
+
+    Args:
+        logit_dme: held-out DME logits of every image that counts.
+        dme_true: 1 oedema, 0 none, NaN unknown.
+        high: upper grade bound (grade 0-1 eyes are those whose bound is at most 1); sources, groups: per image.
+    """
+    dme_true = np.asarray(dme_true, dtype=np.float64)
+    labelled = (sources == fit_on) & np.isfinite(dme_true)
+    if labelled.sum() < 20 or len(set(dme_true[labelled].tolist())) < 2:
+        return None
+    scale, bias = fit_platt(logit_dme[labelled], dme_true[labelled])
+    p_dme = 1.0 / (1.0 + np.exp(-(scale * np.asarray(logit_dme, np.float64) + bias)))
+    calm = (np.asarray(high) <= 1) & (dme_true != 1)
+    names = sorted(set(sources[calm].tolist()))
+    # Per source, the flag-rate quantile of its calm eyes' p_dme; the highest of them keeps every source under it.
+    limits = {n: float(np.quantile(p_dme[calm & (sources == n)], 1.0 - max_flag_rate)) for n in names}
+    threshold = float(min(max(limits.values()), 0.999)) if limits else 0.5
+    flagged = p_dme >= threshold
+    y = dme_true[labelled] == 1
+    auc = M.bootstrap_ci(M._auc_or_nan, y, p_dme[labelled], n_boot=1000, seed=0, groups=groups[labelled])
+    hits, positives = int(flagged[labelled][y].sum()), int(y.sum())
+    passes, negatives = int((~flagged[labelled][~y]).sum()), int((~y).sum())
+    return {
+        "calibration": {"method": "platt", "scale": scale, "bias": bias, "fitted_on": fit_on},
+        "threshold": round(threshold, 4),
+        "rule": f"lowest threshold at which at most {max_flag_rate:.0%} of every held-out source's grade 0-1 eyes "
+        "without a DME label are flagged",
+        "fit_on": {
+            "source": fit_on,
+            "positives": positives,
+            "negatives": negatives,
+            "auc": {"value": auc[0], "ci_low": auc[1], "ci_high": auc[2]},
+            "sensitivity": hits / positives if positives else None,
+            "specificity": passes / negatives if negatives else None,
+        },
+        "flag_rate_grade_0_1": {n: float(flagged[calm & (sources == n)].mean()) for n in names},
+        "per_source_limit": limits,
+    }

@@ -21,10 +21,10 @@ from typing import Any, cast
 
 import numpy as np
 
-from retinagrade.constants import NUM_GRADES
-from retinagrade.inference.model_spec import FellowEyeRule, ModelSpec, OperatingPoint
+from retinagrade.inference.model_spec import DmeRule, FellowEyeRule, ModelSpec, OperatingPoint
 from retinagrade.training.data import read_sources
 from retinagrade.training.decisions import decision_of
+from retinagrade.training.ensemble import average_held_out
 from retinagrade.training.train import Inputs, Predictions, loso_report
 
 #: What the spec keeps of how the grade rule was chosen.
@@ -69,34 +69,28 @@ def join_runs(runs: Sequence[Path]) -> JoinedRuns:
     for run in runs[1:]:
         if _labels_of(run) != labels:
             raise ValueError(f"{run} read other label files than {runs[0]}: their held-out tables cannot be joined")
-    samples = read_sources(labels)
-    n = len(samples)
-    logits = np.zeros((n, NUM_GRADES), np.float64)
-    regression = np.zeros(n, np.float64)
-    votes = np.zeros(n, np.int64)
-    holdout: list[str] = []
-    sources = np.array([s.source for s in samples])
     for run in runs:
-        path = run / "loso_logits.npz"
-        if not path.is_file():
+        if not (run / "loso_logits.npz").is_file():
             raise ValueError(f"{run} has no loso_logits.npz (not a LOSO run, or it has not finished a source)")
-        saved = np.load(path)
-        held = saved["held"].astype(bool)
-        if len(held) != n:
-            raise ValueError(f"{path} holds {len(held)} samples, the label files {n}")
-        logits[held] += saved["logits"][held]
-        regression[held] += saved["regression"][held]
-        votes[held] += 1
-        holdout += [s for s in dict.fromkeys(sources[held].tolist()) if s not in holdout]
-    held_any = votes > 0
-    logits[held_any] /= votes[held_any, None]
-    regression[held_any] /= votes[held_any]
+    samples = read_sources(labels)
+    arrays = average_held_out(list(runs))
+    n = len(samples)
+    if len(arrays["held"]) != n:
+        raise ValueError(f"{runs[0]} holds {len(arrays['held'])} samples, the label files {n}")
+    held = arrays["held"].astype(bool)
+    sources = np.array([s.source for s in samples])
+    holdout = list(dict.fromkeys(sources[held].tolist()))
     low = np.array([s.grade_bounds[0] for s in samples])
     high = np.array([s.grade_bounds[1] for s in samples])
     # Scoring needs samples and grade bounds only, never the images: there is no feed.
     inputs = Inputs(samples, low, high, cast("Any", None))
-    predictions = Predictions(logits.astype(np.float32), regression.astype(np.float32), np.zeros((n, 1), np.float32))
-    return JoinedRuns(inputs, predictions, held_any, votes, holdout, list(runs))
+    predictions = Predictions(
+        arrays["logits"].astype(np.float32),
+        arrays["regression"].astype(np.float32),
+        np.zeros((n, 1), np.float32),
+        arrays["logit_dme"].astype(np.float32) if "logit_dme" in arrays else None,
+    )
+    return JoinedRuns(inputs, predictions, held, arrays["n_models"], holdout, list(runs))
 
 
 def report_runs(runs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
@@ -156,6 +150,13 @@ def spec_with_layer(spec: ModelSpec, report: dict[str, Any], fellow_eye: dict[st
         raw["fellow_eye"] = fellow_eye
     else:
         raw.pop("fellow_eye", None)
+    dme_section = report.get("dme")
+    if dme_section and "dme" not in spec.outputs:
+        raise ValueError("the LOSO runs have a DME output, the model being written has none")
+    if dme_section:
+        raw["dme"] = dme_section
+    else:
+        raw.pop("dme", None)
     return dataclasses.replace(
         spec,
         temperature=float(layer["temperature"]),
@@ -167,7 +168,15 @@ def spec_with_layer(spec: ModelSpec, report: dict[str, Any], fellow_eye: dict[st
         fellow_eye=(
             FellowEyeRule(float(fellow_eye["weight"]), float(fellow_eye["referable_threshold"])) if fellow_eye else None
         ),
+        dme=_dme_rule(dme_section),
     )
+
+
+def _dme_rule(section: dict[str, Any] | None) -> DmeRule | None:
+    if not section:
+        return None
+    calibration = section["calibration"]
+    return DmeRule(float(calibration["scale"]), float(calibration["bias"]), float(section["threshold"]))
 
 
 def write_layer_into_spec(

@@ -49,7 +49,13 @@ from retinagrade.training import metrics as M
 from retinagrade.training.augment import ARTEFACTS_VERSION, augment
 from retinagrade.training.cache import ViewStack, advance_features, prepared_images, stem_features, view_indices
 from retinagrade.training.data import Sample, family, leave_source_out, make_folds, read_sources
-from retinagrade.training.decisions import apply_layer, fit_decision_layer, fit_temperature_partial, referable_truth
+from retinagrade.training.decisions import (
+    apply_layer,
+    fit_decision_layer,
+    fit_dme_rule,
+    fit_temperature_partial,
+    referable_truth,
+)
 from retinagrade.training.model import (
     DEFAULT_DROPOUT,
     FlipAveraged,
@@ -1183,6 +1189,9 @@ def loso_report(
                 table[name] = _coarse_metrics(inputs, part, p, decision, point)
         report["by_point"][point] = table
     report["sources"] = report["by_point"][default]
+    if preds.dme is not None:
+        dme_true = np.array([np.nan if s.dme is None else float(s.dme) for s in inputs.samples])[idx]
+        report["dme"] = fit_dme_rule(preds.dme[idx], dme_true, inputs.high[idx], sources[idx], inputs.groups[idx])
     if out_dir is not None and is_writer():
         _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
         (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))

@@ -115,3 +115,26 @@ def test_the_whole_layer_is_fitted_on_pooled_held_out_predictions_with_a_default
     assert coarse["positives"] + coarse["negatives"] == int((gc != -1).sum())
     with pytest.raises(ValueError, match="default operating point"):
         fit_decision_layer(logits, np.zeros(len(low)), low, high, sources, ["a", "b"], default="lenient")
+
+
+def test_the_dme_threshold_keeps_every_sources_calm_eyes_under_the_flag_rate() -> None:
+    from retinagrade.training.decisions import fit_dme_rule
+
+    rng = np.random.default_rng(4)
+    # mexico-512: labelled (60 oedema, 400 none); two other sources: grade 0-1 eyes without a label, one camera
+    # whose healthy eyes score higher (the threshold must hold there too).
+    n_mx, n_a, n_b = 460, 500, 300
+    dme = np.concatenate([np.r_[np.ones(60), np.zeros(400)], np.full(n_a + n_b, np.nan)])
+    logit = np.concatenate([rng.normal(2.0, 1.0, 60), rng.normal(-1.0, 1.0, 400), rng.normal(-1.5, 1, n_a)])
+    logit = np.concatenate([logit, rng.normal(0.0, 1.0, n_b)])
+    high = np.concatenate([np.zeros(n_mx), np.ones(n_a), np.zeros(n_b)]).astype(int)
+    sources = np.array(["mexico-512"] * n_mx + ["a"] * n_a + ["b"] * n_b)
+    groups = np.arange(len(sources)).astype(str)
+    rule = fit_dme_rule(logit, dme, high, sources, groups)
+    assert rule is not None
+    assert all(rate <= 0.10 + 1e-9 for rate in rule["flag_rate_grade_0_1"].values())
+    # the camera that scores healthy eyes higher sets the threshold
+    assert max(rule["per_source_limit"], key=rule["per_source_limit"].get) == "b"
+    assert rule["fit_on"]["auc"]["value"] > 0.9 and 0 < rule["fit_on"]["sensitivity"] <= 1
+    # without labelled photos of both kinds there is nothing to fit
+    assert fit_dme_rule(logit, np.full(len(logit), np.nan), high, sources, groups) is None
