@@ -276,6 +276,7 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
@@ -292,6 +293,7 @@ class GradingService:
             client_request_id=client_request_id,
             site=site,
             operating_point=operating_point,
+            evidence=evidence,
         )
         return response, png
 
@@ -305,9 +307,10 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
     ) -> tuple[GradeResult, GradeResponse, bytes | None]:
         """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
-        chosen = self.sites.resolve(site, operating_point)
+        chosen = self.sites.resolve(site, operating_point, evidence)
         try:
             request = await self._prepare(data)
         except InputError as exc:
@@ -330,10 +333,11 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
     ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
         and never fails the others."""
-        chosen = self.sites.resolve(site, operating_point)
+        chosen = self.sites.resolve(site, operating_point, evidence)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )

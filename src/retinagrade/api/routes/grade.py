@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request
 
@@ -35,6 +35,10 @@ from retinagrade.referral import TaggedOutcome, patient_referrals
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
 
 ExplainQuery = Annotated[bool, Query(description="Add a heatmap of the model's evidence (PNG, base64).")]
+EvidenceQuery = Annotated[
+    Literal["severity", "dme"],
+    Query(description="Whose evidence the heatmap shows: the severity head's, or the macular oedema head's (dme)."),
+]
 SiteHeader = Annotated[
     str | None,
     Header(
@@ -81,6 +85,7 @@ async def grade(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    evidence: EvidenceQuery = "severity",
     site: SiteHeader = None,
     operating_point: OperatingPointHeader = None,
 ) -> Any:
@@ -106,6 +111,7 @@ async def grade(
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
+                evidence=evidence,
             )
     if wanted == "json":
         return response
@@ -132,6 +138,7 @@ async def grade_batch(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    evidence: EvidenceQuery = "severity",
     site: SiteHeader = None,
     operating_point: OperatingPointHeader = None,
 ) -> Any:
@@ -155,6 +162,7 @@ async def grade_batch(
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
+                evidence=evidence,
             )
     items = []
     outcomes = []
