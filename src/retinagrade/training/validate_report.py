@@ -150,7 +150,8 @@ def draw_roc(path: Path, referable_true: np.ndarray, p_referable: np.ndarray, re
         ylim=(0, 1.01),
         title="Referable DR: ROC curve",
     )
-    ax.legend(loc="lower right", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no curve to name when the sample holds one referable class
+        ax.legend(loc="lower right", fontsize=7)
     figure.savefig(path)
 
 

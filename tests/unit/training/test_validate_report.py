@@ -65,3 +65,30 @@ def test_the_bootstrap_auc_equals_scikit_learns_with_ties() -> None:
         scores = np.round(rng.random(200) + truth * 0.3, 1)  # many ties
         assert metrics._auc_or_nan(truth, scores) == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
     assert np.isnan(metrics._auc_or_nan(np.ones(5, bool), np.arange(5.0)))
+
+
+def test_kappa_is_not_applicable_when_the_local_sample_holds_one_grade_only(tmp_path: Path) -> None:
+    """Kappa against a one-grade reference is 0 whatever the model says: report n/a, not 0.000 (CI 0.000-0.000)."""
+    from retinagrade.training.report import format_estimate
+    from retinagrade.training.validate_report import write_validation_report
+
+    samples = [Sample(Path(f"{i}.jpg"), 4, str(i), "site") for i in range(6)]
+    outcomes: list[GradeResult | CorruptImageError] = [_result("graded", g) for g in (4, 4, 3, 2, 4, 0)]
+    spec = ModelSpec("m", "1", "m.onnx", "", PreprocessConfig(), 1.0, Decision("argmax"), 0.5)
+    report = write_validation_report(samples, outcomes, spec, tmp_path, site=None, labels=[], n_boot=50)
+    assert report.metrics["qwk"]["value"] is None
+    assert format_estimate(report.metrics["qwk"]) == "n/a"
+    assert "| Quadratic weighted kappa | n/a |" in report.markdown
+    assert "0.000 (95% CI 0.000-0.000)" not in report.markdown
+    assert any("kappa" in note for note in report.metrics["notes"])
+
+
+def test_kappa_intervals_skip_resamples_that_hold_one_reference_grade() -> None:
+    truth = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 4])
+    pred = np.array([0, 0, 0, 1, 0, 0, 2, 0, 0, 4])
+    probs = np.full((10, 5), 0.2)
+    result = metrics.evaluate_predictions(truth, probs, pred, np.full(10, 0.5), 0.5, n_boot=200)
+    qwk = result["qwk"]
+    assert qwk["value"] == pytest.approx(metrics.quadratic_weighted_kappa(truth, pred))
+    # A third of the resamples miss the one grade-4 image; their kappa (0) must not drag the interval to 0.
+    assert qwk["ci_low"] > 0.0
