@@ -31,7 +31,13 @@ from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.inference.postprocess import GradeDecision, decide_grade
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_image_file
 from retinagrade.preprocessing.pipeline import PreparedImage, batch_tensor, prepare_fundus
-from retinagrade.preprocessing.quality import GateParams, QualityAssessment, assess_quality, open_detector
+from retinagrade.preprocessing.quality import (
+    GateParams,
+    QualityAssessment,
+    assess_quality,
+    open_detector,
+    outrank_with_referable,
+)
 from retinagrade.referral import Recommendation, recommend
 
 DEFAULT_MODEL_FILE = "retinagrade-dr.json"
@@ -75,7 +81,8 @@ class PreparedRequest:
 
     @property
     def needs_model(self) -> bool:
-        return self.quality.is_fundus and self.quality.gradable
+        """Gradable, or refused by the gradability score alone (a confident referable answer may outrank that)."""
+        return self.quality.is_fundus and (self.quality.gradable or self.quality.model_may_outrank)
 
 
 @dataclass
@@ -83,8 +90,9 @@ class GradeResult:
     """The answer for one image.
 
     ``decision`` is set only when ``status == "graded"``. ``quality`` is always set for an image that
-    decoded. ``heatmap`` (S x S in [0, 1]) and ``crop`` (S x S x 3 RGB) are set when an explanation was
-    asked for and the image was graded. ``metadata`` is what the file said about patient and eye
+    decoded; ``quality.warning`` marks a photo graded although the gate found its quality too low. ``heatmap``
+    (S x S in [0, 1]) and ``crop`` (S x S x 3 RGB) are set when an explanation was asked for and the image was
+    graded. ``metadata`` is what the file said about patient and eye
     (:attr:`DecodedImage.metadata <retinagrade.preprocessing.decode.DecodedImage.metadata>`).
     """
 
@@ -235,15 +243,25 @@ class GradingPipeline:
         return results
 
     def finish(self, request: PreparedRequest, outputs: ModelOutputs | None, explain: bool = False) -> GradeResult:
-        """Turn model outputs (or the gate's refusal) into a :class:`GradeResult`."""
+        """Turn model outputs (or the gate's refusal) into a :class:`GradeResult`.
+
+        A photo the gradability score refused but the model read (:attr:`PreparedRequest.needs_model`) is graded
+        with ``quality.warning`` when its P(referable) outranks the refusal, and stays ungradable otherwise.
+        """
         quality = request.quality
         size = request.decoded.original_size
         metadata = request.decoded.metadata
-        if outputs is None:
+        dme_logit = None if outputs is None or outputs.dme is None else float(outputs.dme[0])
+        decision = (
+            None
+            if outputs is None
+            else decide_grade(outputs.logits, float(outputs.regression[0]), self.spec, dme_logit)
+        )
+        if decision is not None and not quality.gradable:
+            quality = outrank_with_referable(quality, decision.p_referable, self.gate)
+        if outputs is None or decision is None or not quality.gradable:
             status: Status = "not_fundus" if not quality.is_fundus else "ungradable"
             return GradeResult(status, quality, None, request.sha256, size, request.timings_ms, metadata)
-        dme_logit = None if outputs.dme is None else float(outputs.dme[0])
-        decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec, dme_logit)
         result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, metadata)
         result.raw = (np.array(outputs.logits, dtype=np.float64), float(outputs.regression[0]))
         if explain:

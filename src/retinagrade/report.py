@@ -50,6 +50,8 @@ class ResultRecord:
             risk threshold; empty/None unless graded.
         urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
         quality, is_fundus, gradable, reasons: the quality gate's verdict; None (no reasons) for an error.
+        quality_warning: graded although the gate found the photo's quality too low (a confident referable
+            answer outranked the refusal); ``reasons`` then say what is wrong with the photo. None for an error.
         fundus_score: the gate's P(colour fundus photograph); None for an error or a gate without a detector.
         error_code, error_message: why an image was not read; empty unless ``status == "error"``.
         sha256, width, height: the image's bytes and full size; empty/None for an error.
@@ -79,6 +81,7 @@ class ResultRecord:
     fundus_score: float | None = None
     gradable: bool | None = None
     reasons: tuple[str, ...] = ()
+    quality_warning: bool | None = None
     error_code: str = ""
     error_message: str = ""
     sha256: str = ""
@@ -157,6 +160,7 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         fundus_score=quality.fundus_score,
         gradable=quality.gradable,
         reasons=tuple(quality.reasons),
+        quality_warning=quality.warning,
         sha256=outcome.sha256,
         width=outcome.original_size[0],
         height=outcome.original_size[1],
@@ -457,6 +461,7 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "fundus_score",
     "gradable",
     "reasons",
+    "quality_warning",
     "error_code",
     "error_message",
     "sha256",

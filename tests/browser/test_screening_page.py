@@ -325,3 +325,48 @@ CONTRAST_SCRIPT = """() => {
   }
   return failures;
 }"""
+
+
+@pytest.fixture(scope="module")
+def lenient_url(
+    served_model: Any,
+    make_settings: Callable[..., Any],
+    start_service: Callable[..., Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A service whose gate refuses every photo by its score and lets any referable answer outrank that."""
+    import json
+    import shutil
+
+    spec_path = Path(served_model.spec)
+    folder = tmp_path_factory.mktemp("lenient-model")
+    for item in spec_path.parent.iterdir():
+        if item.is_file() and item.suffix in (".json", ".onnx"):
+            shutil.copyfile(item, folder / item.name)
+    spec = json.loads((folder / spec_path.name).read_text())
+    spec.pop("gate_files", None)  # the edited gate is not the one the spec's checksums name
+    (folder / spec_path.name).write_text(json.dumps(spec))
+    gate_path = folder / spec.get("gate_file", "gate.json")
+    gate = json.loads(gate_path.read_text())
+    gate.update(threshold=1e-4, referable_override={"min_p_referable": 1e-9})
+    gate_path.write_text(json.dumps(gate))
+    with start_service(make_settings(model=folder / spec_path.name)) as url:
+        yield url
+
+
+@pytest.mark.shared_data
+def test_a_photo_graded_despite_its_quality_says_so_in_words(
+    open_page: Callable[..., Any], lenient_url: str, fundus: dict[str, Path]
+) -> None:
+    page = open_page(url=lenient_url)
+    answer = grade(page, [fundus["16_right.jpeg"]])
+    result = answer["items"][0]["result"]
+    assert result["status"] == "graded" and result["quality"]["warning"] is True
+    text = card_for(page, "16_right.jpeg").inner_text()
+    assert f"Grade {result['grade']}" in text
+    assert "Image quality: poor" in text and "Graded anyway" in text
+    assert "Image quality: good" not in text
+    reasons = result["quality"]["reasons"]
+    assert reasons and card_for(page, "16_right.jpeg").locator(".quality-warning li").count() == len(reasons)
+    assert not any("_" in code and code in text for code in reasons), "reasons are shown in words"
+    assert page.evaluate(CONTRAST_SCRIPT) == []

@@ -101,3 +101,46 @@ def test_raw_camera_jpegs_pass_and_the_very_dark_one_is_ungradable(
     statuses = _statuses(pipeline, folder, [row["image"] for row in _rows(folder)])
     assert statuses["images/6834_left.jpeg"] == "ungradable"
     assert all(status != "not_fundus" for status in statuses.values()), statuses
+
+
+#: Folders with camera colours (not equalised derivatives) and ICDR grades: where the issue's refusals happen.
+CAMERA_FOLDERS = ("eyepacs-768", "mexico-512", "raw-fundus-samples")
+#: Refusals of grade 3-4 may exceed those of grade 0 by at most this much in a folder. Measured 2026-12-07
+#: (gate alone -> as served): eyepacs-768 20.0 % vs 13.3 % -> 5.7 % vs 13.3 %; mexico-512 9.6 % vs 2.5 % ->
+#: 3.8 % vs 2.5 %. The gate alone fails it by 5 points in both folders.
+MAX_EXCESS_REFUSAL = 0.02
+
+
+@pytest.mark.slow
+def test_the_sickest_eyes_are_refused_no_more_than_healthy_ones(shared_data: Path, pipeline: GradingPipeline) -> None:
+    """Every graded camera-colour photo through the whole pipeline (gate, model, referable override)."""
+    override = pipeline.gate.referable_override
+    assert override is not None
+    tally: dict[tuple[str, int], Counter[str]] = {}
+    for folder in CAMERA_FOLDERS:
+        rows = [row for row in _rows(shared_data / folder) if row["grade"].strip()]
+        paths = [shared_data / folder / row["image"] for row in rows]
+        for row, (_, outcome) in zip(rows, pipeline.grade_paths(paths, workers=2), strict=True):
+            assert not isinstance(outcome, Exception), row["image"]
+            grade = int(float(row["grade"]))
+            counts = tally.setdefault((folder, grade), Counter())
+            counts["photos"] += 1
+            counts["refused"] += outcome.status != "graded"
+            counts["warned"] += outcome.quality.warning
+            if outcome.quality.warning:
+                assert outcome.decision is not None and outcome.decision.p_referable >= override.min_p_referable
+                assert grade >= 2, f"{folder}/{row['image']}: a healthy eye graded despite its quality"
+            if row["image"].endswith("6834_left.jpeg"):
+                assert outcome.status == "ungradable", "the very dark EyeQ Reject photo stays refused"
+
+    def rate(folder: str, grades: tuple[int, ...], key: str = "refused") -> float:
+        counts = [tally[(folder, g)] for g in grades if (folder, g) in tally]
+        return sum(c[key] for c in counts) / max(1, sum(c["photos"] for c in counts))
+
+    for folder in ("eyepacs-768", "mexico-512"):
+        assert rate(folder, (3, 4)) <= rate(folder, (0,)) + MAX_EXCESS_REFUSAL, (folder, tally)
+        # Healthy eyes keep the gate's verdict: no photo of grade 0 is graded despite its quality.
+        assert rate(folder, (0,), "warned") <= 0.01, (folder, tally)
+    grade4 = [tally[(f, 4)] for f in CAMERA_FOLDERS]
+    pooled = sum(c["refused"] for c in grade4) / sum(c["photos"] for c in grade4)
+    assert pooled <= 0.05, tally  # the issue's target on the maintainers' camera sets (9.5 % before)

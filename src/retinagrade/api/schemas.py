@@ -29,7 +29,15 @@ class Quality(BaseModel):
         default=None, ge=0.0, le=1.0, description="The gate's P(colour fundus photograph); null without a detector."
     )
     gradable: bool
-    reasons: list[str] = Field(description="Stable reason codes; empty for a gradable fundus.")
+    reasons: list[str] = Field(
+        description="Stable reason codes; empty for a gradable fundus, unless `warning` is set: then what is wrong "
+        "with the photo."
+    )
+    warning: bool = Field(
+        default=False,
+        description="Graded although the gate found the photo's quality too low: the model found referable disease "
+        "with confidence, which outranks the quality refusal. Refer, and read the photo with care.",
+    )
 
 
 class ModelRef(BaseModel):

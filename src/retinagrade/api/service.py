@@ -401,6 +401,7 @@ class GradingService:
                 fundus_score=result.quality.fundus_score,
                 gradable=result.quality.gradable,
                 reasons=list(record.reasons),
+                warning=result.quality.warning,
             ),
             model=self.model_ref,
             site=record.site or None,

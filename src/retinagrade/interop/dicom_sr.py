@@ -32,12 +32,12 @@ from retinagrade.interop.findings import (
     GRADABLE,
     ICDR_ANSWERS,
     NO,
-    NOT_GRADED_REASON,
     OPERATING_POINT,
     P_DME,
     P_REFERABLE,
     PROCEDURE,
     QUALITY_SCORE,
+    QUALITY_WARNING,
     REFERABLE,
     REFERABLE_THRESHOLD,
     REFERRAL_REASON,
@@ -110,6 +110,8 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
         )
     if finding.referable is not None:
         items.append(hd.sr.QualitativeEvaluation(_coded(REFERABLE), _coded(YES if finding.referable else NO)))
+    if finding.quality_warning:
+        items.append(hd.sr.QualitativeEvaluation(_coded(QUALITY_WARNING), _coded(YES)))
     if finding.dme is not None:
         items.append(hd.sr.QualitativeEvaluation(_coded(DME), _coded(YES if finding.dme else NO)))
     if finding.referral_reason in REFERRAL_REASONS:
@@ -120,7 +122,7 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
         point = local(finding.operating_point, f"operating point {finding.operating_point}")
         items.append(hd.sr.QualitativeEvaluation(_coded(OPERATING_POINT), _coded(point)))
     items.extend(
-        hd.sr.QualitativeEvaluation(_coded(NOT_GRADED_REASON), _coded(reason_concept(reason)))
+        hd.sr.QualitativeEvaluation(_coded(finding.reason_concept), _coded(reason_concept(reason)))
         for reason in finding.reasons
     )
     return items
@@ -146,7 +148,13 @@ def explanation(finding: EyeFinding) -> str:
         if finding.referral_reason is not None:
             return finding.referral_sentence
         refer = "refer" if finding.referable else "do not refer"
-        return f"ICDR grade {finding.grade} ({finding.grade_name}); {refer} (P(referable) {finding.p_referable:.3f})."
+        sentence = (
+            f"ICDR grade {finding.grade} ({finding.grade_name}); {refer} (P(referable) {finding.p_referable:.3f})."
+        )
+        if finding.quality_warning:
+            problems = ", ".join(r.replace("_", " ") for r in finding.reasons) or "low quality"
+            sentence += f" Graded despite the photograph's quality ({problems}): read it with care."
+        return sentence
     why = ", ".join(r.replace("_", " ") for r in finding.reasons) or "no reason given"
     if finding.status == "error":
         return f"Not graded: the image could not be read ({why}). {finding.message}".strip()

@@ -32,11 +32,11 @@ from retinagrade.interop.findings import (
     GRADABLE,
     ICDR_ANSWERS,
     NO,
-    NOT_GRADED_REASON,
     OPERATING_POINT,
     P_DME,
     P_REFERABLE,
     QUALITY_SCORE,
+    QUALITY_WARNING,
     REFERABLE,
     REFERABLE_THRESHOLD,
     REFERRAL_REASON,
@@ -126,8 +126,10 @@ def _components(finding: EyeFinding) -> list[dict[str, Any]]:
     parts.append({"code": _codeable(GRADABLE), "valueCodeableConcept": _yes_no(finding.gradable)})
     if finding.quality_score is not None:
         parts.append({"code": _codeable(QUALITY_SCORE), "valueQuantity": _unitless(finding.quality_score)})
+    if finding.quality_warning:
+        parts.append({"code": _codeable(QUALITY_WARNING), "valueCodeableConcept": _yes_no(True)})
     parts.extend(
-        {"code": _codeable(NOT_GRADED_REASON), "valueCodeableConcept": _codeable(reason_concept(reason))}
+        {"code": _codeable(finding.reason_concept), "valueCodeableConcept": _codeable(reason_concept(reason))}
         for reason in finding.reasons
     )
     return parts

@@ -95,6 +95,9 @@ P_REFERABLE: Final = local("p-referable-dr", "Probability of referable diabetic 
 GRADABLE: Final = local("gradable", "Photograph gradable")
 QUALITY_SCORE: Final = local("quality-score", "Photograph gradability score")
 NOT_GRADED_REASON: Final = local("ungraded-reason", "Reason the photograph was not graded")
+#: A photograph graded although the gate found its quality too low (a confident referable answer outranked it).
+QUALITY_WARNING: Final = local("quality-warning", "Graded despite low photograph quality")
+QUALITY_PROBLEM: Final = local("quality-problem", "Photograph quality problem")
 PROCEDURE: Final = local("dr-photo-grading", "Automated diabetic retinopathy grading of a fundus photograph")
 REPORT_TITLE: Final = local("dr-report", "Diabetic retinopathy screening report (automated)")
 
@@ -120,7 +123,8 @@ class EyeFinding:
     """One photograph's outcome, flattened for coding.
 
     ``status`` is ``graded``, ``ungradable``, ``not_fundus`` or ``error``; grade fields are set only when
-    graded, ``reasons`` (gate reasons, or the error code) only when not.
+    graded, ``reasons`` (gate reasons, or the error code) only when not, or when graded with
+    ``quality_warning``: then what is wrong with the photograph.
     """
 
     status: str
@@ -137,8 +141,14 @@ class EyeFinding:
     quality_score: float | None = None
     gradable: bool = False
     reasons: tuple[str, ...] = ()
+    quality_warning: bool = False
     message: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def reason_concept(self) -> Concept:
+        """What ``reasons`` code: why a photo was not graded, or what is wrong with one graded with a warning."""
+        return QUALITY_PROBLEM if self.status == "graded" else NOT_GRADED_REASON
 
     @property
     def grade_name(self) -> str | None:
@@ -236,6 +246,8 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
         probabilities=decision.probabilities,
         quality_score=quality.score,
         gradable=True,
+        reasons=quality.reasons if quality.warning else (),
+        quality_warning=quality.warning,
         metadata=meta,
     )
 
@@ -286,6 +298,9 @@ class RecordLike(Protocol):
     def reasons(self) -> tuple[str, ...]: ...
 
     @property
+    def quality_warning(self) -> bool | None: ...
+
+    @property
     def error_code(self) -> str: ...
 
     @property
@@ -320,5 +335,6 @@ def finding_from_record(record: RecordLike) -> EyeFinding:
         quality_score=record.quality,
         gradable=bool(record.gradable) and record.status == "graded",
         reasons=tuple(record.reasons),
+        quality_warning=bool(record.quality_warning) and record.status == "graded",
         metadata=meta,
     )

@@ -11,6 +11,12 @@
    with the resolution the photo really had (a 224 px photo looks soft next to a 3000 px one without being
    unreadable), so each feature is first corrected by the drift measured between the same photos at camera
    resolution and as 224 px derivatives (:class:`ResolutionCalibration`): small is not a defect.
+3. **Graded despite quality** (``warning=True``): the disease itself lowers the quality features (haemorrhages,
+   new vessels and vitreous haze read as low contrast and blur), so the score alone refuses the sickest eyes
+   most often. A photo refused by the score (not by a hard rule, never as not a fundus) is still shown to the
+   model, and a confident referable prediction outranks the refusal (:class:`ReferableOverride`, applied by
+   :func:`outrank_with_referable` once the model has answered): the photo is graded and the answer carries
+   the warning and the quality reasons.
 
 Serving needs onnxruntime and numpy: every number is in ``models/gate.json``; the detector's ONNX file lies
 beside it and is checked against the sha256 written there. Fitted by :mod:`retinagrade.training.gate`.
@@ -146,6 +152,37 @@ class ResolutionCalibration:
 
 
 @dataclass(frozen=True)
+class ReferableOverride:
+    """When a confident referable prediction outranks the gradability score's refusal.
+
+    The score reads the haze and contrast of proliferative disease as poor quality: on the development data it
+    refused 5 of 52 proliferative Mexican photos against 10 of 398 healthy ones, and 5 of 18 proliferative
+    EyePACS camera photos, each of those 5 with P(referable) above 0.98 (docs/gate-report.md, "Refusals by true
+    grade"). The lesions were plain to the model; "retake the photo" only delayed an urgent referral. Below the
+    cut-off the refusal stands, and the hard rules always stand: they fire beyond every photo graders graded,
+    and they are the gate's last defence against kinds of image the detector never saw (held-out dermoscopy
+    photos that passed the detector were stopped by ``fundus_cut_off`` alone, two of them at P(referable) >= 0.9).
+
+    Attributes:
+        min_p_referable: calibrated P(referable grade or worse) at or above which a photo the gradability score
+            refused is graded anyway, with ``warning`` set.
+    """
+
+    min_p_referable: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_p_referable < 1.0:
+            raise ValueError("ReferableOverride: min_p_referable must lie in (0, 1).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_p_referable": self.min_p_referable}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReferableOverride:
+        return cls(min_p_referable=float(data["min_p_referable"]))
+
+
+@dataclass(frozen=True)
 class GateParams:
     """Everything the gate needs at serving time, fitted by :mod:`retinagrade.training.gate`.
 
@@ -160,6 +197,8 @@ class GateParams:
             (a camera JPEG is not an EyeQ image) cannot dominate the logit.
         detector: the learned not-a-fundus detector (None: rules only, as gates before it had).
         calibration: resolution drift removed from the gradability features (None: none).
+        referable_override: when a confident referable prediction outranks a quality refusal (None: never, the
+            gate's verdict is final as in gates before it).
         meta: provenance (data, split, metrics); not used for decisions.
         base_dir: the folder ``gate.json`` was read from; the detector's file is relative to it.
     """
@@ -175,6 +214,7 @@ class GateParams:
     z_clip: float = 5.0
     detector: DetectorParams | None = None
     calibration: ResolutionCalibration | None = None
+    referable_override: ReferableOverride | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     base_dir: Path | None = field(default=None, compare=False)
 
@@ -246,6 +286,8 @@ class GateParams:
             out["detector"] = self.detector.to_dict()
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
+        if self.referable_override is not None:
+            out["referable_override"] = self.referable_override.to_dict()
         out["meta"] = self.meta
         return out
 
@@ -253,6 +295,7 @@ class GateParams:
     def from_dict(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> GateParams:
         detector = data.get("detector")
         calibration = data.get("calibration")
+        override = data.get("referable_override")
         return cls(
             features=tuple(str(v) for v in data["features"]),
             mean=tuple(float(v) for v in data["mean"]),
@@ -265,6 +308,7 @@ class GateParams:
             z_clip=float(data.get("z_clip", 5.0)),
             detector=None if detector is None else DetectorParams.from_dict(detector),
             calibration=None if calibration is None else ResolutionCalibration.from_dict(calibration),
+            referable_override=None if override is None else ReferableOverride.from_dict(override),
             meta=dict(data.get("meta", {})),
             base_dir=base_dir,
         )
@@ -305,11 +349,16 @@ class QualityAssessment:
 
     Attributes:
         is_fundus: whether the image looks like a colour fundus photograph.
-        gradable: whether it is a fundus good enough to grade (always False when not a fundus).
+        gradable: whether it is a fundus to grade (always False when not a fundus; True when graded with a
+            ``warning``).
         score: 1 - P(ungradable), in [0, 1]; higher is better. Filled even for non-fundus images.
-        reasons: stable reason codes; empty for a gradable fundus. ``not_fundus`` comes first when not a
-            fundus, followed by the specific codes.
+        reasons: stable reason codes; empty for a gradable fundus without a warning. ``not_fundus`` comes first
+            when not a fundus, followed by the specific codes. With a warning: what is wrong with the photo.
         fundus_score: the detector's P(colour fundus photograph), in [0, 1]; None for a gate without one.
+        warning: graded although the gradability score refused the photo, because the model found referable
+            disease with confidence (:func:`outrank_with_referable`): refer, and read the photo with care.
+        model_may_outrank: refused by the gradability score alone, by a gate with a :class:`ReferableOverride`:
+            the model still reads the photo, and a confident referable answer turns the refusal into a warning.
     """
 
     is_fundus: bool
@@ -317,6 +366,8 @@ class QualityAssessment:
     score: float
     reasons: tuple[str, ...]
     fundus_score: float | None = None
+    warning: bool = False
+    model_may_outrank: bool = False
 
 
 def _unique(codes: list[str]) -> tuple[str, ...]:
@@ -338,9 +389,33 @@ def decide(features: Mapping[str, float], params: GateParams, fundus_score: floa
     if not_fundus:
         return QualityAssessment(False, False, score, _unique([REASON_NOT_FUNDUS, *not_fundus]), fundus_score)
     reasons = [rule.reason for rule in params.ungradable_rules if rule.fires(features)]
-    if score <= 1.0 - params.threshold and not reasons:
+    # Only the score's refusal may be outranked: a hard rule fires beyond every photo graders graded.
+    by_score_only = score <= 1.0 - params.threshold and not reasons
+    if by_score_only:
         reasons.append(_dominant_reason(features, params))
-    return QualityAssessment(True, not reasons, score, _unique(reasons), fundus_score)
+    may_outrank = by_score_only and params.referable_override is not None
+    return QualityAssessment(True, not reasons, score, _unique(reasons), fundus_score, model_may_outrank=may_outrank)
+
+
+def outrank_with_referable(quality: QualityAssessment, p_referable: float, params: GateParams) -> QualityAssessment:
+    """The verdict once the model has read a photo: a confident referable answer outranks a quality refusal.
+
+    Args:
+        quality: the gate's verdict before the model (:func:`decide`).
+        p_referable: the model's calibrated P(referable grade or worse) for the photo.
+        params: the gate, whose :class:`ReferableOverride` sets how confident is confident.
+
+    Returns:
+        ``quality`` unchanged, unless the gradability score alone refused the photo and ``p_referable`` reaches
+        the override's cut-off: then gradable, with ``warning`` set and the quality reasons kept.
+    """
+    override = params.referable_override
+    if not quality.model_may_outrank or override is None:
+        return quality
+    # Written so that a NaN probability never outranks anything.
+    if not p_referable >= override.min_p_referable:
+        return quality
+    return replace(quality, gradable=True, warning=True, model_may_outrank=False)
 
 
 def _dominant_reason(features: Mapping[str, float], params: GateParams) -> str:

@@ -595,6 +595,18 @@ def _proportion(successes: int, total: int, alpha: float) -> dict[str, float | N
     return _estimate(successes / total, low, high)
 
 
+def _agreement_kappa(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
+    """Quadratic weighted kappa, NaN when the reference holds one grade only.
+
+    Against a one-grade reference kappa is 0 whatever the predictions (observed and chance disagreement are
+    the same sum), so it measures nothing: a report says n/a, and bootstrap resamples that hold one reference
+    grade are dropped instead of pulling the interval towards 0.
+    """
+    if np.unique(np.asarray(y_true)).size < 2:
+        return math.nan
+    return quadratic_weighted_kappa(y_true, y_pred)
+
+
 def evaluate_predictions(
     y_true: npt.ArrayLike,
     probs: npt.ArrayLike,
@@ -662,11 +674,9 @@ def evaluate_predictions(
     if absent:
         notes.append(f"no reference images of grade(s) {', '.join(absent)}: their recall is undefined")
 
-    qwk = bootstrap_ci(
-        quadratic_weighted_kappa, truth, pred, n_boot=n_boot, seed=seed, alpha=alpha, groups=group_labels
-    )
+    qwk = bootstrap_ci(_agreement_kappa, truth, pred, n_boot=n_boot, seed=seed, alpha=alpha, groups=group_labels)
     if not math.isfinite(qwk[0]):
-        notes.append("quadratic weighted kappa is undefined: one grade only in both reference and prediction")
+        notes.append("quadratic weighted kappa is undefined: the reference holds one grade only")
 
     referable_true = is_referable(truth)
     refer = score >= referable_threshold if referred is None else _as_binary(referred, "referred")

@@ -38,6 +38,18 @@ from retinagrade.training.report import format_estimate, format_metrics_markdown
 Outcome = GradeResult | RetinagradeError
 REFUSAL_STATUSES = ("ungradable", "not_fundus", "error")
 PICTURES = {"roc": "roc.png", "reliability": "reliability.png", "confusion": "confusion.png"}
+PREDICTION_COLUMNS = (
+    "image",
+    "grade_true",
+    "status",
+    "grade",
+    "referable",
+    "p_referable",
+    "quality",
+    "quality_warning",
+    "site",
+    "error",
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -65,7 +77,12 @@ class GradedArrays:
 
 
 def graded_arrays(samples: Sequence[Sample], outcomes: Sequence[Outcome]) -> GradedArrays:
-    keep = [i for i, o in enumerate(outcomes) if isinstance(o, GradeResult) and o.decision is not None]
+    """The graded photos whose exact grade is known (a grade range, e.g. NPDR 1-3, cannot be scored)."""
+    keep = [
+        i
+        for i, o in enumerate(outcomes)
+        if isinstance(o, GradeResult) and o.decision is not None and samples[i].exact and samples[i].grade >= 0
+    ]
     decisions = [d for i in keep if isinstance(o := outcomes[i], GradeResult) and (d := o.decision) is not None]
     return GradedArrays(
         index=np.array(keep, dtype=np.int64),
@@ -82,11 +99,20 @@ def status_of(outcome: Outcome) -> str:
     return outcome.status if isinstance(outcome, GradeResult) else "error"
 
 
+def _warned(outcome: Outcome) -> bool:
+    return isinstance(outcome, GradeResult) and outcome.status == "graded" and outcome.quality.warning
+
+
 def refusals_by_grade(samples: Sequence[Sample], outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    """Per true grade: images, how many were graded, and how many the pipeline refused and why."""
+    """Per true grade: images, how many were graded (how many of them despite their quality), how many refused, why."""
+    groups: dict[tuple[int | None, str], list[Outcome]] = {(g, name): [] for g, name in enumerate(GRADE_NAMES)}
+    for sample, outcome in zip(samples, outcomes, strict=True):
+        lo, hi = sample.grade_bounds
+        key = (lo, GRADE_NAMES[lo]) if lo == hi and 0 <= lo < NUM_GRADES else (None, f"grade {lo}-{hi} (range only)")
+        groups.setdefault(key, []).append(outcome)
     rows = []
-    for grade, name in enumerate(GRADE_NAMES):
-        statuses = [status_of(o) for s, o in zip(samples, outcomes, strict=True) if s.grade == grade]
+    for (grade, name), members in groups.items():
+        statuses = [status_of(o) for o in members]
         refused = sum(s != "graded" for s in statuses)
         rows.append(
             {
@@ -94,6 +120,7 @@ def refusals_by_grade(samples: Sequence[Sample], outcomes: Sequence[Outcome]) ->
                 "name": name,
                 "images": len(statuses),
                 "graded": len(statuses) - refused,
+                "graded_with_warning": sum(map(_warned, members)),
                 **{status: statuses.count(status) for status in REFUSAL_STATUSES},
                 "refused_rate": refused / len(statuses) if statuses else None,
             }
@@ -153,7 +180,8 @@ def draw_roc(path: Path, referable_true: np.ndarray, p_referable: np.ndarray, re
         ylim=(0, 1.01),
         title="Referable DR: ROC curve",
     )
-    ax.legend(loc="lower right", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no curve to name when the sample holds one referable class
+        ax.legend(loc="lower right", fontsize=7)
     figure.savefig(path)
 
 
@@ -225,7 +253,9 @@ def _plain_summary(result: dict[str, Any], refusals: list[dict[str, Any]], n_ima
             f"specificity {format_estimate(referable['specificity'])}; {counts['fp']} were referred needlessly."
         )
     refused = sum(r["images"] - r["graded"] for r in refusals)
-    referable_refused = sum(r["images"] - r["graded"] for r in refusals if r["grade"] >= REFERABLE_MIN_GRADE)
+    referable_refused = sum(
+        r["images"] - r["graded"] for r in refusals if r["grade"] is not None and r["grade"] >= REFERABLE_MIN_GRADE
+    )
     lines.append(
         f"- {refused} of {n_images} photos ({refused / max(n_images, 1):.1%}) were not graded (ungradable, not a "
         f"fundus, or unreadable), {referable_refused} of them of referable eyes: the programme's recall rule for "
@@ -236,6 +266,16 @@ def _plain_summary(result: dict[str, Any], refusals: list[dict[str, Any]], n_ima
         "anywhere inside them. Read the lower end of sensitivity as the number the site can rely on."
     )
     return lines
+
+
+def _grade_text(sample: Sample) -> str:
+    lo, hi = sample.grade_bounds
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _range_only(samples: Sequence[Sample]) -> str:
+    n = sum(not s.exact or s.grade < 0 for s in samples)
+    return f"; {n} with a grade range only, tabled below but left out of the metrics" if n else ""
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -322,7 +362,7 @@ def write_validation_report(
         ("Site profile", site_text),
         ("Model", f"{spec.name} {spec.version}, sha256 {spec.sha256[:16]}..."),
         ("Label files", ", ".join(str(p) for p in labels)),
-        ("Photos", f"{len(samples)} ({len(arrays.grades)} graded)"),
+        ("Photos", f"{len(samples)} ({len(arrays.grades)} graded and scored{_range_only(samples)})"),
         (
             "Operating point",
             f"{spec.operating_point}: refer at grade 2 or worse, or when P(referable) >= "
@@ -337,12 +377,22 @@ def write_validation_report(
     lines += [format_metrics_markdown(result, heading_level=2)]
     lines += ["## Photos not graded, by local grade", ""]
     lines += _markdown_table(
-        ["Grade", "Photos", "Graded", "Ungradable", "Not a fundus", "Unreadable", "Not graded"],
+        [
+            "Grade",
+            "Photos",
+            "Graded",
+            "of them despite poor quality",
+            "Ungradable",
+            "Not a fundus",
+            "Unreadable",
+            "Not graded",
+        ],
         [
             (
-                f"{r['grade']} {r['name']}",
+                r["name"] if r["grade"] is None else f"{r['grade']} {r['name']}",
                 str(r["images"]),
                 str(r["graded"]),
+                str(r["graded_with_warning"]),
                 str(r["ungradable"]),
                 str(r["not_fundus"]),
                 str(r["error"]),
@@ -352,6 +402,10 @@ def write_validation_report(
         ],
     )
     lines += [
+        "",
+        "A photo graded despite poor quality is one the quality gate refused but in which the model found "
+        "referable disease with confidence: it is graded (and referred) with a quality warning, so that the "
+        "sickest eyes are not sent back for a retake.",
         "",
         "## Pictures",
         "",
@@ -376,28 +430,38 @@ def write_validation_report(
     files["predictions"] = out / "predictions.csv"
     with files["predictions"].open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(
-            ["image", "grade_true", "status", "grade", "referable", "p_referable", "quality", "site", "error"]
-        )
+        writer.writerow(PREDICTION_COLUMNS)
         for sample, outcome in zip(samples, outcomes, strict=True):
             if isinstance(outcome, GradeResult):
                 d = outcome.decision
                 writer.writerow(
                     [
                         sample.path,
-                        sample.grade,
+                        _grade_text(sample),
                         outcome.status,
                         "" if d is None else d.grade,
                         "" if d is None else str(d.referable).lower(),
                         "" if d is None else round(d.p_referable, 5),
                         round(outcome.quality.score, 4),
+                        str(outcome.quality.warning).lower(),
                         site.name if site else "",
                         "",
                     ]
                 )
             else:
                 writer.writerow(
-                    [sample.path, sample.grade, "error", "", "", "", "", site.name if site else "", outcome.code]
+                    [
+                        sample.path,
+                        _grade_text(sample),
+                        "error",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        site.name if site else "",
+                        outcome.code,
+                    ]
                 )
 
     document = {

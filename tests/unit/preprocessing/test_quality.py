@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -28,11 +29,13 @@ from retinagrade.preprocessing.quality import (
     REASON_UNLIKE_FUNDUS,
     GateParams,
     QualityAssessment,
+    ReferableOverride,
     ResolutionCalibration,
     assess_quality,
     compute_quality_features,
     decide,
     open_detector,
+    outrank_with_referable,
 )
 from retinagrade.preprocessing.quality_detector import FundusDetector, detector_thumbnail
 
@@ -261,3 +264,46 @@ def test_a_small_photo_is_not_penalised_for_its_resolution(gate: GateParams) -> 
     assert gate.probability_ungradable({**small, "fundus_diameter": lo}) == pytest.approx(p_camera)
     # Without the calibration the softer derivative would be judged as a soft camera photo.
     assert gate.probability_ungradable({**small, "fundus_diameter": hi}) != pytest.approx(p_camera)
+
+
+# -- the referable override -------------------------------------------------------------------------------
+
+
+def _refusing_gate(gate: GateParams, min_p_referable: float = 0.9) -> GateParams:
+    """The shipped gate with a score cut-off that refuses the synthetic fundus by its score alone."""
+    return replace(gate, threshold=1e-4, referable_override=ReferableOverride(min_p_referable))
+
+
+def test_only_a_refusal_by_the_score_alone_may_be_outranked(fundus_rgb: np.ndarray, gate: GateParams) -> None:
+    borderline = _assess(fundus_rgb, _refusing_gate(gate))
+    assert borderline.is_fundus and not borderline.gradable and borderline.reasons
+    assert borderline.model_may_outrank
+    # The same photo under a gate without an override: refused, and final.
+    assert not _assess(fundus_rgb, replace(gate, threshold=1e-4, referable_override=None)).model_may_outrank
+    # A hard rule (too dark) is final whatever the score says.
+    dark = np.clip(fundus_rgb.astype(np.float32) * 0.1 + 0.5, 0, 255).astype(np.uint8)
+    assert not _assess(dark, _refusing_gate(gate)).model_may_outrank
+    # Not a fundus is final.
+    assert not _assess(fundus_rgb, _refusing_gate(gate), fundus_score=0.0).model_may_outrank
+    # A gradable photo has nothing to outrank.
+    assert not _assess(fundus_rgb, gate).model_may_outrank
+
+
+def test_a_confident_referable_answer_turns_a_score_refusal_into_a_warning(
+    fundus_rgb: np.ndarray, gate: GateParams
+) -> None:
+    strict = _refusing_gate(gate, 0.9)
+    borderline = _assess(fundus_rgb, strict)
+    graded = outrank_with_referable(borderline, 0.95, strict)
+    assert graded.gradable and graded.warning and graded.is_fundus
+    assert graded.reasons == borderline.reasons, "the warning says what is wrong with the photo"
+    assert graded.score == borderline.score
+    for p_referable in (0.89, float("nan")):
+        assert outrank_with_referable(borderline, p_referable, strict) == borderline
+
+
+def test_shipped_gate_lets_only_a_confident_referable_answer_outrank(gate: GateParams) -> None:
+    assert gate.referable_override is not None
+    assert gate.referable_override.min_p_referable >= 0.5, "far above the operating point, or healthy eyes pass"
+    with pytest.raises(ValueError):
+        ReferableOverride(1.5)

@@ -6,6 +6,7 @@ validation really holds out what it says it holds out, and that the thresholds f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from retinagrade.training.gate.fit import (
     fit,
     fundus_source_groups,
     held_out_logits,
+    score_refused,
 )
 from retinagrade.training.gate.measure import ImageRecord, MeasuredSet
 from retinagrade.training.gate.report import evaluate, render_report
@@ -138,3 +140,36 @@ def test_fit_evaluate_and_render(sets: dict[str, MeasuredSet], detector_file: Pa
     assert "Leave-one-negative-kind-out" in text and "| oct |" in text
     round_trip = GateParams.from_dict(params.to_dict())
     assert round_trip == params
+
+
+def test_refusals_by_grade_apply_the_override_where_the_model_read_the_photo(
+    sets: dict[str, MeasuredSet], detector_file: Path
+) -> None:
+    fitted = fit(sets, detector_file, keep=0.95)
+    # Without hard rules the blurred EyeQ Rejects are refused by the score alone: the refusals the model may outrank.
+    fitted.params = replace(fitted.params, ungradable_rules=(), threshold=0.5)
+    refused = score_refused(fitted)
+    eyeq = [i for name, i in refused if name == "eyepacs-eyeq-256"]
+    assert len(eyeq) >= 4
+    confident, doubtful = eyeq[: len(eyeq) // 2], eyeq[len(eyeq) // 2 :]
+    fitted.p_referable = {("eyepacs-eyeq-256", i): 0.95 for i in confident}
+    fitted.p_referable |= {("eyepacs-eyeq-256", i): 0.5 for i in doubtful}
+    n = len(sets["eyepacs-eyeq-256"].records)
+    grades: dict[str, list[int | None]] = {"eyepacs-eyeq-256": [4 if i in confident else 0 for i in range(n)]}
+    results = evaluate(fitted, grades=grades)
+    rows = {(r["folder"], r["grade"]): r for r in results["by_grade"]}
+    sick, healthy = rows[("eyepacs-eyeq-256", 4)], rows[("eyepacs-eyeq-256", 0)]
+    assert (sick["n"], sick["refused_gate"], sick["refused"], sick["warned"]) == (
+        len(confident),
+        len(confident),
+        0,
+        len(confident),
+    )
+    assert healthy["refused"] == healthy["refused_gate"] >= len(doubtful) and healthy["warned"] == 0
+    assert rows[("aptos2019-224", None)]["warned"] == 0  # no grades, no model reading: unchanged
+    text = render_report(fitted.params, results, "retinagrade fit-gate", 1.0)
+    assert "## Refusals by true grade" in text
+    assert (
+        f"| eyepacs-eyeq-256 | 4 | {len(confident)} | {len(confident)} (100.0 %) | 0 (0.0 %) | {len(confident)} |"
+        in text
+    )

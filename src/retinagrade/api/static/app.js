@@ -483,6 +483,18 @@
         el("label", { for: sliderId }, "Heatmap opacity"), slider, output));
   }
 
+  // A graded photo normally has good quality. `warning`: the gate found the quality too low, but the model
+  // found referable disease with confidence, which outranks the refusal; the reasons say what is wrong.
+  function qualityNote(quality) {
+    if (!quality.warning) {
+      return el("p", { className: "quality" }, `Image quality: good (${percent(quality.score)})`);
+    }
+    return el("div", { className: "quality-warning", role: "note" },
+      el("p", {}, `Image quality: poor (${percent(quality.score)}). Graded anyway because the model found `
+        + "referable disease with high confidence; read the photo with care and confirm at the referral."),
+      reasonList(quality.reasons));
+  }
+
   function resultCard(entry, item) {
     const title = el("h3", {}, `${eyeName(entry.eye || "")}`, el("span", { className: "card-file" }, ` — ${item.file.name}`));
     const card = el("article", { className: "result", "aria-label": `${eyeName(entry.eye || "")}, ${item.file.name}` }, title);
@@ -525,8 +537,7 @@
         ` · Probability of the grade shown: ${percent(result.confidence)}`),
       el("p", { className: "operating-point-used" }, pointSentence(result)),
       dmeSentence(result),
-      el("p", { className: "quality" }, `Image quality: good (${percent(result.quality.score)})`),
-      reasonList(result.quality.reasons));
+      qualityNote(result.quality));
     if (entry.paired) {
       // The service's fellow-eye answer: this eye read together with the other eye's photos (same patient).
       body.append(el("p", { className: "paired" },

@@ -15,6 +15,9 @@
   EyePACS-768 photos that carry EyeQ labels, at camera resolution and as 224 px derivatives, plus every photo
   of the DR-graded folders as a gradable example (graders graded them); out of fold by patient across the
   EyePACS folders. The threshold keeps :data:`KEEP_GRADABLE` of the EyeQ-labelled Good/Usable photos.
+* **Referable override**: a photo the gradability score refused is graded, with a warning, when the grading
+  model's calibrated P(referable) reaches :data:`OVERRIDE_MIN_P_REFERABLE` (a clinical cut-off, not fitted:
+  see :class:`~retinagrade.preprocessing.quality.ReferableOverride`); its effect per true grade is in the report.
 
 scikit-learn is used here only; serving reads the JSON with numpy.
 """
@@ -25,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from retinagrade.preprocessing.quality import (
     REASON_TOO_DARK,
     REASON_TOO_SMALL,
     GateParams,
+    ReferableOverride,
     ResolutionCalibration,
     Rule,
     decide,
@@ -80,6 +84,10 @@ POSITIVE_VIEWS_PER_SET = 1500
 DETECTOR_FILE = "fundus-detector.onnx"
 #: DR-graded folders without a quality label: every photo in them was graded, so it is a gradable example.
 GRADED_SETS: tuple[str, ...] = ("aptos2019-224", "mexico-512", "eyepacs-256-graded")
+#: Calibrated P(referable) at which the grading model's answer outranks the gradability score's refusal: far
+#: above any operating point (0.09 shipped), so that only plain disease does. On the development data no photo
+#: of grade 0-1 the score refused reached it, and 5 of the 5 proliferative EyePACS camera photos it refused did.
+OVERRIDE_MIN_P_REFERABLE = 0.9
 #: Domains of the gradability data that carry EyeQ quality labels (the threshold is chosen on these).
 LABELLED_DOMAINS: tuple[str, ...] = ("eyeq", "camera", "camera-224")
 
@@ -481,6 +489,61 @@ class FittedGate:
     grad_oof: np.ndarray
     grad_rule_fired: np.ndarray
     lofso_logits: np.ndarray  # leave-one-fundus-source-out logits of every fundus view (NaN elsewhere)
+    #: The grading model's P(referable) of every photo the gradability score refuses, by (folder, record):
+    #: what the referable override needs (empty: not measured, the override is left out of the report).
+    p_referable: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def score_refused(fitted: FittedGate) -> list[tuple[str, int]]:
+    """Every image (any folder) the gradability score alone refuses: those the model reads for the override.
+
+    The quality verdict does not depend on the detector, so these are the same whichever head scores the
+    image (final, leave-one-out): every table of the report needs no other image's P(referable).
+    """
+    out = []
+    for name, s in fitted.sets.items():
+        for i, row in enumerate(s.quality):
+            if decide(dict(zip(FEATURE_NAMES, row, strict=True)), fitted.params, 1.0).model_may_outrank:
+                out.append((name, i))
+    return out
+
+
+def read_p_referable(
+    fitted: FittedGate,
+    data_root: Path,
+    spec: Path,
+    images: Sequence[tuple[str, int]],
+    progress: Callable[[str], None] | None = None,
+) -> dict[tuple[str, int], float]:
+    """The grading model's calibrated P(referable) of ``images``, as the pipeline computes it for a graded photo.
+
+    The same decode, crop and model call (:class:`~retinagrade.pipeline.GradingPipeline`, batches of its
+    default size), read whatever the gate says, so that any table of the report can apply the override.
+    """
+    from retinagrade.inference.model_spec import ModelSpec
+    from retinagrade.inference.postprocess import decide_grade
+    from retinagrade.pipeline import DEFAULT_BATCH_SIZE, GradingPipeline
+    from retinagrade.preprocessing.pipeline import batch_tensor
+
+    # The gate files are being replaced (their checksums in the spec are rewritten after the fit): check the
+    # model file only.
+    model = ModelSpec.load(spec, verify_checksum=False)
+    if sha256_file(model.model_path) != model.sha256:
+        raise ValueError(f"model file {model.model_path} does not match the sha256 in {spec.name}")
+    pipeline = GradingPipeline(model, fitted.params)
+    if progress is not None:
+        progress(f"grading model on {len(images)} photos the gradability score refuses")
+    out: dict[tuple[str, int], float] = {}
+    for start in range(0, len(images), DEFAULT_BATCH_SIZE):
+        chunk = images[start : start + DEFAULT_BATCH_SIZE]
+        prepared = [
+            pipeline.prepare((data_root / name / fitted.sets[name].records[i].image).read_bytes()).prepared
+            for name, i in chunk
+        ]
+        outputs = pipeline.grader.run(batch_tensor([p.model_image for p in prepared], model.preprocess))
+        for k, key in enumerate(chunk):
+            out[key] = decide_grade(outputs.logits[k], float(outputs.regression[k]), model).p_referable
+    return out
 
 
 def fit(
@@ -532,6 +595,7 @@ def fit(
         z_clip=Z_CLIP,
         detector=None,
         calibration=calibration,
+        referable_override=ReferableOverride(OVERRIDE_MIN_P_REFERABLE),
         meta=meta or {},
         base_dir=detector_file.parent,
     )
@@ -572,13 +636,14 @@ def fit_gate(
         report: Markdown report path, or None.
         cache_dir: feature cache, or None to measure everything again.
         spec: model spec whose preprocessing the gate sees at serving time; its ``gate_files`` checksums are
-            updated. None: the default preprocessing, no spec touched.
+            updated, and its model reads the photos the gradability score refuses (the referable override's
+            effect in the report). None: the default preprocessing, no spec touched, no override measured.
 
     Returns:
         The validation results quoted in the report.
     """
     from retinagrade.inference.model_spec import write_gate_checksums
-    from retinagrade.training.gate.report import evaluate, render_report
+    from retinagrade.training.gate.report import evaluate, read_grades, render_report
 
     start = time.perf_counter()
     config = PreprocessConfig()
@@ -598,7 +663,9 @@ def fit_gate(
         "keep_good_usable": keep,
     }
     fitted = fit(sets, detector_file, keep=keep, meta=meta, progress=progress)
-    results = evaluate(fitted, progress=progress)
+    if spec is not None and spec.is_file():
+        fitted.p_referable = read_p_referable(fitted, data_root, spec, score_refused(fitted), progress)
+    results = evaluate(fitted, progress=progress, grades=read_grades(data_root, sets))
     params = GateParams.from_dict(
         {**fitted.params.to_dict(), "meta": {**meta, **results["summary"]}}, base_dir=models_dir
     )

@@ -7,20 +7,23 @@ the detector's score taken from a head that never saw the image's group:
 * leave-one-negative-source-out: the same by source (images of one source look alike);
 * leave-one-fundus-source-out: a fundus source never seen (APTOS, EyePACS, Mexico) must still pass.
 
-Coverage (graded / all) per fundus folder uses the final gate, beside the out-of-fold EyeQ Reject AUC.
+Coverage (graded / all) per fundus folder uses the final gate, beside the out-of-fold EyeQ Reject AUC. Where the
+grading model has read the photos the gradability score refuses (``FittedGate.p_referable``), every verdict
+applies the referable override as serving does, and refusals are tabled per true grade with and without it.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retinagrade.preprocessing.quality import GateParams, QualityAssessment, decide
+from retinagrade.preprocessing.quality import GateParams, QualityAssessment, decide, outrank_with_referable
 from retinagrade.preprocessing.quality_features import FEATURE_NAMES
 from retinagrade.training.gate.fit import (
     DETECTOR_C,
@@ -32,9 +35,12 @@ from retinagrade.training.gate.fit import (
     LinearHead,
     held_out_logits,
 )
-from retinagrade.training.gate.measure import CAMERA_SET, EYEQ_SET, NEGATIVE_AUG_VIEWS
+from retinagrade.training.gate.measure import CAMERA_SET, EYEQ_SET, NEGATIVE_AUG_VIEWS, MeasuredSet
 
 N_BOOT = 1000
+#: Folders whose photos keep the camera's colours (not contrast-equalised derivatives), pooled in the report as
+#: the closest thing here to the camera sets the maintainers measure refusals on.
+CAMERA_COLOUR_FOLDERS: tuple[str, ...] = ("eyepacs-768", "raw-fundus-samples", "mexico-512")
 
 
 def _status(v: QualityAssessment) -> str:
@@ -45,14 +51,69 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x, -60, 60))))
 
 
-def _decisions(fitted: FittedGate, views: np.ndarray, logits: np.ndarray) -> list[QualityAssessment]:
-    """The gate's decision for the images of ``views`` (indices of images-as-sent) with held-out scores."""
+def _decisions(
+    fitted: FittedGate, views: np.ndarray, logits: np.ndarray, override: bool = True
+) -> list[QualityAssessment]:
+    """The gate's decision for the images of ``views`` (indices of images-as-sent) with held-out scores.
+
+    With ``override`` (and the model's P(referable) measured), a score refusal the model outranks is graded, as
+    in serving; without it, the gate's verdict before the model reads the photo.
+    """
     out = []
     for v, logit in zip(views, logits, strict=True):
         dataset, i = fitted.detector.rows[int(fitted.detector.image[v])]
         features = dict(zip(FEATURE_NAMES, fitted.sets[dataset].quality[i], strict=True))
-        out.append(decide(features, fitted.params, float(_sigmoid(np.asarray(logit)))))
+        verdict = decide(features, fitted.params, float(_sigmoid(np.asarray(logit))))
+        p_referable = fitted.p_referable.get((dataset, i))
+        if override and p_referable is not None:
+            verdict = outrank_with_referable(verdict, p_referable, fitted.params)
+        out.append(verdict)
     return out
+
+
+def read_grades(data_root: Path, sets: Mapping[str, MeasuredSet]) -> dict[str, list[int | None]]:
+    """Each folder's true DR grade per record, from the ``grade`` column of its labels (None where empty)."""
+    out: dict[str, list[int | None]] = {}
+    for name, measured in sets.items():
+        with (data_root / name / "labels.csv").open(newline="", encoding="utf-8") as fh:
+            by_image = {row["image"]: (row.get("grade") or "").strip() for row in csv.DictReader(fh)}
+        out[name] = [int(float(g)) if (g := by_image.get(r.image, "")) else None for r in measured.records]
+    return out
+
+
+def refusals_by_grade(
+    folders: Mapping[str, list[tuple[int, QualityAssessment, QualityAssessment]]],
+    grades: Mapping[str, list[int | None]],
+) -> list[dict[str, Any]]:
+    """Refusals per folder and true grade, before and after the referable override.
+
+    Args:
+        folders: per folder, (record index, the gate's verdict alone, the verdict as served) of each image.
+        grades: per folder, the true grade of each record (:func:`read_grades`); None where it has none.
+
+    Returns:
+        One row per folder and grade (grade None: no ICDR grade, e.g. a negative or Mexico's NPDR): photos,
+        refused by the gate alone, refused as served, and graded with a quality warning.
+    """
+    rows = []
+    for name, verdicts in folders.items():
+        folder_grades = grades.get(name, [])
+        by_grade: dict[int | None, list[tuple[QualityAssessment, QualityAssessment]]] = {}
+        for i, alone, served in verdicts:
+            by_grade.setdefault(folder_grades[i] if i < len(folder_grades) else None, []).append((alone, served))
+        for grade in sorted(by_grade, key=lambda g: -1 if g is None else g):
+            members = by_grade[grade]
+            rows.append(
+                {
+                    "folder": name,
+                    "grade": grade,
+                    "n": len(members),
+                    "refused_gate": sum(not (alone.is_fundus and alone.gradable) for alone, _ in members),
+                    "refused": sum(not (served.is_fundus and served.gradable) for _, served in members),
+                    "warned": sum(served.warning for _, served in members),
+                }
+            )
+    return rows
 
 
 def _table(fitted: FittedGate, groups: dict[str, np.ndarray], logits: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -109,8 +170,12 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else math.nan
 
 
-def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every number the report quotes."""
+def evaluate(
+    fitted: FittedGate,
+    progress: Callable[[str], None] | None = None,
+    grades: Mapping[str, list[int | None]] | None = None,
+) -> dict[str, Any]:
+    """Every number the report quotes; ``grades`` (:func:`read_grades`) adds the refusals by true grade."""
     from retinagrade.training.metrics import bootstrap_ci
 
     data = fitted.detector
@@ -135,11 +200,14 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
     sent = data.aug == 0
     per_folder = []
     folder_verdicts: dict[str, list[tuple[int, QualityAssessment]]] = {}
+    both_verdicts: dict[str, list[tuple[int, QualityAssessment, QualityAssessment]]] = {}
     for name in fitted.sets:
         views = np.flatnonzero(sent & (data.dataset == name))
         verdicts = _decisions(fitted, views, final[views])
         idx = [data.rows[int(data.image[v])][1] for v in views]
         folder_verdicts[name] = list(zip(idx, verdicts, strict=True))
+        alone = _decisions(fitted, views, final[views], override=False)
+        both_verdicts[name] = list(zip(idx, alone, verdicts, strict=True))
         statuses = [_status(v) for v in verdicts]
         per_folder.append(
             {
@@ -148,9 +216,17 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
                 "not_fundus": statuses.count("not_fundus"),
                 "ungradable": statuses.count("ungradable"),
                 "graded": statuses.count("graded"),
+                "warned": sum(v.warning for v in verdicts),
             }
         )
     results["final"] = per_folder
+    override = params.referable_override
+    results["override"] = {
+        "min_p_referable": None if override is None else override.min_p_referable,
+        "measured": bool(fitted.p_referable),
+        "photos_read": len(fitted.p_referable),
+    }
+    results["by_grade"] = refusals_by_grade(both_verdicts, grades) if grades is not None else []
 
     # Coverage by quality label and resolution.
     coverage = []
@@ -163,7 +239,8 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
             members = [v for i, v in folder_verdicts[name] if records[i].quality == label]
             if members:
                 graded = sum(_status(v) == "graded" for v in members)
-                coverage.append({"what": f"{name} {label}", "n": len(members), "graded": graded})
+                warned = sum(v.warning for v in members)
+                coverage.append({"what": f"{name} {label}", "n": len(members), "graded": graded, "warned": warned})
     if camera is not None and len(camera.small_index):
         # The same camera photos as APTOS-like 224 px derivatives (the final detector is not applied: the
         # derivative's fundus score is not measured; the gradability part is what this row checks).
@@ -180,16 +257,17 @@ def evaluate(fitted: FittedGate, progress: Callable[[str], None] | None = None) 
                 gradable += v.is_fundus and v.gradable
             coverage.append(
                 {
-                    "what": f"{CAMERA_SET} {label}, as 224 px derivatives (gradability only)",
+                    "what": f"{CAMERA_SET} {label}, as 224 px derivatives (gradability only, no override)",
                     "n": len(rows),
                     "graded": gradable,
+                    "warned": 0,
                 }
             )
     results["coverage"] = coverage
     results["raw_samples"] = [
         {
             "image": Path(fitted.sets["raw-fundus-samples"].records[i].image).name,
-            "status": _status(v),
+            "status": _status(v) + (" (quality warning)" if v.warning else ""),
             "quality": round(v.score, 3),
             "fundus_score": round(v.fundus_score or 0.0, 3),
             "reasons": list(v.reasons),
@@ -284,6 +362,77 @@ def _decision_table(rows: Sequence[dict[str, Any]], title: str, with_aug: bool) 
     return lines
 
 
+def _override_text(params: GateParams) -> list[str]:
+    override = params.referable_override
+    if override is None:
+        return []
+    return [
+        "4. **graded, with a quality warning**: a photo refused by the gradability score alone (no hard rule,",
+        "   never `not_fundus`) is still read by the grading model, and graded when its calibrated",
+        f"   P(referable) is at least {override.min_p_referable:.2f}: the haze, haemorrhages and new vessels of",
+        "   advanced disease lower contrast and sharpness, so the score alone refuses the sickest eyes most",
+        "   often. The answer keeps the quality reasons and sets `quality.warning` (CSV `quality_warning`).",
+    ]
+
+
+def _by_grade_section(results: dict[str, Any]) -> list[str]:
+    override = results.get("override", {})
+    rows = results.get("by_grade", [])
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Refusals by true grade",
+        "",
+        "Refused = `not_fundus` or `ungradable`, final gate, every photo of each folder. *Gate alone*: the",
+        "verdict before the grading model reads the photo; *as served*: after a confident referable answer",
+        f"(P(referable) >= {override.get('min_p_referable')}) outranked a refusal by the gradability score, as",
+        "`retinagrade grade`, `validate` and the service do (the photo is then graded with a quality warning).",
+        "True grade `-`: none given (the negatives; Mexico's NPDR photos, grade 1-3 unknown).",
+    ]
+    if not override.get("measured"):
+        lines += ["", "The grading model was not run (no model spec): *as served* equals *gate alone* here."]
+    else:
+        lines += [
+            f"The grading model read the {override.get('photos_read')} photos (of every folder, negatives",
+            "included) that the gradability score refuses.",
+        ]
+    lines += [
+        "",
+        "| folder | true grade | photos | refused, gate alone | refused, as served | graded with a quality warning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        grade = "-" if r["grade"] is None else str(r["grade"])
+        lines.append(
+            f"| {r['folder']} | {grade} | {r['n']} | {r['refused_gate']} ({_pct(r['refused_gate'], r['n'])}) | "
+            f"{r['refused']} ({_pct(r['refused'], r['n'])}) | {r['warned']} |"
+        )
+    lines += [
+        "",
+        "Pooled (the issue's measure: proliferative photos refused against healthy ones):",
+        "",
+        "| folders | true grade | photos | refused, gate alone | refused, as served |",
+        "|---|---|---|---|---|",
+    ]
+    graded_folders = sorted({r["folder"] for r in rows if r["grade"] is not None})
+    for label, folders in (
+        (
+            "camera colours: " + ", ".join(f for f in CAMERA_COLOUR_FOLDERS if f in graded_folders),
+            CAMERA_COLOUR_FOLDERS,
+        ),
+        ("every graded folder", tuple(graded_folders)),
+    ):
+        for pooled_grade in (0, 4):
+            members = [r for r in rows if r["folder"] in folders and r["grade"] == pooled_grade]
+            n, before, after = (sum(r[k] for r in members) for k in ("n", "refused_gate", "refused"))
+            if n:
+                lines.append(
+                    f"| {label} | {pooled_grade} | {n} | {before} ({_pct(before, n)}) | {after} ({_pct(after, n)}) |"
+                )
+    return lines
+
+
 def render_report(params: GateParams, results: dict[str, Any], command: str, seconds: float) -> str:
     """docs/gate-report.md: every number comes from ``results`` of one run of ``command``."""
     det = params.detector
@@ -314,6 +463,7 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         "   score is calibrated per input resolution (below), so a small or slightly soft photo that a grader",
         "   reads (224 px APTOS) is not refused for being small.",
         "3. Otherwise **graded**.",
+        *_override_text(params),
         "",
         "Detector: frozen ImageNet EfficientNet-Lite0 (its own ONNX file, independent of the grading model,",
         "so retraining the grader does not move the gate), globally pooled features of stages 4-7 and the",
@@ -363,17 +513,25 @@ def render_report(params: GateParams, results: dict[str, Any], command: str, sec
         "Final detector head and gradability model (in sample for the detector; the tables above are the",
         "out-of-sample evidence).",
         "",
-        "| folder | images | not_fundus | ungradable | graded (coverage) |",
-        "|---|---|---|---|---|",
+        "| folder | images | not_fundus | ungradable | graded (coverage) | of them with a quality warning |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results["final"]:
         lines.append(
             f"| {r['folder']} | {r['n']} | {r['not_fundus']} ({_pct(r['not_fundus'], r['n'])}) | "
-            f"{r['ungradable']} ({_pct(r['ungradable'], r['n'])}) | {r['graded']} ({_pct(r['graded'], r['n'])}) |"
+            f"{r['ungradable']} ({_pct(r['ungradable'], r['n'])}) | {r['graded']} ({_pct(r['graded'], r['n'])}) | "
+            f"{r['warned']} |"
         )
-    lines += ["", "Coverage by EyeQ quality label:", "", "| photos | n | graded (coverage) |", "|---|---|---|"]
+    lines += [
+        "",
+        "Coverage by EyeQ quality label:",
+        "",
+        "| photos | n | graded (coverage) | of them with a quality warning |",
+        "|---|---|---|---|",
+    ]
     for r in results["coverage"]:
-        lines.append(f"| {r['what']} | {r['n']} | {r['graded']} ({_pct(r['graded'], r['n'])}) |")
+        lines.append(f"| {r['what']} | {r['n']} | {r['graded']} ({_pct(r['graded'], r['n'])}) | {r['warned']} |")
+    lines += _by_grade_section(results)
     lo, hi = g["eyeq_auc_ci"]
     lines += [
         "",
