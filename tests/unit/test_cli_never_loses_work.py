@@ -157,3 +157,32 @@ def test_ctrl_c_keeps_the_rows_that_finished(tmp_path: Path, photo: bytes, model
     assert seen <= len(rows) < 1501
     assert all(r["status"] in ("graded", "ungradable", "not_fundus") and r["quality"] for r in rows)
     assert b"Interrupted" in stderr
+
+
+def test_an_unforeseen_failure_on_one_file_is_its_error_row_not_the_end_of_the_run(
+    tmp_path: Path, photo: bytes, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the cluster engine: a file that trips a failure no input check foresaw gets an error row."""
+    from retinagrade.pipeline import GradingPipeline
+
+    prepare = GradingPipeline.prepare
+
+    def tripping(self: GradingPipeline, data: bytes) -> object:
+        if data.endswith(b"TRIP"):
+            raise RecursionError("maximum recursion depth exceeded (PatientName Doe^John)")
+        return prepare(self, data)
+
+    monkeypatch.setattr(GradingPipeline, "prepare", tripping)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo)
+    (folder / "b.jpg").write_bytes(photo + b"TRIP")
+    (folder / "c.jpg").write_bytes(photo)
+    out = tmp_path / "r.csv"
+    code, output = _grade(folder, "-o", out, model=model_path)
+    assert code == EXIT_FILE_ERRORS, output
+    rows = {Path(r["image"]).name: r for r in _rows(out)}
+    assert set(rows) == {"a.jpg", "b.jpg", "c.jpg"}
+    assert rows["b.jpg"]["status"] == "error" and rows["b.jpg"]["error_code"] == "internal_error"
+    assert rows["a.jpg"]["status"] != "error" and rows["c.jpg"]["status"] != "error"
+    assert "Doe^John" not in output  # the exception's message is not echoed (it may quote the file)

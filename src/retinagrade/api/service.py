@@ -33,7 +33,14 @@ from retinagrade.api.settings import Settings
 from retinagrade.api.sites import Site, SiteRegistry
 from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.constants import NUM_GRADES
-from retinagrade.errors import ImageTooLargeError, InputError, ModelError
+from retinagrade.errors import (
+    ImageTooLargeError,
+    InputError,
+    ModelError,
+    PreparationFailedError,
+    RetinagradeError,
+    failure_summary,
+)
 from retinagrade.explain.heatmap import encode_png, overlay
 from retinagrade.monitoring.drift import Observation
 from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
@@ -201,12 +208,17 @@ class GradingService:
         finally:
             self.batcher.preparing -= 1
 
-    async def _prepare_or_error(self, data: bytes) -> PreparedRequest | InputError:
+    async def _prepare_or_error(self, data: bytes) -> PreparedRequest | RetinagradeError:
         try:
             return await self._prepare(data)
         except InputError as exc:
             self.metrics.input_errors.labels(exc.code).inc()
             return exc
+        except Exception as exc:
+            # One image of a batch that trips a failure no input check foresaw is that image's error (as in the
+            # CLI and the cluster engine); the others are still graded and returned.
+            logger.error("preparing an image failed unexpectedly: %s", failure_summary(exc), exc_info=exc)
+            return PreparationFailedError("Preparing this image failed unexpectedly; the server log says where.")
 
     async def _respond(
         self,
@@ -326,7 +338,7 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
-    ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
+    ) -> list[tuple[GradeResult, GradeResponse] | RetinagradeError]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
         and never fails the others."""
         chosen = self.sites.resolve(site)
@@ -335,10 +347,10 @@ class GradingService:
         )
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
         outputs = iter(await self.batcher.infer(good))
-        answers: list[tuple[GradeResult, GradeResponse] | InputError] = []
+        answers: list[tuple[GradeResult, GradeResponse] | RetinagradeError] = []
         pairs: list[tuple[GradeResult, GradeResponse]] = []
         for index, item in enumerate(prepared):
-            if isinstance(item, InputError):
+            if isinstance(item, RetinagradeError):
                 answers.append(item)
                 continue
             result, response, _ = await self._respond(
@@ -410,5 +422,5 @@ def _served_status(record: ResultRecord) -> ResultStatus:
     return record.status
 
 
-async def _done(error: InputError) -> InputError:
+async def _done(error: RetinagradeError) -> RetinagradeError:
     return error

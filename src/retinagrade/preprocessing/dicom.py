@@ -50,6 +50,10 @@ from retinagrade.errors import (
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+#: Deepest nesting of sequences a header may have. A photograph's header nests 2 or 3 deep (a code inside a
+#: sequence item inside a sequence); pydicom reads nesting by recursion, and a few hundred levels exhaust
+#: Python's stack (a RecursionError, which was a 500).
+MAX_SEQUENCE_DEPTH: Final = 16
 
 OPHTHALMIC_PHOTOGRAPHY_8BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPHTHALMIC_PHOTOGRAPHY_16BIT: Final = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
@@ -90,11 +94,12 @@ _PILLOW_PHOTOMETRIC: Final = frozenset({"YBR_FULL_422", "YBR_FULL", "MONOCHROME2
 
 
 def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
-    """Parse a DICOM Part 10 file.
+    """Parse a DICOM Part 10 file, reading every element (nested ones too) so a damaged one fails here.
 
     Raises:
         EmptyImageError: no bytes.
-        CorruptImageError: not parseable as DICOM (truncated, damaged, no file meta).
+        CorruptImageError: not parseable as DICOM (truncated, damaged, no file meta, sequences nested deeper
+            than :data:`MAX_SEQUENCE_DEPTH`).
     """
     if not data:
         raise EmptyImageError("The file is empty.")
@@ -105,13 +110,15 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
             ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
             if _has_short_element(ds):
                 raise CorruptImageError("The DICOM file is truncated and cannot be read.")
-            # Element values are parsed lazily; touching every top-level one here turns a damaged file into
-            # one error now instead of a crash later.
-            for element in ds:
-                _ = element.value
+            _read_every_value(ds)
+    except InputError:
+        raise
     except InvalidDicomError:
         raise CorruptImageError("The file is not a readable DICOM file.") from None
-    except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, NotImplementedError):
+    except Exception:
+        # pydicom parses hostile bytes with recursion (RecursionError for sequences nested hundreds deep),
+        # struct unpacking (struct.error) and a converter per VR (BytesLengthException, ValueError...): whatever
+        # it raises while reading, the file is damaged. Nothing of the file is echoed (it may name the patient).
         raise CorruptImageError("The DICOM file is truncated or damaged and cannot be read.") from None
     # pydicom reads a truncated file without raising: it drops an encapsulated element cut short (and stops
     # there) or warns that the end came before a delimiter. Either way half a picture must not be graded.
@@ -119,6 +126,26 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     if cut_short or any("End of file" in str(w.message) for w in caught):
         raise CorruptImageError("The DICOM file is truncated and cannot be read.")
     return ds
+
+
+def _read_every_value(ds: Dataset) -> None:
+    """Parse every element's value, in sequence items too, refusing nesting deeper than a photograph has.
+
+    Values are parsed lazily: parsing them all here turns a damaged file into one error now, instead of a crash
+    in whichever reader (the decoder, the SR writer) touches the bad value first. The walk is iterative, so no
+    depth of nesting can exhaust the stack here.
+    """
+    pending: list[tuple[Dataset, int]] = [(ds, 0)]
+    while pending:
+        dataset, depth = pending.pop()
+        for element in dataset:
+            value = element.value
+            if element.VR == "SQ" and value:
+                if depth >= MAX_SEQUENCE_DEPTH:
+                    raise CorruptImageError(
+                        f"The DICOM header nests sequences more than {MAX_SEQUENCE_DEPTH} deep; it is damaged."
+                    )
+                pending.extend((item, depth + 1) for item in value)
 
 
 def _has_short_element(ds: Dataset) -> bool:
@@ -155,6 +182,19 @@ def dicom_metadata(ds: Dataset) -> dict[str, str]:
     return {key: value for key, value in meta.items() if value}
 
 
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer attribute (US, IS), ``default`` when absent or empty.
+
+    Raises:
+        CorruptImageError: the value is not one integer (text, several values).
+    """
+    value = ds.get(keyword, default)
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptImageError(f"The DICOM header's {keyword} is not a number; the file is damaged.") from None
+
+
 def _check_photograph(ds: Dataset) -> str:
     """The transfer syntax UID, after refusing what is not a gradable single-frame photograph."""
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
@@ -176,7 +216,7 @@ def _check_photograph(ds: Dataset) -> str:
             f"The pixel data's transfer syntax ({name}) is not supported; send JPEG, JPEG-LS, JPEG 2000, RLE "
             "or uncompressed little-endian pixel data."
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _number(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise DicomMultiFrameError(
             f"The instance holds {frames} frames; send each photograph as its own single-frame instance."
@@ -211,8 +251,19 @@ def _decode_with_pydicom(ds: Dataset, syntax: str) -> np.ndarray:
             warnings.simplefilter("ignore")
             options: dict[str, Any] = {"as_rgb": True}  # YBR -> RGB inside the decoder
             arr, info = decoder.as_array(ds, index=0, **options)
-    except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError, TypeError, IndexError):
+            return _as_rgb8(ds, arr, info)
+    except InputError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError("The DICOM image is too large to decode.") from None
+    except Exception:
+        # The codecs (libjpeg, OpenJPEG, CharLS, RLE) and the colour lookups meet whatever the pixel data and
+        # the header's pixel attributes hold; any failure there is damaged input, never a server error.
         raise CorruptImageError("The DICOM pixel data is truncated or damaged and cannot be decoded.") from None
+
+
+def _as_rgb8(ds: Dataset, arr: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+    """The decoder's samples as H x W x 3 uint8 RGB."""
     photometric = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
     bits_stored = int(info.get("bits_stored", ds.get("BitsStored", 8)) or 8)
     signed = int(info.get("pixel_representation", 0) or 0) == 1
@@ -236,7 +287,7 @@ def _decode_with_pydicom(ds: Dataset, syntax: str) -> np.ndarray:
 def _first_frame(ds: Dataset) -> bytes:
     try:
         return next(generate_frames(ds.PixelData, number_of_frames=1))
-    except (StopIteration, ValueError, EOFError, KeyError, TypeError):
+    except Exception:  # the fragments' item tags and lengths are the file's own: any failure is damage
         raise CorruptImageError("The DICOM pixel data is truncated or damaged and cannot be decoded.") from None
 
 
@@ -277,16 +328,13 @@ def _decode_photograph(
     ds: Dataset, metadata: Mapping[str, str], *, max_pixels: int, min_side: int | None
 ) -> DecodedImage:
     syntax = _check_photograph(ds)
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
-        raise CorruptImageError("The DICOM image has no valid Rows / Columns.") from None
+    rows, columns = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
     if rows <= 0 or columns <= 0:
         raise CorruptImageError("The DICOM image has no pixels.")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(f"The image is {columns}x{rows} pixels; the limit is {max_pixels:,} pixels.")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if syntax in _PILLOW_JPEG and int(ds.get("BitsStored", 8) or 8) == 8 and photometric in _PILLOW_PHOTOMETRIC:
+    if syntax in _PILLOW_JPEG and _number(ds, "BitsStored", 8) == 8 and photometric in _PILLOW_PHOTOMETRIC:
         try:
             decoded = decode_image(_first_frame(ds), max_pixels=max_pixels, min_side=min_side)
         except InputError as exc:
@@ -306,12 +354,12 @@ def decoded_bytes_dicom(data: bytes, *, min_side: int | None = None) -> int:
     """
     try:
         ds = read_dataset(data, stop_before_pixels=True)
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 8) or 8)
-        stored = int(ds.get("BitsStored", bits) or bits)
-        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (InputError, AttributeError, TypeError, ValueError):
+        rows, columns = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
+        samples = _number(ds, "SamplesPerPixel", 1) or 1
+        bits = _number(ds, "BitsAllocated", 8) or 8
+        stored = _number(ds, "BitsStored", bits) or bits
+        frames = max(1, _number(ds, "NumberOfFrames", 1))
+    except InputError:
         return 0
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()

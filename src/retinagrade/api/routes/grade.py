@@ -27,7 +27,7 @@ from retinagrade.api.schemas import (
     PatientReferral,
 )
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, form_field, read_batch, read_image
-from retinagrade.errors import InputError
+from retinagrade.errors import RetinagradeError
 from retinagrade.eyes import paired_answers
 from retinagrade.referral import TaggedOutcome, patient_referrals
 
@@ -147,18 +147,18 @@ async def grade_batch(
     for index, answer in enumerate(answers):
         # The client's tags first; a DICOM file's own Image Laterality and Patient ID where it sent none.
         eye, patient = eye_and_patient(
-            answer.metadata if isinstance(answer, InputError) else answer[0].metadata,
+            answer.metadata if isinstance(answer, RetinagradeError) else answer[0].metadata,
             upload.eyes[index],
             upload.patient_ids[index],
         )
         item = BatchItem(index=index, filename=upload.filenames[index], eye=eye, patient_id=patient)
-        if isinstance(answer, InputError):
+        if isinstance(answer, RetinagradeError):
             item.error = ErrorBody(code=answer.code, message=answer.message, request_id=f"{request_id}.{index}")
         else:
             item.result = answer[1]
         items.append(item)
         if patient is not None:
-            graded = None if isinstance(answer, InputError) else answer[1]
+            graded = None if isinstance(answer, RetinagradeError) else answer[1]
             referable = graded.referable if graded else None
             urgency = graded.urgency if graded and graded.status == "graded" else None
             outcomes.append(TaggedOutcome(index, patient, eye, referable, urgency))
@@ -166,7 +166,7 @@ async def grade_batch(
         (
             item.index,
             (item.patient_id, item.eye) if item.patient_id is not None and item.eye is not None else None,
-            None if isinstance(answer, InputError) else answer[0].raw,
+            None if isinstance(answer, RetinagradeError) else answer[0].raw,
         )
         for item, answer in zip(items, answers, strict=True)
     ]
@@ -181,7 +181,9 @@ async def grade_batch(
             fellow_images=[cast(int, k) for k in paired.fellows],
         )
     if wanted == "fhir":
-        used = sorted({answer[1].site for answer in answers if not isinstance(answer, InputError) and answer[1].site})
+        used = sorted(
+            {answer[1].site for answer in answers if not isinstance(answer, RetinagradeError) and answer[1].site}
+        )
         algorithm = algorithm_of(
             service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")), site=", ".join(used)
         )
@@ -189,7 +191,7 @@ async def grade_batch(
             [
                 (
                     upload.filenames[index] or f"{request_id}.{index}",
-                    answer if isinstance(answer, InputError) else answer[0],
+                    answer if isinstance(answer, RetinagradeError) else answer[0],
                     items[index].patient_id,
                 )
                 for index, answer in enumerate(answers)

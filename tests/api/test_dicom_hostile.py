@@ -1,0 +1,102 @@
+"""Hostile and non-conformant DICOM through the service (issue 20 B): damaged headers, decompression bombs,
+frames that are not what the header says, and headers FHIR and DICOM SR cannot copy as they are. Every Accept
+type answers a 2xx or a clear 4xx, never a 5xx, and a bad file never costs the other images of a batch."""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+pytest.importorskip("highdicom", reason="needs the [dicom] extra (highdicom)")
+pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.resources)")
+
+from pydicom.dataset import Dataset
+
+from retinagrade.interop.photo import PhotoIdentity, to_bytes, wrap_jpeg
+
+ACCEPTS = ("application/json", "application/fhir+json", "application/dicom")
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+UNDEFINED = b"\xff\xff\xff\xff"
+
+
+@pytest.fixture
+def camera_jpeg(synthetic_fundus: Callable[..., np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_fundus(320, 240, 160, 120, 110)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def camera_instance(camera_jpeg: bytes) -> Callable[[], Dataset]:
+    """Factory: a camera's OP instance of the synthetic fundus, a new one (new UIDs) each call."""
+    return lambda: wrap_jpeg(camera_jpeg, PhotoIdentity("PAT-0001", "Doe^John", "R"))
+
+
+def nested_sequences(depth: int) -> bytes:
+    opening = struct.pack("<HH", 0x0040, 0x0555) + b"SQ\x00\x00" + UNDEFINED + b"\xfe\xff\x00\xe0" + UNDEFINED
+    leaf = struct.pack("<HH", 0x0008, 0x0100) + b"SH\x02\x001 "
+    closing = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return opening * depth + leaf + closing * depth
+
+
+def before_pixels(data: bytes, extra: bytes) -> bytes:
+    at = data.index(PIXEL_DATA_TAG)
+    return data[:at] + extra + data[at:]
+
+
+def post_dicom(client: TestClient, data: bytes, accept: str) -> object:
+    return client.post("/v1/grade", content=data, headers={"Content-Type": "application/dicom", "Accept": accept})
+
+
+@pytest.mark.parametrize("accept", ACCEPTS)
+def test_a_damaged_header_is_400_on_every_accept_type(
+    client: TestClient, camera_instance: Callable[[], Dataset], accept: str
+) -> None:
+    damaged = before_pixels(to_bytes(camera_instance()), nested_sequences(250))
+    answer = post_dicom(client, damaged, accept)
+    assert answer.status_code == 400, answer.text  # type: ignore[attr-defined]
+    assert answer.json()["code"] == "corrupt_image"  # type: ignore[attr-defined]
+
+
+def test_a_damaged_file_costs_a_batch_nothing_but_its_own_answer(
+    client: TestClient, camera_instance: Callable[[], Dataset], camera_jpeg: bytes
+) -> None:
+    damaged = before_pixels(to_bytes(camera_instance()), nested_sequences(250))
+    files = [
+        ("files", ("good.jpg", camera_jpeg, "image/jpeg")),
+        ("files", ("damaged.dcm", damaged, "application/dicom")),
+        ("files", ("good.dcm", to_bytes(camera_instance()), "application/dicom")),
+    ]
+    for accept in ACCEPTS[:2]:
+        answer = client.post("/v1/grade/batch", files=files, headers={"Accept": accept})
+        assert answer.status_code == 200, answer.text
+    items = client.post("/v1/grade/batch", files=files).json()["items"]
+    assert items[1]["error"]["code"] == "corrupt_image"
+    assert items[0]["result"] is not None and items[2]["result"] is not None
+
+
+def test_an_unforeseen_failure_on_one_image_of_a_batch_is_its_own_error(
+    client: TestClient, camera_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagrade.pipeline import GradingPipeline
+
+    prepare = GradingPipeline.prepare
+
+    def tripping(self: GradingPipeline, data: bytes) -> object:
+        if data.endswith(b"TRIP"):
+            raise RecursionError("maximum recursion depth exceeded")
+        return prepare(self, data)
+
+    monkeypatch.setattr(GradingPipeline, "prepare", tripping)
+    files = [("files", (name, camera_jpeg + tail, "image/jpeg")) for name, tail in (("a", b""), ("b", b"TRIP"))]
+    answer = client.post("/v1/grade/batch", files=files)
+    assert answer.status_code == 200, answer.text
+    first, second = answer.json()["items"]
+    assert first["result"]["status"] in ("graded", "ungradable", "not_fundus")
+    assert second["error"]["code"] == "internal_error" and second["result"] is None

@@ -1,0 +1,91 @@
+"""Hostile and non-conformant DICOM headers (issue 20 B): each is a clear 4xx with a stable code, never a crash.
+
+The instances are built here from a synthetic fundus JPEG wrapped as an Ophthalmic Photography instance, the
+way a camera stores its photos, and then damaged byte by byte where pydicom's object model cannot go.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pydicom", reason="needs the [dicom] extra (pydicom)")
+
+from retinagrade.errors import InputError
+from retinagrade.interop.photo import PhotoIdentity, to_bytes, wrap_jpeg
+from retinagrade.preprocessing.decode import decode_image, decoded_bytes
+
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+UNDEFINED = b"\xff\xff\xff\xff"
+
+
+@pytest.fixture
+def camera_dicom(synthetic_fundus: Callable[..., np.ndarray]) -> bytes:
+    """A camera's OP instance: a fundus JPEG, byte for byte, as encapsulated JPEG baseline pixel data."""
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_fundus(320, 240, 160, 120, 110)).save(buffer, "JPEG", quality=90)
+    return to_bytes(wrap_jpeg(buffer.getvalue(), PhotoIdentity("PAT-0001", "Doe^John", "R")))
+
+
+def before_pixels(data: bytes, extra: bytes) -> bytes:
+    """``data`` with raw bytes inserted just before its Pixel Data element (where pydicom reads them last)."""
+    at = data.index(PIXEL_DATA_TAG)
+    return data[:at] + extra + data[at:]
+
+
+def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+    """An explicit-VR little-endian element with a 2-byte length, whatever the value holds."""
+    return struct.pack("<HH", group, number) + vr + struct.pack("<H", len(value)) + value
+
+
+def nested_sequences(depth: int) -> bytes:
+    """Acquisition Context Sequence items nested ``depth`` deep (undefined lengths, as many writers use)."""
+    opening = struct.pack("<HH", 0x0040, 0x0555) + b"SQ\x00\x00" + UNDEFINED + b"\xfe\xff\x00\xe0" + UNDEFINED
+    closing = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return opening * depth + element(0x0008, 0x0100, b"SH", b"1 ") + closing * depth
+
+
+def _refusal(data: bytes) -> tuple[str, int]:
+    with pytest.raises(InputError) as caught:
+        decode_image(data)
+    return caught.value.code, caught.value.http_status
+
+
+def test_the_undamaged_instance_decodes(camera_dicom: bytes) -> None:
+    assert decode_image(camera_dicom).rgb.shape == (240, 320, 3)
+    assert decode_image(before_pixels(camera_dicom, nested_sequences(5))).rgb.shape == (240, 320, 3)
+
+
+@pytest.mark.parametrize("depth", [40, 250, 2000])
+def test_sequences_nested_too_deep_are_a_damaged_file(camera_dicom: bytes, depth: int) -> None:
+    # 250 deep exhausted Python's stack inside pydicom (RecursionError, a 500); 40 deep reads, but no
+    # photograph nests like that and later readers recurse too.
+    data = before_pixels(camera_dicom, nested_sequences(depth))
+    assert _refusal(data) == ("corrupt_image", 400)
+    assert decoded_bytes(data) == 0  # the cost estimate never raises: decode_image says why
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # A 3-byte US, a 5-byte FD: pydicom's BytesLengthException when the value is read.
+        lambda data: data.replace(b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x10\x00US\x03\x00", 1),
+        lambda data: before_pixels(data, element(0x0018, 0x1050, b"FD", b"\x01\x02\x03\x04\x05 ")),
+        # File Meta Information Group Length (UL) of 2 bytes.
+        lambda data: data.replace(b"\x02\x00\x00\x00UL\x04\x00", b"\x02\x00\x00\x00UL\x02\x00", 1)[:-2],
+        # Number of Frames that is not a number (a ValueError in int()).
+        lambda data: before_pixels(data, element(0x0028, 0x0008, b"IS", b"abc ")),
+        # Rows as text.
+        lambda data: data.replace(b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x10\x00LO\x02\x00", 1),
+    ],
+    ids=["US-3-bytes", "FD-5-bytes", "meta-UL-2-bytes", "frames-not-a-number", "rows-as-text"],
+)
+def test_damaged_values_are_a_damaged_file(camera_dicom: bytes, damage: Callable[[bytes], bytes]) -> None:
+    data = damage(camera_dicom)
+    assert _refusal(data)[1] == 400
+    decoded_bytes(data)
