@@ -32,6 +32,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
 
@@ -75,7 +76,6 @@ SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
     {
         uid.ImplicitVRLittleEndian,
         uid.ExplicitVRLittleEndian,
-        uid.DeflatedExplicitVRLittleEndian,
         uid.JPEGBaseline8Bit,
         uid.JPEGExtended12Bit,
         uid.JPEGLossless,
@@ -107,6 +107,7 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            _refuse_deflated(data)
             ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
             if _has_short_element(ds):
                 raise CorruptImageError("The DICOM file is truncated and cannot be read.")
@@ -126,6 +127,27 @@ def read_dataset(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     if cut_short or any("End of file" in str(w.message) for w in caught):
         raise CorruptImageError("The DICOM file is truncated and cannot be read.")
     return ds
+
+
+def _refuse_deflated(data: bytes) -> None:
+    """Refuse a deflated dataset from its file meta alone, before pydicom inflates it.
+
+    pydicom inflates a Deflated Explicit VR Little Endian dataset whole and unbounded: 522 KB became 1 GB of
+    memory, outside every decode budget. Deflate is for non-image objects (PS3.5 A.5); no camera stores a
+    photograph that way, so it is refused (415) rather than inflated under a bound.
+
+    Raises:
+        DicomUnsupportedTransferSyntaxError: the dataset is deflated.
+    """
+    stream = io.BytesIO(data)
+    read_preamble(stream, False)
+    # The same reader dcmread uses (with its implicit-VR fallback), so both see the same transfer syntax.
+    syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
+    if syntax == uid.DeflatedExplicitVRLittleEndian:
+        raise DicomUnsupportedTransferSyntaxError(
+            "Deflated DICOM (Deflated Explicit VR Little Endian) is not accepted; send the photograph uncompressed "
+            "or with JPEG, JPEG-LS, JPEG 2000 or RLE pixel data."
+        )
 
 
 def _read_every_value(ds: Dataset) -> None:

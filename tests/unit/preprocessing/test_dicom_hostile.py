@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -89,3 +91,39 @@ def test_damaged_values_are_a_damaged_file(camera_dicom: bytes, damage: Callable
     data = damage(camera_dicom)
     assert _refusal(data)[1] == 400
     decoded_bytes(data)
+
+
+def deflate_bomb(inflated_mib: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file whose dataset inflates to ``inflated_mib`` MiB of zeros."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    # The body is written by hand: one private OB element of zeros.
+    body = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = inflated_mib * 1024 * 1024
+    parts = [body.compress(struct.pack("<HH", 0x0009, 0x1010) + b"OB\x00\x00" + struct.pack("<I", size))]
+    zeros = bytes(1024 * 1024)
+    parts += [body.compress(zeros) for _ in range(inflated_mib)]
+    parts.append(body.flush())
+    return head.getvalue() + b"".join(parts)
+
+
+def test_a_deflated_file_is_refused_before_it_is_inflated() -> None:
+    bomb = deflate_bomb(256)
+    assert len(bomb) < 512 * 1024  # 256 MiB of header from a few hundred KB
+    tracemalloc.start()
+    try:
+        assert _refusal(bomb) == ("dicom_unsupported_transfer_syntax", 415)
+        assert decoded_bytes(bomb) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated refusing a deflate bomb"
