@@ -88,6 +88,18 @@ SUPPORTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
     }
 )
 
+#: Transfer syntaxes whose frames are JPEG (ISO 10918) or JPEG-LS (ISO 14495) codestreams, and those whose frames
+#: are JPEG 2000: the frame's own header (SOF / SIZ) says its size, checked against Rows and Columns.
+_JPEG_SYNTAXES: Final = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1})
+_JPEG_LS_SYNTAXES: Final = frozenset({uid.JPEGLSLossless, uid.JPEGLSNearLossless})
+_JPEG_2000_SYNTAXES: Final = frozenset({uid.JPEG2000Lossless, uid.JPEG2000})
+#: Start-of-frame markers of ISO 10918 (all processes) and of JPEG-LS (SOF55).
+_JPEG_SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_LS_SOF: Final = frozenset({0xF7})
+_JP2_SIGNATURE: Final = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+_ENCAPSULATED_SYNTAXES: Final = _JPEG_SYNTAXES | _JPEG_LS_SYNTAXES | _JPEG_2000_SYNTAXES | {uid.RLELossless}
+
 #: Encapsulated JPEG whose frame the ordinary JPEG decoder reads (8-bit DCT, what cameras write).
 _PILLOW_JPEG: Final = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit})
 _PILLOW_PHOTOMETRIC: Final = frozenset({"YBR_FULL_422", "YBR_FULL", "MONOCHROME2"})
@@ -306,6 +318,88 @@ def _as_rgb8(ds: Dataset, arr: np.ndarray, info: Mapping[str, Any]) -> np.ndarra
     return np.ascontiguousarray(arr)
 
 
+def _jpeg_frame_size(frame: bytes, sof_markers: frozenset[int]) -> tuple[int, int] | None:
+    """(width, height) from a JPEG or JPEG-LS codestream's start-of-frame segment; None if it has none."""
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    offset = 2
+    while offset + 4 <= len(frame):
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            offset += 2
+            continue
+        length = int.from_bytes(frame[offset + 2 : offset + 4], "big")
+        if marker in sof_markers:
+            segment = frame[offset + 4 : offset + 9]
+            if len(segment) < 5:
+                return None
+            return int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big")
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image or start of scan before any frame header
+            return None
+        offset += 2 + length
+    return None
+
+
+def _jpeg_2000_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG 2000 codestream's SIZ segment (inside a JP2 file too); None if it has none."""
+    offset = 0
+    if frame.startswith(_JP2_SIGNATURE):
+        offset = len(_JP2_SIGNATURE)
+        while offset + 8 <= len(frame):
+            length = int.from_bytes(frame[offset : offset + 4], "big")
+            kind = frame[offset + 4 : offset + 8]
+            header = 8
+            if length == 1:
+                length, header = int.from_bytes(frame[offset + 8 : offset + 16], "big"), 16
+            if kind == b"jp2c":
+                offset += header
+                break
+            if length < header:
+                return None
+            offset += length
+        else:
+            return None
+    siz = frame[offset : offset + 24]
+    if len(siz) < 24 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    width = int.from_bytes(siz[8:12], "big") - int.from_bytes(siz[16:20], "big")
+    height = int.from_bytes(siz[12:16], "big") - int.from_bytes(siz[20:24], "big")
+    return width, height
+
+
+def _check_frame(frame: bytes, syntax: str, columns: int, rows: int) -> None:
+    """Refuse a frame that is not the codec its transfer syntax names, or whose own header gives another size.
+
+    The decode budget and the pixel limit are costed from Rows x Columns; a codec decodes the size its own
+    header declares. A 7999 x 7999 PNG in an instance claiming 8 x 8 was decoded (448 MB) and graded.
+
+    Raises:
+        CorruptImageError: the frame is of another codec, has no readable size, or disagrees with the header.
+    """
+    if syntax in _JPEG_SYNTAXES:
+        size, codec = _jpeg_frame_size(frame, _JPEG_SOF), "JPEG"
+    elif syntax in _JPEG_LS_SYNTAXES:
+        size, codec = _jpeg_frame_size(frame, _JPEG_LS_SOF), "JPEG-LS"
+    elif syntax in _JPEG_2000_SYNTAXES:
+        size, codec = _jpeg_2000_frame_size(frame), "JPEG 2000"
+    else:
+        return  # native and RLE pixel data have no header of their own: Rows x Columns is their size
+    if size is None:
+        raise CorruptImageError(
+            f"The DICOM pixel data is not the {codec} image its transfer syntax ({uid.UID(syntax).name}) names."
+        )
+    if size != (columns, rows):
+        raise CorruptImageError(
+            f"The DICOM image's frame is {size[0]}x{size[1]} pixels, but its header says {columns}x{rows}; "
+            "the file is damaged."
+        )
+
+
 def _first_frame(ds: Dataset) -> bytes:
     try:
         return next(generate_frames(ds.PixelData, number_of_frames=1))
@@ -355,10 +449,12 @@ def _decode_photograph(
         raise CorruptImageError("The DICOM image has no pixels.")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(f"The image is {columns}x{rows} pixels; the limit is {max_pixels:,} pixels.")
+    frame = _first_frame(ds) if syntax in _ENCAPSULATED_SYNTAXES else b""
+    _check_frame(frame, syntax, columns, rows)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if syntax in _PILLOW_JPEG and _number(ds, "BitsStored", 8) == 8 and photometric in _PILLOW_PHOTOMETRIC:
         try:
-            decoded = decode_image(_first_frame(ds), max_pixels=max_pixels, min_side=min_side)
+            decoded = decode_image(frame, max_pixels=max_pixels, min_side=min_side)
         except InputError as exc:
             raise CorruptImageError(f"The DICOM image's JPEG frame cannot be decoded: {exc.message}") from None
         return dataclasses.replace(decoded, format="DICOM", metadata=metadata)

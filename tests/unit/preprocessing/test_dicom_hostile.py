@@ -18,6 +18,8 @@ from PIL import Image
 
 pytest.importorskip("pydicom", reason="needs the [dicom] extra (pydicom)")
 
+from pydicom.encaps import encapsulate
+
 from retinagrade.errors import InputError
 from retinagrade.interop.photo import PhotoIdentity, to_bytes, wrap_jpeg
 from retinagrade.preprocessing.decode import decode_image, decoded_bytes
@@ -127,3 +129,47 @@ def test_a_deflated_file_is_refused_before_it_is_inflated() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated refusing a deflate bomb"
+
+
+def _encoded(rgb: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_a_frame_of_another_codec_than_the_transfer_syntax_names_is_refused(
+    synthetic_fundus: Callable[..., np.ndarray],
+) -> None:
+    # A PNG inside an instance that says JPEG baseline: Pillow would read it (it reads anything), unchecked.
+    rgb = synthetic_fundus(64, 48, 32, 24, 20)
+    ds = wrap_jpeg(_encoded(rgb, "JPEG"), PhotoIdentity("PAT-0001"))
+    ds.PixelData = encapsulate([_encoded(rgb, "PNG")])
+    assert _refusal(to_bytes(ds)) == ("corrupt_image", 400)
+
+
+def test_a_frame_larger_than_its_header_says_is_refused_before_decoding() -> None:
+    # The bomb: a 7999 x 7999 PNG (448 MB decoded, from a small file) in an instance that claims 8 x 8,
+    # so the decode budget, costed from Rows x Columns, saw 8 x 8. Alone, the same PNG is a 413.
+    big = Image.new("L", (7999, 7999))
+    buffer = io.BytesIO()
+    big.save(buffer, "PNG")
+    png = buffer.getvalue()
+    ds = wrap_jpeg(_encoded(np.zeros((8, 8, 3), np.uint8), "JPEG"), PhotoIdentity("PAT-0001"))
+    ds.PixelData = encapsulate([png])
+    assert _refusal(to_bytes(ds)) == ("corrupt_image", 400)
+
+
+@pytest.mark.parametrize("syntax", ["camera-jpeg", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"])
+def test_a_frame_whose_own_header_disagrees_with_rows_and_columns_is_refused(
+    synthetic_fundus: Callable[..., np.ndarray], syntax: str
+) -> None:
+    from retinagrade.interop.photo import pixels_to_dicom
+
+    rgb = synthetic_fundus(64, 48, 32, 24, 20)
+    if syntax == "camera-jpeg":
+        ds = wrap_jpeg(_encoded(rgb, "JPEG"), PhotoIdentity("PAT-0001"))
+    else:
+        ds = pixels_to_dicom(rgb, PhotoIdentity("PAT-0001"), syntax)
+    assert decode_image(to_bytes(ds)).rgb.shape == (48, 64, 3)
+    ds.Rows, ds.Columns = 8, 8  # the frame is 64 x 48
+    assert _refusal(to_bytes(ds)) == ("corrupt_image", 400)
