@@ -3,7 +3,8 @@
 Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 
 - 0: every file was graded (or refused by the quality gate, which is a result, not an error);
-- 1: the run finished, and some files could not be read or decoded (their rows have ``status=error``);
+- 1: the run finished, and some files could not be read or decoded (their rows have ``status=error``), or
+  (``--output-sr``) some DICOM files could not get an SR (no valid UIDs to reference; their rows are written);
 - 2: usage: bad arguments, no image files found, or the output file exists (``--overwrite``) or cannot be
   created; nothing was graded;
 - 3: the run itself failed: the model could not be loaded, or writing the output failed midway;
@@ -164,7 +165,8 @@ def grade(
         err.print("[red]No image files found.[/red]")
         raise typer.Exit(EXIT_USAGE)
     context = _run_context(model)
-    write_sr = _sr_writer(output_sr, context)
+    skipped_sr: list[str] = []
+    write_sr = _sr_writer(output_sr, context, skipped_sr)
     writer = _open_output(output, overwrite, context)
     pipeline = _load_pipeline(model, threads, writer, output)
     profile = None
@@ -188,16 +190,29 @@ def grade(
     finally:
         if writer is not None:
             writer.close()
-    if code == EXIT_OK and (not quiet or output is None):
-        _print_table(records, sys.stdout if output is None else sys.stderr)
-    if code == EXIT_OK and pair_eyes:
-        _print_referrals(records, sys.stdout)
-    failed = sum(r.status == "error" for r in records)
-    if code == EXIT_OK and failed:
-        err.print(f"[yellow]{failed} of {len(records)} files could not be graded (status error).[/yellow]")
-        code = EXIT_FILE_ERRORS
+    code = _summarise(code, records, skipped_sr, table=not quiet or output is None, to=output, referrals=pair_eyes)
     if code != EXIT_OK:
         raise typer.Exit(code)
+
+
+def _summarise(
+    code: int, records: list[ResultRecord], skipped_sr: list[str], *, table: bool, to: Path | None, referrals: bool
+) -> int:
+    """Print the results table, the referrals and what went wrong after a finished run; returns the exit code."""
+    if code != EXIT_OK:
+        return code
+    if table:
+        _print_table(records, sys.stdout if to is None else sys.stderr)
+    if referrals:
+        _print_referrals(records, sys.stdout)
+    failed = sum(r.status == "error" for r in records)
+    if failed:
+        err.print(f"[yellow]{failed} of {len(records)} files could not be graded (status error).[/yellow]")
+        code = EXIT_FILE_ERRORS
+    if skipped_sr:
+        err.print(f"[yellow]{len(skipped_sr)} DICOM files got no SR (their grades are in the results).[/yellow]")
+        code = EXIT_FILE_ERRORS
+    return code
 
 
 def _run_context(model: Path | None) -> RunContext:
@@ -214,12 +229,17 @@ def _run_context(model: Path | None) -> RunContext:
     return RunContext(spec.name, spec.version, spec.sha256, str(spec.raw.get("intended_use", "")))
 
 
-def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, ResultRecord], None] | None:
-    """A function writing the SR of a DICOM input into ``folder`` (``--output-sr``); None without a folder."""
+def _sr_writer(
+    folder: Path | None, context: RunContext, skipped: list[str]
+) -> Callable[[Path, ResultRecord], None] | None:
+    """A function writing the SR of a DICOM input into ``folder`` (``--output-sr``); None without a folder.
+
+    A file whose SR cannot be made is named on stderr and in ``skipped``; its grade row is written all the same.
+    """
     if folder is None:
         return None
     try:
-        from retinagrade.interop.dicom_sr import report_for_file, sr_bytes
+        from retinagrade.interop.dicom_sr import SourceNotReferenceableError, report_for_file, sr_bytes
         from retinagrade.interop.findings import AlgorithmInfo
     except ImportError:
         err.print("[red]--output-sr needs the [dicom] extra: pip install 'retinagrade[dicom]'[/red]")
@@ -233,7 +253,12 @@ def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, Resu
 
     def write(path: Path, record: ResultRecord) -> None:
         # The site profile that set the operating point is part of the algorithm's identity (TID 4019).
-        sr = report_for_file(path, record, dataclasses.replace(algorithm, site_profile=record.site))
+        try:
+            sr = report_for_file(path, record, dataclasses.replace(algorithm, site_profile=record.site))
+        except SourceNotReferenceableError as exc:
+            skipped.append(record.image)
+            err.print(f"[yellow]No SR for {escape(record.image)}: {escape(str(exc))}.[/yellow]")
+            return
         if sr is not None:
             # Named by the SR's UID, which is derived from the photo's: a re-run rewrites the same report.
             (folder / f"{sr.SOPInstanceUID}.dcm").write_bytes(sr_bytes(sr))

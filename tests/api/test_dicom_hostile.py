@@ -16,8 +16,12 @@ from PIL import Image
 pytest.importorskip("highdicom", reason="needs the [dicom] extra (highdicom)")
 pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.resources)")
 
+import pydicom
 from pydicom.dataset import Dataset
 
+from retinagrade.api.app import create_app
+from retinagrade.api.audit import AuditStore
+from retinagrade.api.settings import Settings
 from retinagrade.interop.photo import PhotoIdentity, to_bytes, wrap_jpeg
 
 ACCEPTS = ("application/json", "application/fhir+json", "application/dicom")
@@ -100,3 +104,61 @@ def test_an_unforeseen_failure_on_one_image_of_a_batch_is_its_own_error(
     first, second = answer.json()["items"]
     assert first["result"]["status"] in ("graded", "ungradable", "not_fundus")
     assert second["error"]["code"] == "internal_error" and second["result"] is None
+
+
+# -- B.4: an SR (and FHIR) for ordinary camera DICOM, and only delivered answers audited ----------------------
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientBirthDate", None),
+        ("PatientSex", None),
+        ("StudyDate", None),
+        ("StudyTime", None),
+        ("AccessionNumber", None),
+        ("StudyID", None),
+        ("PatientName", None),
+        ("PatientID", None),
+        ("PatientBirthDate", "1960-03-17"),
+        ("PatientSex", "male"),
+        ("StudyTime", "25:99"),
+        ("SpecificCharacterSet", "ISO 2022 IR 87"),
+    ],
+)
+def test_an_sr_answers_ordinary_camera_dicom(
+    client: TestClient, camera_instance: Callable[[], Dataset], keyword: str, value: str | None
+) -> None:
+    ds = camera_instance()
+    if value is None:
+        if keyword in ds:
+            del ds[keyword]
+    elif keyword in ds:
+        ds[keyword].value = value
+    else:
+        setattr(ds, keyword, value)
+    for accept in ACCEPTS:
+        answer = post_dicom(client, to_bytes(ds), accept)
+        assert answer.status_code == 200, (accept, answer.text)  # type: ignore[attr-defined]
+    sr = pydicom.dcmread(io.BytesIO(answer.content))  # type: ignore[attr-defined]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_an_answer_that_cannot_be_rendered_is_neither_delivered_nor_audited(
+    make_settings: Callable[..., Settings], camera_instance: Callable[[], Dataset]
+) -> None:
+    ds = camera_instance()
+    del ds.SeriesInstanceUID  # no SR can reference the photograph
+    settings = make_settings()
+    with TestClient(create_app(settings)) as fresh:
+        refused = post_dicom(fresh, to_bytes(ds), "application/dicom")
+        delivered = post_dicom(fresh, to_bytes(ds), "application/json")
+    assert refused.status_code == 406, refused.text  # type: ignore[attr-defined]
+    assert refused.json()["code"] == "not_acceptable"  # type: ignore[attr-defined]
+    assert delivered.status_code == 200  # type: ignore[attr-defined]
+    store = AuditStore(settings.audit_path)
+    try:
+        rows = store.records()
+    finally:
+        store.close()
+    assert [row["request_id"] for row in rows] == [delivered.json()["request_id"]]  # type: ignore[attr-defined]

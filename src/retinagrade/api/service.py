@@ -16,11 +16,12 @@ import base64
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -75,6 +76,10 @@ def render_explanation(result: GradeResult, opacity: float) -> bytes:
     assert result.heatmap is not None and result.crop is not None
     return encode_png(overlay(result.crop, result.heatmap, opacity))
 
+
+#: One image's answer in a batch: its pipeline result and response, or why it was not graded.
+BatchAnswer = tuple[GradeResult, GradeResponse] | RetinagradeError
+Rendered = TypeVar("Rendered")
 
 _MIB = 1024 * 1024
 _AUDIT_FAILED = "The result could not be written to the audit trail, so it is not returned; retry shortly."
@@ -295,7 +300,7 @@ class GradingService:
                 loaded site profile.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
-        _, response, png = await self.grade_result(
+        _, response, png, _ = await self.grade_result(
             data,
             request_id=request_id,
             started=started,
@@ -314,8 +319,15 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
-    ) -> tuple[GradeResult, GradeResponse, bytes | None]:
-        """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
+        render: Callable[[GradeResult, GradeResponse], Rendered] | None = None,
+    ) -> tuple[GradeResult, GradeResponse, bytes | None, Rendered | None]:
+        """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers).
+
+        Args:
+            render: makes the representation the client asked for (a FHIR Bundle, a DICOM SR) from the answer,
+                in a worker thread, before the answer is audited: an answer whose rendering fails (the error
+                propagates) is neither delivered nor recorded. Its value is returned last.
+        """
         chosen = self.sites.resolve(site)
         try:
             request = await self._prepare(data)
@@ -326,8 +338,11 @@ class GradingService:
         result, response, png = await self._respond(
             request, outputs, request_id, started, explain, chosen, client_request_id
         )
+        rendered = None
+        if render is not None:
+            rendered = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, render, result, response)
         await self._record([(result, response)])
-        return result, response, png
+        return result, response, png, rendered
 
     async def grade_many_results(
         self,
@@ -338,16 +353,17 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
-    ) -> list[tuple[GradeResult, GradeResponse] | RetinagradeError]:
+        render: Callable[[list[BatchAnswer]], Rendered] | None = None,
+    ) -> tuple[list[BatchAnswer], Rendered | None]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
-        and never fails the others."""
+        and never fails the others. ``render`` as for :meth:`grade_result`, with all the answers."""
         chosen = self.sites.resolve(site)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
         outputs = iter(await self.batcher.infer(good))
-        answers: list[tuple[GradeResult, GradeResponse] | RetinagradeError] = []
+        answers: list[BatchAnswer] = []
         pairs: list[tuple[GradeResult, GradeResponse]] = []
         for index, item in enumerate(prepared):
             if isinstance(item, RetinagradeError):
@@ -358,8 +374,11 @@ class GradingService:
             )
             pairs.append((result, response))
             answers.append((result, response))
+        rendered = None
+        if render is not None:
+            rendered = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, render, answers)
         await self._record(pairs)
-        return answers
+        return answers, rendered
 
     def to_response(
         self,
