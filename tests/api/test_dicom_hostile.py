@@ -17,6 +17,7 @@ pytest.importorskip("highdicom", reason="needs the [dicom] extra (highdicom)")
 pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.resources)")
 
 import pydicom
+from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
 from retinagrade.api.app import create_app
@@ -162,3 +163,24 @@ def test_an_answer_that_cannot_be_rendered_is_neither_delivered_nor_audited(
     finally:
         store.close()
     assert [row["request_id"] for row in rows] == [delivered.json()["request_id"]]  # type: ignore[attr-defined]
+
+
+# -- B.8: FHIR answers for identifiers that break FHIR's patterns -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("SeriesInstanceUID", "abc.def_ghi"), ("SOPInstanceUID", "abc.def_ghi"), ("Modality", "O  P")],
+)
+def test_fhir_answers_whatever_the_identifiers_look_like(
+    client: TestClient, camera_instance: Callable[[], Dataset], keyword: str, value: str
+) -> None:
+    ds = camera_instance()
+    ds[keyword].value = value
+    single = post_dicom(client, to_bytes(ds), "application/fhir+json")
+    assert single.status_code == 200, single.text  # type: ignore[attr-defined]
+    Bundle.model_validate(single.json())  # type: ignore[attr-defined]
+    files = [("files", ("eye.dcm", to_bytes(ds), "application/dicom"))]
+    batch = client.post("/v1/grade/batch", files=files, headers={"Accept": "application/fhir+json"})
+    assert batch.status_code == 200, batch.text
+    Bundle.model_validate(batch.json())

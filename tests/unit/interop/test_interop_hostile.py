@@ -173,3 +173,80 @@ def test_grade_output_sr_writes_what_it_can_and_never_stops_the_run(camera_insta
     written = sorted(srs.glob("*.dcm"))
     assert len(written) == 2
     assert {pydicom.dcmread(path).PatientSex for path in written} == {""}
+
+
+# -- B.8: FHIR never fails for identifiers that break its id / code patterns ---------------------------------
+
+META = {
+    "PatientID": "PAT-9",
+    "StudyInstanceUID": "1.2.3",
+    "SeriesInstanceUID": "1.2.3.4",
+    "SOPInstanceUID": "1.2.3.4.5",
+    "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.5.1",
+    "Modality": "OP",
+}
+
+
+def _bundle_for(meta: dict[str, str], name: str = "eye.dcm") -> dict:
+    from fhir.resources.R4B.bundle import Bundle
+
+    from retinagrade.interop.fhir import FhirItem, build_bundle
+
+    finding = EyeFinding("graded", "R", grade=1, referable=False, p_referable=0.1, gradable=True, metadata=meta)
+    bundle = build_bundle([FhirItem(name, finding)], ALGORITHM)
+    Bundle.model_validate(bundle)
+    return bundle
+
+
+def _only(bundle: dict, kind: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+@pytest.mark.parametrize("value", ["abc.def_ghi", "1.2.03", "1." + "2" * 70, " 1.2.3", ""])
+def test_an_invalid_sop_instance_uid_is_left_out_of_fhir(value: str) -> None:
+    bundle = _bundle_for({**META, "SOPInstanceUID": value})
+    (observation,) = _only(bundle, "Observation")
+    assert "identifier" not in observation
+    (study,) = _only(bundle, "ImagingStudy")
+    assert "series" not in study  # a series is listed with its instances; none can be named
+
+
+@pytest.mark.parametrize("value", ["abc.def_ghi", "1.2.3 4"])
+def test_an_invalid_series_uid_leaves_its_series_out(value: str) -> None:
+    (study,) = _only(_bundle_for({**META, "SeriesInstanceUID": value}), "ImagingStudy")
+    assert "series" not in study
+    assert study["identifier"][0]["value"] == "urn:oid:1.2.3"
+
+
+def test_an_invalid_study_uid_gives_no_imaging_study_and_keeps_the_patient() -> None:
+    bundle = _bundle_for({**META, "StudyInstanceUID": "abc.def_ghi"})
+    assert _only(bundle, "ImagingStudy") == []
+    assert _only(bundle, "Patient")[0]["identifier"][0]["value"] == "PAT-9"
+    assert len(_only(bundle, "Observation")) == 1
+
+
+@pytest.mark.parametrize(("value", "code"), [("O  P", "OP"), (" XC ", "XC"), ("op", "OP"), ("\x00", "OP"), ("", "OP")])
+def test_a_modality_that_is_no_code_is_sanitised(value: str, code: str) -> None:
+    (study,) = _only(_bundle_for({**META, "Modality": value}), "ImagingStudy")
+    assert study["series"][0]["modality"]["code"] == code
+
+
+def test_text_with_control_characters_is_made_valid() -> None:
+    bundle = _bundle_for({**META, "PatientID": "PAT\x0b9"}, name="eye\x0c.dcm")
+    assert _only(bundle, "Patient")[0]["identifier"][0]["value"] == "PAT 9"
+    assert _only(bundle, "Observation")[0]["note"][0]["text"] == "Image: eye .dcm"
+
+
+def test_grade_to_fhir_json_writes_a_valid_bundle_for_odd_identifiers(camera_instance, tmp_path, model_path) -> None:
+    from fhir.resources.R4B.bundle import Bundle
+    from typer.testing import CliRunner
+
+    from retinagrade.cli import app
+
+    ds = camera_instance()
+    ds["SeriesInstanceUID"].value, ds["Modality"].value = "abc.def_ghi", "O  P"
+    (tmp_path / "eye.dcm").write_bytes(to_bytes(ds))
+    out = tmp_path / "x.fhir.json"
+    result = CliRunner().invoke(app, ["grade", str(tmp_path / "eye.dcm"), "-o", str(out), "--model", str(model_path)])
+    assert result.exit_code == 0, result.output
+    Bundle.model_validate_json(out.read_text())
