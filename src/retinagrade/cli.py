@@ -892,12 +892,15 @@ def dicomweb(
     except ImportError as exc:
         err.print(f"[red]dicomweb needs the [dicom] extra (pip install 'retinagrade[dicom]'): {exc.name}[/red]")
         raise typer.Exit(2) from None
+    from retinagrade.api.logging import silence_identifying_loggers
     from retinagrade.pipeline import GradingPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The libraries log every request with its UIDs; retinagrade logs its own, shorter lines.
-    for noisy in ("dicomweb_client", "highdicom", "pydicom", "urllib3"):
+    # The libraries log every request with its UIDs; retinagrade logs its own, shorter lines. pydicom and
+    # highdicom quote header values (names, birth dates) even in their warnings: they are silenced.
+    for noisy in ("dicomweb_client", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_identifying_loggers()
     try:
         pipeline = GradingPipeline.load(model, threads=threads)
     except RetinagradeError as exc:
