@@ -175,3 +175,34 @@ def test_the_fhir_answer_names_the_site_profile_in_its_device(two_sites: Setting
 
     assert device_site(single) == ["refer-all"]
     assert device_site(batch) == ["refer-none"]
+
+
+def test_explain_grades_with_the_site_asked_for(two_sites: Settings, fundus_jpeg: bytes) -> None:
+    with TestClient(create_app(two_sites)) as client:
+        answers = {
+            site: client.post(
+                "/v1/explain",
+                files={"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")},
+                headers={"X-Retinagrade-Site": site},
+            )
+            for site in ("refer-all", "refer-none")
+        }
+        by_field = client.post(
+            "/v1/explain", files={"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")}, data={"site": "refer-all"}
+        )
+    assert all(answer.status_code == 200 for answer in answers.values()), answers
+    assert answers["refer-all"].headers["X-Retinagrade-Referable"] == "true"
+    assert answers["refer-none"].headers["X-Retinagrade-Referable"] == "false"
+    assert by_field.headers["X-Retinagrade-Referable"] == "true"
+    assert answers["refer-all"].headers["X-Retinagrade-Site"] == "refer-all"
+
+
+def test_explain_refuses_a_site_it_does_not_have(two_sites: Settings, synthetic_jpeg: bytes) -> None:
+    with TestClient(create_app(two_sites)) as client:
+        answer = client.post(
+            "/v1/explain",
+            content=synthetic_jpeg,
+            headers={"Content-Type": "image/jpeg", "X-Retinagrade-Site": "nowhere"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "unknown_site"
