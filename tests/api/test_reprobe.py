@@ -128,3 +128,25 @@ def test_the_log_keeps_retinagrade_and_audit_store_messages_and_withholds_others
     except ModelError as outer:
         chained = logged(outer)
     assert "wrapped" in chained and "Doe" not in chained and "UnicodeDecodeError" in chained
+
+
+@pytest.mark.parametrize("value", [" , ", ",", "   ", ",,\t,"])
+def test_api_keys_of_only_separators_refuse_to_start(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retinagrade.api.server import CONFIG_ERROR, preflight
+
+    monkeypatch.setenv("RETINAGRADE_API_KEYS", value)
+    with pytest.raises(SystemExit) as stopped:
+        preflight("127.0.0.1")
+    assert stopped.value.code == CONFIG_ERROR
+    assert "api_keys" in capsys.readouterr().err
+
+
+def test_empty_api_keys_still_mean_no_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retinagrade.api.settings import Settings
+
+    monkeypatch.setenv("RETINAGRADE_API_KEYS", "")
+    assert Settings().api_keys == []
+    monkeypatch.setenv("RETINAGRADE_API_KEYS", " key-one , key-two ,")
+    assert Settings().api_keys == ["key-one", "key-two"]
