@@ -150,3 +150,20 @@ def test_empty_api_keys_still_mean_no_authentication(monkeypatch: pytest.MonkeyP
     assert Settings().api_keys == []
     monkeypatch.setenv("RETINAGRADE_API_KEYS", " key-one , key-two ,")
     assert Settings().api_keys == ["key-one", "key-two"]
+
+
+def test_cors_preflight_allows_the_site_header(make_settings: Callable[..., Any]) -> None:
+    from retinagrade.api.app import create_app
+
+    origin = "https://screening.example"
+    client = TestClient(create_app(make_settings(cors_origins=[origin])))
+    answer = client.options(
+        "/v1/grade",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-retinagrade-site, x-api-key, content-type",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert "x-retinagrade-site" in answer.headers["access-control-allow-headers"].lower()
