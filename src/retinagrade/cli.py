@@ -8,7 +8,8 @@ Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 - 2: usage: bad arguments, no image files found, or the output file exists (``--overwrite``) or cannot be
   created; nothing was graded;
 - 3: the run itself failed: the model could not be loaded, or writing the output failed midway;
-- 130: interrupted (Ctrl-C); every row finished before it is in the output.
+- 130: interrupted (Ctrl-C, or SIGTERM from a scheduler or ``kill``); every row finished before it is in the
+  output, and the output is complete (a JSON array or FHIR Bundle closed).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO, cast
@@ -29,7 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from retinagrade.errors import RetinagradeError
+from retinagrade.errors import RetinagradeError, failure_summary
 from retinagrade.files import collect_images
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
@@ -93,7 +96,8 @@ SiteOption = Annotated[
 
 @app.command(
     epilog="Exit codes: 0 all graded; 1 some files had errors; 2 usage (bad arguments, no images, the output "
-    "exists or cannot be created); 3 the run failed (model, writing); 130 interrupted (finished rows are kept)."
+    "exists or cannot be created); 3 the run failed (model, writing, a defect); 130 interrupted (Ctrl-C, SIGTERM; "
+    "finished rows are kept)."
 )
 def grade(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
@@ -175,24 +179,63 @@ def grade(
         if not quiet:
             err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
     records: list[ResultRecord] = []
+    code = EXIT_RUN_FAILED
     try:
-        code = _grade_into(
-            pipeline,
-            files,
-            writer,
-            records,
-            workers=workers,
-            quiet=quiet,
-            also=write_sr,
-            site=profile.name if profile else "",
-            pair_eyes=pair_eyes,
-        )
+        with _on_sigterm(_interrupt):
+            code = _grade_into(
+                pipeline,
+                files,
+                writer,
+                records,
+                workers=workers,
+                quiet=quiet,
+                also=write_sr,
+                site=profile.name if profile else "",
+                pair_eyes=pair_eyes,
+            )
     finally:
-        if writer is not None:
-            writer.close()
+        code = _close_output(writer, code)
     code = _summarise(code, records, skipped_sr, table=not quiet or output is None, to=output, referrals=pair_eyes)
     if code != EXIT_OK:
         raise typer.Exit(code)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _on_sigterm(handler: Callable[[int, Any], object] | int) -> Iterator[None]:
+    """Handle SIGTERM with ``handler`` inside the block (main thread only; elsewhere signals cannot be set).
+
+    A scheduler's SIGTERM (or ``kill``) then ends a run as Ctrl-C does: every finished row is written and the
+    output closed (a JSON array, a FHIR Bundle), where the default action left a cut-off array or a 0-byte file.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _close_output(writer: ResultWriter | None, code: int) -> int:
+    """Close the output (a SIGTERM meanwhile is ignored: the file is being completed); the exit code after it."""
+    if writer is None:
+        return code
+    try:
+        with _on_sigterm(signal.SIG_IGN):
+            writer.close()
+    except OSError as exc:
+        err.print(f"[red]Finishing the results failed:[/red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        # A defect, not the input's fault: its type and place only (the message may quote a file's header).
+        err.print(f"[red]Finishing the results failed unexpectedly ({escape(failure_summary(exc))}).[/red]")
+        return EXIT_RUN_FAILED
+    return code
 
 
 def _summarise(
@@ -350,6 +393,10 @@ def _grade_into(
         return EXIT_INTERRUPTED
     except OSError as exc:
         err.print(f"[red]Writing the results failed after {len(records)} rows:[/red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        # The documented exit code of a run that failed (3), not Python's 1; the rows written so far are kept.
+        err.print(f"[red]The run failed unexpectedly after {len(records)} rows ({escape(failure_summary(exc))}).[/red]")
         return EXIT_RUN_FAILED
     return EXIT_OK
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retinagrade.cli import EXIT_FILE_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
+from retinagrade.cli import EXIT_FILE_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, app
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -186,3 +187,74 @@ def test_an_unforeseen_failure_on_one_file_is_its_error_row_not_the_end_of_the_r
     assert rows["b.jpg"]["status"] == "error" and rows["b.jpg"]["error_code"] == "internal_error"
     assert rows["a.jpg"]["status"] != "error" and rows["c.jpg"]["status"] != "error"
     assert "Doe^John" not in output  # the exception's message is not echoed (it may quote the file)
+
+
+@pytest.mark.parametrize("suffix", ["json", "fhir.json"])
+def test_sigterm_keeps_a_complete_output_like_ctrl_c(
+    tmp_path: Path, photo: bytes, model_path: Path, suffix: str
+) -> None:
+    """A scheduler's SIGTERM (or `kill`) ends the run as Ctrl-C does: the JSON array and the FHIR Bundle are
+    closed, with every finished row, instead of a cut-off array or a 0-byte file."""
+    if suffix == "fhir.json":
+        pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.resources)")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "source.jpg").write_bytes(photo)
+    for i in range(200):
+        (folder / f"img{i:03d}.jpg").symlink_to(folder / "source.jpg")
+    out = tmp_path / f"r.{suffix}"
+    # The tenth row finished sends the process SIGTERM, from inside (no timing to guess from outside).
+    driver = (
+        "import os, signal, sys\n"
+        "from retinagrade import report\n"
+        "cls = report.FhirBundleWriter if sys.argv[1].endswith('.fhir.json') else report.JsonWriter\n"
+        "write, seen = cls.write, []\n"
+        "def counting(self, record):\n"
+        "    write(self, record)\n"
+        "    seen.append(record)\n"
+        "    if len(seen) == 10:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "cls.write = counting\n"
+        "from retinagrade.cli import app\n"
+        "sys.argv = ['retinagrade', 'grade', *sys.argv[2:], '-o', sys.argv[1]]\n"
+        "app()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", driver, str(out), str(folder), "--model", str(model_path), "-q"],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == EXIT_INTERRUPTED, done.stderr[-2000:]
+    assert b"Interrupted" in done.stderr
+    document = json.loads(out.read_text())
+    if suffix == "json":
+        assert 10 <= len(document) < 201
+    else:
+        observations = [e for e in document["entry"] if e["resource"]["resourceType"] == "Observation"]
+        assert 10 <= len(observations) < 201
+
+
+def test_a_crash_mid_run_exits_3_and_keeps_the_rows_written(
+    tmp_path: Path, photo: bytes, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagrade import report
+
+    write = report.CsvWriter.write
+    seen: list[object] = []
+
+    def failing(self: report.CsvWriter, record: report.ResultRecord) -> None:
+        if len(seen) == 2:
+            raise RuntimeError("a defect in a writer")
+        write(self, record)
+        seen.append(record)
+
+    monkeypatch.setattr(report.CsvWriter, "write", failing)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"img{i}.jpg").write_bytes(photo)
+    out = tmp_path / "r.csv"
+    code, output = _grade(folder, "-o", out, model=model_path)
+    assert code == EXIT_RUN_FAILED, output
+    assert "RuntimeError" in output and len(_rows(out)) == 2
