@@ -156,6 +156,7 @@ def grade(
         if site is not None:
             err.print("[red]--site is not supported with --engine ray yet; grade with the local engine.[/red]")
             raise typer.Exit(EXIT_USAGE)
+        _refuse_file_like_folder(output)
         from retinagrade.cluster import command
 
         settings: dict[str, object] = {"model": model, "address": address, "workers": workers or 1}
@@ -256,6 +257,25 @@ def _summarise(
         err.print(f"[yellow]{len(skipped_sr)} DICOM files got no SR (their grades are in the results).[/yellow]")
         code = EXIT_FILE_ERRORS
     return code
+
+
+def _refuse_file_like_folder(output: Path) -> None:
+    """Refuse a Ray ``--output`` named like a results file (``results.csv``): it would become a folder of shards."""
+    from retinagrade.report import format_for
+
+    if output.is_dir():
+        return
+    try:
+        format_for(output)
+    except ValueError:
+        return  # not a results file's name: a folder it is
+    folder = output.parent / output.name.split(".")[0]
+    csv_file = folder / "results.csv"
+    err.print(
+        f"[red]--output {escape(str(output))} names a file; it must be a folder for the ray engine (it holds "
+        f"Parquet shards). Use --output {escape(str(folder))}/ --csv (the CSV is then {escape(str(csv_file))}).[/red]"
+    )
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _run_context(model: Path | None) -> RunContext:

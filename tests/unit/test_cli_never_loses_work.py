@@ -258,3 +258,14 @@ def test_a_crash_mid_run_exits_3_and_keeps_the_rows_written(
     code, output = _grade(folder, "-o", out, model=model_path)
     assert code == EXIT_RUN_FAILED, output
     assert "RuntimeError" in output and len(_rows(out)) == 2
+
+
+@pytest.mark.parametrize("name", ["results.csv", "results.json", "out.fhir.json", "results.parquet"])
+def test_the_ray_engine_refuses_an_output_that_names_a_file(tmp_path: Path, photo: bytes, name: str) -> None:
+    (tmp_path / "eye.jpg").write_bytes(photo)
+    target = tmp_path / name
+    result = runner.invoke(app, ["grade", str(tmp_path / "eye.jpg"), "--engine", "ray", "--output", str(target)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert not target.exists()  # no folder named like a file
+    stem = name.split(".")[0]
+    assert f"--output{tmp_path / stem}/--csv" in "".join(result.output.split())  # whatever the terminal width
