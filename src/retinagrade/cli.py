@@ -173,32 +173,68 @@ def grade(
     skipped_sr: list[str] = []
     write_sr = _sr_writer(output_sr, context, skipped_sr)
     writer = _open_output(output, overwrite, context)
-    pipeline = _load_pipeline(model, threads, writer, output)
-    profile = None
-    if site is not None:
-        pipeline, profile = _with_site(pipeline, site, writer, output)
-        if not quiet:
-            err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
     records: list[ResultRecord] = []
-    code = EXIT_RUN_FAILED
-    try:
-        with _on_sigterm(_interrupt):
-            code = _grade_into(
-                pipeline,
-                files,
-                writer,
-                records,
-                workers=workers,
-                quiet=quiet,
-                also=write_sr,
-                site=profile.name if profile else "",
-                pair_eyes=pair_eyes,
-            )
-    finally:
-        code = _close_output(writer, code)
+    with _on_sigterm(_interrupt):
+        code = _run_local(
+            files,
+            writer,
+            output,
+            records,
+            model=model,
+            threads=threads,
+            site=site,
+            workers=workers,
+            quiet=quiet,
+            also=write_sr,
+            pair_eyes=pair_eyes,
+        )
     code = _summarise(code, records, skipped_sr, table=not quiet or output is None, to=output, referrals=pair_eyes)
     if code != EXIT_OK:
         raise typer.Exit(code)
+
+
+def _run_local(
+    files: list[Path],
+    writer: ResultWriter | None,
+    output: Path | None,
+    records: list[ResultRecord],
+    *,
+    model: Path | None,
+    threads: int,
+    site: Path | None,
+    workers: int,
+    quiet: bool,
+    also: Callable[[Path, ResultRecord], None] | None,
+    pair_eyes: bool,
+) -> int:
+    """Load the model (and site profile), grade ``files`` into ``writer`` and ``records``, close the output;
+    returns the exit code so far. Ctrl-C or SIGTERM while the model loads closes the output as an empty result."""
+    try:
+        pipeline = _load_pipeline(model, threads, writer, output)
+        profile = None
+        if site is not None:
+            pipeline, profile = _with_site(pipeline, site, writer, output)
+            if not quiet:
+                err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted before grading started.[/yellow]")
+        return _close_output(writer, EXIT_INTERRUPTED)
+    code = EXIT_RUN_FAILED
+    try:
+        code = _grade_into(
+            pipeline,
+            files,
+            writer,
+            records,
+            workers=workers,
+            quiet=quiet,
+            also=also,
+            site=profile.name if profile else "",
+            pair_eyes=pair_eyes,
+        )
+    finally:
+        code = _close_output(writer, code)
+    return code
 
 
 def _interrupt(*_: object) -> None:
