@@ -56,7 +56,7 @@ from retinagrade.interop.findings import (
     reason_concept,
 )
 from retinagrade.preprocessing.decode import is_dicom
-from retinagrade.preprocessing.dicom import dicom_metadata, read_dataset
+from retinagrade.preprocessing.dicom import dicom_metadata, is_valid_uid, read_dataset
 
 #: Series Description of every SR retinagrade writes: how it (and a person) recognises its own reports.
 SR_SERIES_DESCRIPTION: Final = "retinagrade DR grading"
@@ -123,7 +123,7 @@ def _evidence(source: Dataset) -> Dataset:
     evidence = Dataset()
     for keyword in _REFERENCED_UIDS:
         value = str(source.get(keyword, "") or "")
-        if not uid.UID(value).is_valid:
+        if not is_valid_uid(value):
             raise SourceNotReferenceableError(f"the photograph has no valid {keyword}")
         setattr(evidence, keyword, value)
     meta = getattr(source, "file_meta", None)

@@ -163,13 +163,17 @@ def _refuse_deflated(data: bytes) -> None:
 
 
 def _read_every_value(ds: Dataset) -> None:
-    """Parse every element's value, in sequence items too, refusing nesting deeper than a photograph has.
+    """Parse every element's value, the file meta's and in sequence items too, refusing nesting deeper than a
+    photograph has.
 
     Values are parsed lazily: parsing them all here turns a damaged file into one error now, instead of a crash
-    in whichever reader (the decoder, the SR writer) touches the bad value first. The walk is iterative, so no
-    depth of nesting can exhaust the stack here.
+    in whichever reader (the decoder, the SR writer) touches the bad value first, and pydicom's warnings about
+    them (which quote the value) are caught here rather than printed later. The walk is iterative, so no depth
+    of nesting can exhaust the stack here.
     """
     pending: list[tuple[Dataset, int]] = [(ds, 0)]
+    if getattr(ds, "file_meta", None) is not None:
+        pending.append((ds.file_meta, 0))
     while pending:
         dataset, depth = pending.pop()
         for element in dataset:
@@ -229,23 +233,33 @@ def _number(ds: Dataset, keyword: str, default: int) -> int:
         raise CorruptImageError(f"The DICOM header's {keyword} is not a number; the file is damaged.") from None
 
 
+def is_valid_uid(value: str) -> bool:
+    """A DICOM UID (PS3.5 9.1), checked without building pydicom's ``UID``, which warns quoting the value."""
+    return 0 < len(value) <= 64 and uid.RE_VALID_UID.match(value) is not None
+
+
+def _uid_name(value: str) -> str:
+    """A UID's registered name for a message; a value that is no UID is not echoed."""
+    return uid.UID(value).name if is_valid_uid(value) else "not a valid UID"
+
+
 def _check_photograph(ds: Dataset) -> str:
     """The transfer syntax UID, after refusing what is not a gradable single-frame photograph."""
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if not sop_class:
         raise CorruptImageError("The DICOM file names no SOP class: it is damaged or not a DICOM object.")
     if sop_class not in PHOTOGRAPH_SOP_CLASSES:
-        name = uid.UID(sop_class).name
-        modality = str(ds.get("Modality", "") or "unknown")
+        modality = str(ds.get("Modality", "") or "")
+        modality = modality if modality.isascii() and modality.replace("_", "").isalnum() else "unknown"
         raise DicomNotPhotographError(
-            f"The DICOM object is a {name} (modality {modality}), not a photograph; retinagrade grades "
-            "Ophthalmic Photography, VL Photographic and Secondary Capture images."
+            f"The DICOM object's SOP class is {_uid_name(sop_class)} (modality {modality[:16]}), not a photograph; "
+            "retinagrade grades Ophthalmic Photography, VL Photographic and Secondary Capture images."
         )
     if "PixelData" not in ds:
         raise DicomNoPixelDataError("The DICOM object has no pixel data (no image to grade).")
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
-        name = uid.UID(syntax).name if syntax else "none given"
+        name = _uid_name(syntax) if syntax else "none given"
         raise DicomUnsupportedTransferSyntaxError(
             f"The pixel data's transfer syntax ({name}) is not supported; send JPEG, JPEG-LS, JPEG 2000, RLE "
             "or uncompressed little-endian pixel data."
