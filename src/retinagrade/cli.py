@@ -88,6 +88,15 @@ def _note(record: ResultRecord) -> str:
     return record.error_message if record.status == "error" else ", ".join(record.reasons)
 
 
+OperatingPointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--operating-point",
+        envvar="RETINAGRADE_OPERATING_POINT",
+        help="Named operating point to refer at (balanced, sensitive, ...; `retinagrade model` lists them); "
+        "default: the site profile's, else the model's default.",
+    ),
+]
 SiteOption = Annotated[
     Path | None,
     typer.Option("--site", help="Site profile (.json from `retinagrade calibrate`): the site's operating point."),
@@ -140,6 +149,7 @@ def grade(
     block_size: Annotated[int, typer.Option(min=1, help="ray: images per prepare task.")] = 32,
     cpus_per_worker: Annotated[float | None, typer.Option(help="ray: CPUs reserved per model actor.")] = None,
     site: SiteOption = None,
+    operating_point: OperatingPointOption = None,
 ) -> None:
     """Grade fundus photographs; rows are written as each image finishes.
 
@@ -160,6 +170,7 @@ def grade(
         from retinagrade.cluster import command
 
         settings: dict[str, object] = {"model": model, "address": address, "workers": workers or 1}
+        settings.update(operating_point=operating_point)
         settings.update(threads=threads or 1)
         settings.update(cpus_per_worker=cpus_per_worker, shard_rows=shard_rows, block_size=block_size)
         raise typer.Exit(command.run(paths, output, quiet=quiet, console=err, write_csv=write_csv, **settings))
@@ -183,6 +194,7 @@ def grade(
             model=model,
             threads=threads,
             site=site,
+            operating_point=operating_point,
             workers=workers,
             quiet=quiet,
             also=write_sr,
@@ -202,20 +214,19 @@ def _run_local(
     model: Path | None,
     threads: int,
     site: Path | None,
+    operating_point: str | None,
     workers: int,
     quiet: bool,
     also: Callable[[Path, ResultRecord], None] | None,
     pair_eyes: bool,
 ) -> int:
-    """Load the model (and site profile), grade ``files`` into ``writer`` and ``records``, close the output;
-    returns the exit code so far. Ctrl-C or SIGTERM while the model loads closes the output as an empty result."""
+    """Load the model (and the site profile and operating point), grade ``files`` into ``writer`` and ``records``,
+    close the output; returns the exit code so far. Ctrl-C or SIGTERM while the model loads closes the output as
+    an empty result."""
     try:
-        pipeline = _load_pipeline(model, threads, writer, output)
-        profile = None
-        if site is not None:
-            pipeline, profile = _with_site(pipeline, site, writer, output)
-            if not quiet:
-                err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
+        pipeline, profile = _decision_layer(
+            _load_pipeline(model, threads, writer, output), site, operating_point, writer, output, quiet
+        )
     except KeyboardInterrupt:
         err.print("[yellow]Interrupted before grading started.[/yellow]")
         return _close_output(writer, EXIT_INTERRUPTED)
@@ -393,6 +404,37 @@ def _load_pipeline(
             writer.close()
             output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
         raise typer.Exit(EXIT_RUN_FAILED) from None
+
+
+def _decision_layer(
+    pipeline: GradingPipeline,
+    site: Path | None,
+    operating_point: str | None,
+    writer: ResultWriter | None,
+    output: Path | None,
+    quiet: bool,
+) -> tuple[GradingPipeline, SiteProfile | None]:
+    """The pipeline with the site profile and the named operating point applied (the point wins over the
+    site's own); an unknown point stops the run before any image is read."""
+    profile = None
+    if site is not None:
+        pipeline, profile = _with_site(pipeline, site, writer, output)
+        if not quiet:
+            err.print(f"Site profile: {profile.name} (referable threshold {profile.referable_threshold:.3f})")
+    try:
+        pipeline = pipeline.at_operating_point(operating_point)
+    except RetinagradeError as exc:
+        err.print(f"[red]{escape(exc.message)}[/red]")
+        if writer is not None and output is not None:
+            writer.close()
+            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
+        raise typer.Exit(EXIT_USAGE) from None
+    if not quiet:
+        err.print(
+            f"Operating point: {pipeline.spec.operating_point} "
+            f"(refer at grade 2+ or P(referable) >= {pipeline.spec.referable_threshold:.3f})"
+        )
+    return pipeline, profile
 
 
 def _grade_into(
@@ -635,6 +677,17 @@ def train(
         list[str] | None, typer.Option(help="Hold out this source (repeatable): leave-one-source-out evaluation.")
     ] = None,
     min_sensitivity: Annotated[float | None, typer.Option(help="Sensitivity target of the operating point.")] = None,
+    dme_fold: Annotated[
+        list[int] | None,
+        typer.Option(help="Run only this DME cross-validation fold (repeatable): no CV, LOSO or final fit."),
+    ] = None,
+    cache_only: Annotated[
+        bool, typer.Option("--cache-only", help="Build the prepared-image and feature caches, then stop.")
+    ] = False,
+    set_field: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="FIELD=VALUE (YAML) for any training config field, e.g. --set flip_tta=true."),
+    ] = None,
 ) -> None:
     """Cross-validate and/or leave sources out, calibrate and choose the operating point on held-out predictions,
     train on all data, export ONNX. Runs under ``torchrun`` as DistributedDataParallel (rank 0 writes)."""
@@ -669,9 +722,17 @@ def train(
         "source_balance": source_balance,
         "loso": list(loso) if loso else None,
         "min_sensitivity": min_sensitivity,
+        "run_dme_folds": list(dme_fold) if dme_fold else None,
     }
+    if dme_fold or cache_only:
+        # One DME fold (one process each, like --loso SOURCE) or only the caches: nothing else runs.
+        given.update({"folds": 0, "loso": [], "train_final": False})
+    elif loso:
+        # --loso SOURCE is one held-out fit (one process each): the config's DME folds are their own jobs.
+        given["dme_folds"] = 0
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
+        overrides.update(_config_settings(set_field or []))
         cfg = TrainConfig.from_file(config, **overrides) if config is not None else TrainConfig(**overrides)  # type: ignore[arg-type]
     except (OSError, ValueError, TypeError) as exc:
         err.print(f"[red]bad training config: {exc}[/red]")
@@ -679,8 +740,82 @@ def train(
     if not cfg.labels:
         err.print("[red]no label files: pass --labels or a --config that lists them[/red]")
         raise typer.Exit(2)
+    if cache_only:
+        cfg.dme_folds = 0
     summary = run(cfg)
     err.print(json.dumps({"decision": summary.get("decision")}, indent=2, default=float))
+
+
+@app.command("loso-report")
+def loso_report_command(
+    runs: Annotated[list[Path], typer.Argument(help="LOSO run folders (train --loso SOURCE --no-final) to join.")],
+    out: Annotated[Path, typer.Option(help="Folder for loso.json, loso.md and loso_predictions.csv.")] = Path(
+        "runs/loso"
+    ),
+    write_spec: Annotated[
+        Path | None,
+        typer.Option(help="Write the fitted decision layer into this model spec (its ONNX file stays as it is)."),
+    ] = None,
+) -> None:
+    """Join separate leave-one-source-out runs, fit the decision layer on them and report every source.
+
+    Runs that hold out the same source are averaged (an ensemble of their tails). With ``--write-spec`` the
+    spec's temperature, grade rule, operating points and fellow-eye rule are replaced by the fitted ones.
+    """
+    from retinagrade.training.loso_runs import report_runs, write_layer_into_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = report_runs(runs, out)
+    except (OSError, ValueError, KeyError) as exc:
+        err.print(f"[red]cannot join the LOSO runs: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    err.print(f"wrote {out / 'loso.md'}")
+    if write_spec is not None:
+        spec = write_layer_into_spec(write_spec, report, out / "loso_predictions.csv")
+        err.print(f"wrote the decision layer into {write_spec} (default operating point {spec.operating_point})")
+
+
+def _config_settings(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values read as YAML) for a training config; unknown fields are refused."""
+    import yaml
+
+    from retinagrade.training.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with a training config field")
+        settings[name.strip()] = yaml.safe_load(value)
+    return settings
+
+
+@app.command("ensemble-loso")
+def ensemble_loso(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their loso_logits.npz) of the same inputs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the averaged loso_logits.npz and ensemble.json.")],
+) -> None:
+    """Score an ensemble on leave-one-source-out without a new fit: average the runs' held-out logits (each image
+    over the runs that held it out) and give the referable AUC per held-out source, ensemble and members."""
+    import numpy as np
+
+    from retinagrade.training.ensemble import average_held_out, referable_auc_by_source
+
+    try:
+        members = {str(r): referable_auc_by_source(average_held_out([r])) for r in runs}
+        arrays = average_held_out(list(runs))
+        combined = referable_auc_by_source(arrays)
+    except (OSError, KeyError, ValueError) as exc:
+        err.print(f"[red]Cannot average the held-out logits:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    out.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = dict(arrays)
+    np.savez(out / "loso_logits.npz", **saved)
+    report = {"runs": [str(r) for r in runs], "ensemble": combined, "members": members}
+    (out / "ensemble.json").write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report, indent=2))
 
 
 @app.command("fellow-eye")
@@ -739,11 +874,18 @@ def export(
         "models/gate.json"
     ),
     parity_image: Annotated[list[Path], typer.Option(help="Real photos for the ONNX-vs-PyTorch check.")] = [],  # noqa: B006
+    with_run: Annotated[
+        list[Path] | None, typer.Option(help="Another run of the same frozen stem: its tail joins an ensemble.")
+    ] = None,
 ) -> None:
     """Export a trained run to ONNX with its spec, check ONNX-vs-PyTorch parity, install it and write the card."""
     from retinagrade.training.export import export_run
 
-    report = export_run(run_dir, out, gate, parity_images=parity_image)
+    try:
+        report = export_run(run_dir, out, gate, parity_images=parity_image, with_runs=with_run)
+    except ValueError as exc:
+        err.print(f"[red]Cannot export:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     Console().print_json(json.dumps(report))
 
 
@@ -807,6 +949,7 @@ def validate(
         "report"
     ),
     site: SiteOption = None,
+    operating_point: OperatingPointOption = None,
     model: ModelOption = None,
     workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
@@ -820,6 +963,11 @@ def validate(
         raise typer.Exit(2) from None
     samples = _local_sample(labels)
     pipeline, profile = _site_pipeline(model, threads, site)
+    try:
+        pipeline = pipeline.at_operating_point(operating_point)
+    except RetinagradeError as exc:
+        err.print(f"[red]{escape(exc.message)}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
     outcomes, grading_s = _grade_sample(pipeline, samples, workers)
     try:
         report = write_validation_report(
@@ -855,8 +1003,15 @@ def calibrate(
     labels: Annotated[list[Path], typer.Option(help="Label CSV(s) of locally graded photos (any supported layout).")],
     out: Annotated[Path, typer.Option(help="Site profile to write (.json).")] = Path("site.json"),
     min_sensitivity: Annotated[
-        float, typer.Option(min=0.5, max=0.999, help="Target for the LOWER 95% confidence limit of sensitivity.")
+        float, typer.Option(min=0.5, max=0.999, help="Sensitivity target of the site's threshold (point estimate).")
     ] = 0.90,
+    conservative: Annotated[
+        bool,
+        typer.Option(
+            "--conservative",
+            help="Hold the LOWER 95% confidence limit of sensitivity to the target (refers many more healthy eyes).",
+        ),
+    ] = False,
     name: Annotated[str | None, typer.Option(help="Site name (default: the label file's folder name).")] = None,
     model: ModelOption = None,
     workers: Annotated[int, typer.Option(help="Threads preparing images.")] = 2,
@@ -888,6 +1043,7 @@ def calibrate(
             observations=[o for o in map(observation, outcomes) if o is not None],
             n_images=len(samples),
             min_sensitivity=min_sensitivity,
+            conservative=conservative,
             n_folds=folds,
             n_boot=bootstrap,
         )
@@ -902,13 +1058,19 @@ def calibrate(
         table.add_row(*row)
     Console().print(table)
     fit = profile.fit["referable_threshold"]
+    err.print(
+        f"Threshold {profile.referable_threshold:.3f} ({fit['rule']}): sensitivity on the sample "
+        f"{fit['sample_sensitivity']:.3f} (95% CI {fit['sample_sensitivity_lower_bound']:.3f}-"
+        f"{fit['sample_sensitivity_upper_bound']:.3f}); grade rule: {profile.fit['grade_rule']['used']}."
+    )
+    for warning in profile.fit.get("warnings", []):
+        err.print(f"[yellow]Warning: {warning}.[/yellow]")
     if not fit["bound_met"]:
         err.print(
-            f"[yellow]The sample cannot show sensitivity >= {min_sensitivity:.2f} at 95% confidence "
-            f"({profile.sample['n_referable']} referable photos; lower limit "
-            f"{fit['sample_sensitivity_lower_bound']:.3f} "
-            "even when every one is referred). The threshold refers every referable photo of the sample; "
-            "grade more referable cases to tighten it.[/yellow]"
+            f"[yellow]The sample cannot show sensitivity >= {min_sensitivity:.2f} "
+            + ("at 95% confidence " if conservative else "")
+            + f"({profile.sample['n_referable']} referable photos, even when every one is referred). The threshold "
+            "refers every referable photo of the sample; grade more referable cases to tighten it.[/yellow]"
         )
     if not 0.06 < profile.temperature < 19.0:
         err.print(
@@ -1031,6 +1193,44 @@ def dicomweb(
     typer.echo(json.dumps(summary.as_dict()))
     if summary.failed:
         raise typer.Exit(1)
+
+
+sources_app = typer.Typer(no_args_is_help=True, help="Fetched training sources (see ../shared/data/sources).")
+app.add_typer(sources_app, name="sources")
+
+
+@sources_app.command("prepare")
+def sources_prepare(
+    name: Annotated[str, typer.Argument(help="mexico-dme, odir-400 or eyepacs-400.")],
+    repo: Annotated[Path, typer.Option(help="Checkout of the source's repository at the named commit.")],
+    out: Annotated[Path, typer.Option(help="Folder of prepared sources (git-ignored).")] = Path("data/external"),
+    labels: Annotated[
+        Path | None, typer.Option(help="Label CSV (odir-400, eyepacs-400); default ../shared/data/sources/.")
+    ] = None,
+    mexico_512: Annotated[
+        Path | None, typer.Option(help="mexico-512/labels.csv (mexico-dme); default ../shared/data/mexico-512/.")
+    ] = None,
+) -> None:
+    """Copy a fetched source's named photos into OUT/NAME/images and write its labels.csv and provenance.json."""
+    from retinagrade.training.sources import DataSourceError, prepare_source
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        report = prepare_source(name, repo, out, labels=labels, mexico_512=mexico_512)
+    except DataSourceError as exc:
+        err.print(f"[red]{exc.message}[/red] ({exc.code})")
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(json.dumps(report.to_dict(), indent=2))
+    err.print(f"Wrote {out / name}/labels.csv: {report.images} images, {report.groups} split groups")
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """The fetched sources this release can prepare, with repository and commit."""
+    from retinagrade.training.sources import EXTERNAL_SOURCES
+
+    for source in EXTERNAL_SOURCES.values():
+        typer.echo(f"{source.name}\t{source.repository}@{source.commit}\t{source.what}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ REFERABLE_MIN_GRADE: Final[int] = 2
 #: Grade 4 (proliferative DR) threatens sight soon: the referral is urgent.
 URGENT_MIN_GRADE: Final[int] = 4
 
+#: Why an eye was referred, the first that holds: its grade (2 or worse); with a grade 0-1, its estimated risk of
+#: referable DR (calibrated P(grade >= 2)) at or over the operating point's threshold; diabetic macular oedema
+#: (a model with a DME output) alone; ``none`` when it was not referred.
+ReferralReason = Literal["grade", "risk", "dme", "none"]
+REFERRAL_REASONS: Final[tuple[str, ...]] = ("grade", "risk", "dme", "none")
+
 Status = Literal["graded", "ungradable", "not_fundus", "error"]
 STATUSES: Final[tuple[str, ...]] = ("graded", "ungradable", "not_fundus", "error")
 

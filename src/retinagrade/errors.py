@@ -163,6 +163,20 @@ class UnknownSiteError(InputError):
     http_status = 400
 
 
+class UnknownOperatingPointError(InputError):
+    """A request or setting named an operating point the model (or the site) does not have."""
+
+    code = "unknown_operating_point"
+    http_status = 400
+
+
+class UnknownEvidenceError(InputError):
+    """An explanation of a head the model does not have (``evidence=dme`` on a model without DME)."""
+
+    code = "unknown_evidence"
+    http_status = 400
+
+
 class CalibrationSampleError(RetinagradeError):
     """The local sample is too small (or too one-sided) to fit a site's operating point honestly."""
 

@@ -97,7 +97,7 @@ def paired_answers(
     for key, tag, outputs in items:
         if tag is not None and outputs is not None:
             by_eye[tag].append((key, outputs))
-    paired_spec = dataclasses.replace(spec, referable_threshold=rule.referable_threshold)
+    paired_spec = dataclasses.replace(spec, referable_threshold=rule.referable_threshold, operating_point="fellow-eye")
     answers: dict[Hashable, PairedAnswer] = {}
     for (patient, eye), images in by_eye.items():
         others = by_eye.get((patient, fellow(eye)), [])

@@ -24,7 +24,13 @@ import numpy as np
 
 from retinagrade.constants import Status
 from retinagrade.cpus import available_cpus
-from retinagrade.errors import ModelError, PreparationFailedError, RetinagradeError, failure_summary
+from retinagrade.errors import (
+    ModelError,
+    PreparationFailedError,
+    RetinagradeError,
+    UnknownEvidenceError,
+    failure_summary,
+)
 from retinagrade.explain.heatmap import evidence_map
 from retinagrade.eyes import RawOutputs
 from retinagrade.inference.grader import ModelOutputs, OnnxGrader
@@ -38,6 +44,8 @@ from retinagrade.referral import Recommendation, recommend
 logger = logging.getLogger("retinagrade.pipeline")
 
 DEFAULT_MODEL_FILE = "retinagrade-dr.json"
+#: The evidence maps an explanation can show: the severity (regression) head's, or the macular oedema head's.
+EVIDENCE_KINDS = ("severity", "dme")
 
 
 def shipped_model_dir() -> Path:
@@ -129,13 +137,26 @@ class GradingPipeline:
         # The gate's own not-a-fundus detector (checked against its sha256; None for a rules-only gate).
         self.detector = open_detector(gate)
         self.max_pixels = max_pixels
+        #: Which class-activation map an explanation shows: the severity (regression) map, or ``dme``.
+        self.evidence = "severity"
 
     @classmethod
     def load(
-        cls, model: str | Path | None = None, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        cls,
+        model: str | Path | None = None,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        operating_point: str | None = None,
     ) -> GradingPipeline:
-        """Load a model spec (or the ONNX file beside it) and its gate; fail loudly if anything is off."""
-        spec = ModelSpec.load(model or DEFAULT_MODEL)
+        """Load a model spec (or the ONNX file beside it) and its gate; fail loudly if anything is off.
+
+        ``operating_point`` names one of the spec's operating points (default: the spec's default).
+
+        Raises:
+            ModelError: the model, its spec or its gate is missing or wrong.
+            UnknownOperatingPointError: the spec has no operating point of that name.
+        """
+        spec = ModelSpec.load(model or DEFAULT_MODEL).with_operating_point(operating_point)
         gate_path = spec.gate_path
         if gate_path is None or not gate_path.is_file():
             raise ModelError(f"quality-gate file {gate_path} named by the model spec does not exist")
@@ -155,6 +176,37 @@ class GradingPipeline:
         clone = copy.copy(self)
         clone.spec = spec
         return clone
+
+    def at_operating_point(self, name: str | None) -> GradingPipeline:
+        """The same pipeline deciding referrals at another of the spec's named operating points (None: as is).
+
+        Raises:
+            UnknownOperatingPointError: the spec (or the site profile applied to it) has no such point.
+        """
+        if not name:
+            return self
+        return self.with_spec(self.spec.with_operating_point(name))
+
+    def showing(self, evidence: str) -> GradingPipeline:
+        """The same pipeline whose explanations show another head's evidence: ``severity`` or ``dme``.
+
+        Raises:
+            InputError: the model has no such head (``dme`` needs a model with a DME output).
+        """
+        if evidence == self.evidence:
+            return self
+        if evidence not in EVIDENCE_KINDS or (evidence == "dme" and "dme" not in self.spec.cam_channels):
+            raise UnknownEvidenceError(
+                f"No evidence map named {evidence[:16]!r} for this model (maps: "
+                f"{', '.join(k for k in EVIDENCE_KINDS if k == 'severity' or k in self.spec.cam_channels)})."
+            )
+        clone = copy.copy(self)
+        clone.evidence = evidence
+        return clone
+
+    @property
+    def evidence_channel(self) -> int:
+        return self.spec.severity_channel if self.evidence == "severity" else self.spec.cam_channels.index("dme")
 
     # -- stages -------------------------------------------------------------------------------------------
     def prepare(self, data: bytes) -> PreparedRequest:
@@ -182,7 +234,11 @@ class GradingPipeline:
         elapsed = _ms(start)
         for j, i in enumerate(todo):
             results[i] = ModelOutputs(
-                outputs.logits[j], outputs.regression[j : j + 1], outputs.cam[j], outputs.embedding[j]
+                outputs.logits[j],
+                outputs.regression[j : j + 1],
+                outputs.cam[j],
+                outputs.embedding[j],
+                None if outputs.dme is None else outputs.dme[j : j + 1],
             )
             requests[i].timings_ms["inference"] = elapsed
         return results
@@ -195,12 +251,13 @@ class GradingPipeline:
         if outputs is None:
             status: Status = "not_fundus" if not quality.is_fundus else "ungradable"
             return GradeResult(status, quality, None, request.sha256, size, request.timings_ms, metadata)
-        decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec)
+        dme_logit = None if outputs.dme is None else float(outputs.dme[0])
+        decision = decide_grade(outputs.logits, float(outputs.regression[0]), self.spec, dme_logit)
         result = GradeResult("graded", quality, decision, request.sha256, size, request.timings_ms, metadata)
         result.raw = (np.array(outputs.logits, dtype=np.float64), float(outputs.regression[0]))
         if explain:
             s = self.spec.preprocess.input_size
-            result.heatmap = evidence_map(outputs.cam, s, self.spec.severity_channel, request.prepared.crop.mask)
+            result.heatmap = evidence_map(outputs.cam, s, self.evidence_channel, request.prepared.crop.mask)
             result.crop = request.prepared.crop.image
         return result
 

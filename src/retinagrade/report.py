@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any, Final, Protocol
 
-from retinagrade.constants import METADATA_KEYS, NUM_GRADES, Status
+from retinagrade.constants import METADATA_KEYS, NUM_GRADES, ReferralReason, Status
 from retinagrade.errors import RetinagradeError
 from retinagrade.eyes import PairedAnswer
 from retinagrade.pipeline import GradeResult
@@ -41,7 +41,13 @@ class ResultRecord:
             printable: bytes of a file name that are not UTF-8 appear as ``\\xNN``.
         status: ``graded``, ``ungradable``, ``not_fundus`` or ``error``.
         grade, grade_name, referable, confidence, p_referable, probabilities: the decision; None (empty
-            probabilities) unless graded.
+            probabilities) unless graded. ``confidence`` is the calibrated probability of the reported grade.
+        referral_reason: why the eye was referred (``grade``; ``risk``: grade 0-1 with P(referable) at or over
+            the operating point; ``dme``: macular oedema alone; or ``none``); None unless graded.
+        p_dme, dme: calibrated probability of diabetic macular oedema and the oedema decision at its own
+            threshold; None unless graded by a model with a DME output.
+        operating_point, referable_threshold: the named operating point the referral was decided at and its
+            risk threshold; empty/None unless graded.
         urgency, action: what to do next (:mod:`retinagrade.referral`), for every status.
         quality, is_fundus, gradable, reasons: the quality gate's verdict; None (no reasons) for an error.
         fundus_score: the gate's P(colour fundus photograph); None for an error or a gate without a detector.
@@ -62,9 +68,12 @@ class ResultRecord:
     grade: int | None = None
     grade_name: str | None = None
     referable: bool | None = None
+    referral_reason: ReferralReason | None = None
     confidence: float | None = None
     probabilities: tuple[float, ...] = ()
     p_referable: float | None = None
+    p_dme: float | None = None
+    dme: bool | None = None
     quality: float | None = None
     is_fundus: bool | None = None
     fundus_score: float | None = None
@@ -76,6 +85,8 @@ class ResultRecord:
     width: int | None = None
     height: int | None = None
     site: str = ""
+    operating_point: str = ""
+    referable_threshold: float | None = None
     paired_grade: int | None = None
     paired_referable: bool | None = None
     paired_p_referable: float | None = None
@@ -135,9 +146,12 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         grade=decision.grade if decision else None,
         grade_name=decision.grade_name if decision else None,
         referable=decision.referable if decision else None,
+        referral_reason=decision.referral_reason if decision else None,
         confidence=decision.confidence if decision else None,
         probabilities=decision.probabilities if decision else (),
         p_referable=decision.p_referable if decision else None,
+        p_dme=decision.p_dme if decision else None,
+        dme=decision.dme if decision else None,
         quality=quality.score,
         is_fundus=quality.is_fundus,
         fundus_score=quality.fundus_score,
@@ -147,6 +161,8 @@ def to_record(name: str | os.PathLike[str], outcome: GradeResult | RetinagradeEr
         width=outcome.original_size[0],
         height=outcome.original_size[1],
         site=site,
+        operating_point=decision.operating_point if decision else "",
+        referable_threshold=decision.referable_threshold if decision else None,
         metadata=MappingProxyType(dict(outcome.metadata)),
     )
 
@@ -447,6 +463,11 @@ CSV_COLUMNS: Final[tuple[str, ...]] = (
     "width",
     "height",
     "site",
+    "referral_reason",
+    "operating_point",
+    "referable_threshold",
+    "p_dme",
+    "dme",
     "paired_grade",
     "paired_referable",
     "paired_p_referable",

@@ -28,7 +28,11 @@ def test_real_fundus_photographs_are_graded(client: TestClient, raw_fundus_paths
         assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-6)
         assert body["grade"] in range(5) and isinstance(body["grade_name"], str)
         assert isinstance(body["referable"], bool)
-        assert 0.5 <= body["confidence"] <= 1.0
+        # confidence is the probability of the grade shown; the referral names its reason and its point
+        assert body["confidence"] == pytest.approx(body["probabilities"][body["grade"]])
+        assert body["referral_reason"] in {"grade", "risk", "none"}
+        assert body["referable"] == (body["referral_reason"] != "none")
+        assert body["operating_point"] and 0.0 <= body["referable_threshold"] <= 1.0
         assert set(body["timings_ms"]) >= {"decode", "preprocess", "inference", "total"}
         assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] > 0
         assert body["model"]["sha256"] and body["model"]["version"]

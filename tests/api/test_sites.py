@@ -71,9 +71,13 @@ def test_a_request_picks_its_site_and_every_answer_names_it(two_sites: Settings,
         card = client.get("/v1/model").json()
         records = client.app.state.service.audit.records()  # type: ignore[attr-defined]
     assert default["status"] == "graded"
-    assert (default["site"], default["referable"]) == ("refer-none", False)
+    # A site's threshold moves only the risk referrals: a referable grade is referred at every site.
+    assert default["site"] == "refer-none" and default["operating_point"] == "site"
+    assert default["referable"] == (default["grade"] >= 2)
+    assert default["referral_reason"] == ("grade" if default["grade"] >= 2 else "none")
     assert (by_header["site"], by_header["referable"]) == ("refer-all", True)
     assert (by_field["site"], by_field["referable"]) == ("refer-all", True)
+    assert by_header["referral_reason"] in {"grade", "risk"} and by_header["referable_threshold"] == 0.0
     assert batch["items"][0]["result"]["site"] == "refer-all"
     # The probabilities are the same model's: only the operating point differs.
     assert default["probabilities"] == pytest.approx(by_header["probabilities"])

@@ -88,8 +88,12 @@ def _check_spec_serves(spec_path: Path, photo: Path) -> ModelSpec:
     assert spec.outputs == OUTPUT_NAMES and spec.cam_channels == CAM_CHANNELS
     assert spec.severity_channel == len(CAM_CHANNELS) - 1
     assert 0.0 < spec.temperature < 20.0 and 0.0 <= spec.referable_threshold <= 1.0
-    referable = spec.raw["referable"]
-    assert referable["sensitivity_out_of_fold"] is not None and referable["specificity_out_of_fold"] is not None
+    # Every named point carries its per-source held-out sensitivity and specificity, and the default is one of them.
+    points = spec.raw["operating_points"]
+    assert spec.operating_point == points["default"] in spec.operating_points
+    for name, point in points["points"].items():
+        assert spec.operating_points[name].threshold == pytest.approx(point["threshold"])
+        assert all("sensitivity" in row and "specificity" in row for row in point["per_source"].values())
     assert ModelSpec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
     image = prepare_fundus(load_image(photo, min_side=spec.preprocess.decode_min_side), spec.preprocess).model_image
     outputs = OnnxGrader(spec, threads=1).run(batch_tensor([image], spec.preprocess))
@@ -120,11 +124,11 @@ def test_train_export_evaluate_round_trip(tiny_labels: Path, tmp_path: Path, sha
     ):
         assert (run_dir / name).is_file(), name
     cv = json.loads((run_dir / "cv_metrics.json").read_text())
-    assert cv["decision"]["rule"] in {"argmax", "expected_grade", "regression"}
+    assert cv["decision"]["rule"] in {"argmax", "expected_grade"}
     assert 0.0 < cv["decision"]["temperature"] < 20.0
     photo = shared_data / "raw-fundus-samples/images/16_right.jpeg"
     spec = _check_spec_serves(run_dir / "retinagrade-dr.json", photo)
-    assert spec.raw["referable"]["sensitivity_out_of_fold"] == cv["all"]["referable"]["sensitivity"]["value"]
+    assert spec.raw["operating_points"] == cv["decision"]["operating_points"]
 
     models = tmp_path / "models"
     gate = Path(__file__).resolve().parents[2] / "models" / "gate.json"
@@ -179,10 +183,12 @@ def test_loso_from_a_config_file_chooses_the_decision_on_held_out_cameras(
     # NPDR (grade 1-3) images are left out of every metric; no DR vs PDR is what is scored
     assert mexico["coarse"]["images_with_grade_range"] == 4
     assert mexico["n_images"] == 8 and mexico["referable"]["counts"]["positives"] == 4
-    point = loso["decision"]["operating_point"]
-    assert point["threshold"] == min(point["per_source_max_threshold"].values())
+    points = loso["decision"]["operating_points"]
+    point = points["points"][points["default"]]
+    assert set(loso["by_point"]) == set(points["points"]) == {"balanced", "sensitive"}
+    assert set(point["served"]) | set(point["not_served"]) == {"eyepacs-768", "mexico-512"}
     table = (run_dir / "loso.md").read_text()
-    assert "mexico-512 (no DR vs PDR)" in table and "eyepacs-768" in table
+    assert "mexico-512 (no DR vs PDR)" in table and "eyepacs-768" in table and "Operating point `sensitive`" in table
     with (run_dir / "loso_predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {r["fold"] for r in rows} == {"eyepacs-768", "mexico-512"}

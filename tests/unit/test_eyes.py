@@ -64,9 +64,10 @@ def test_paired_answers_come_from_fused_outputs_at_the_fellow_eye_operating_poin
     expected = decide_grade(
         0.6 * healthy[0] + 0.4 * diseased[0],
         0.6 * healthy[1] + 0.4 * diseased[1],
-        dataclasses.replace(spec, referable_threshold=rule.referable_threshold),
+        dataclasses.replace(spec, referable_threshold=rule.referable_threshold, operating_point="fellow-eye"),
     )
     assert answers["a"].decision == expected
+    assert answers["a"].decision.operating_point == "fellow-eye"
     # The fused answer moves toward the other eye: the healthy eye's P(referable) rises.
     assert answers["a"].decision.p_referable > decide_grade(healthy[0], healthy[1], spec).p_referable
 

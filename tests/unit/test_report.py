@@ -22,9 +22,12 @@ def _graded(grade: int = 4, referable: bool = True) -> GradeResult:
         grade=grade,
         grade_name="proliferative DR",
         referable=referable,
+        referral_reason="grade" if grade >= 2 else ("risk" if referable else "none"),
         probabilities=(0.1, 0.1, 0.1, 0.1, 0.6),
         p_referable=0.8,
-        confidence=0.8,
+        confidence=0.6,
+        operating_point="balanced",
+        referable_threshold=0.35,
         urgency="urgent" if grade == 4 else ("refer" if referable else "routine"),
     )
     quality = QualityAssessment(is_fundus=True, gradable=True, score=0.95, reasons=(), fundus_score=0.97)
@@ -38,6 +41,12 @@ def test_a_graded_result_becomes_one_flat_record() -> None:
     assert [record[f"p{k}"] for k in range(5)] == [0.1, 0.1, 0.1, 0.1, 0.6]
     assert record["width"] == 3000 and record["metadata"] == {"ImageLaterality": "L"}
     assert record["error_code"] == ""
+    # every referral names its reason and the operating point that made it
+    assert (record["referral_reason"], record["operating_point"], record["referable_threshold"]) == (
+        "grade",
+        "balanced",
+        0.35,
+    )
     assert record["fundus_score"] == 0.97  # the detector's own score travels beside the gate's verdict
 
 

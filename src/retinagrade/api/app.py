@@ -23,9 +23,9 @@ from retinagrade.api.middleware import RequestContextMiddleware
 from retinagrade.api.routes import docs, explain, grade, health, model, ui
 from retinagrade.api.service import GradingService, warm_up
 from retinagrade.api.settings import Settings
-from retinagrade.api.sites import SITE_HEADER, SiteRegistry
+from retinagrade.api.sites import OPERATING_POINT_HEADER, SITE_HEADER, SiteRegistry
 from retinagrade.api.telemetry import ServiceMetrics
-from retinagrade.errors import ModelError
+from retinagrade.errors import ModelError, UnknownOperatingPointError
 from retinagrade.pipeline import GradingPipeline
 
 logger = logging.getLogger("retinagrade.api")
@@ -41,7 +41,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start the grading service: %s", exc)
         raise
     try:
-        pipeline = await asyncio.to_thread(GradingPipeline.load, settings.model, settings.threads, settings.max_pixels)
+        pipeline = await asyncio.to_thread(
+            GradingPipeline.load, settings.model, settings.threads, settings.max_pixels, settings.operating_point
+        )
         batch_sizes = (1, settings.max_batch_size if settings.batching else 1)
         app.state.warmup_ms = await asyncio.to_thread(warm_up, pipeline, batch_sizes)
         sites = await asyncio.to_thread(
@@ -52,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.drift_window,
             settings.drift_min_images,
         )
-    except ModelError as exc:
+    except (ModelError, UnknownOperatingPointError) as exc:
         logger.critical("cannot start the grading service: %s", exc.message)
         if audit is not None:
             audit.close()
@@ -119,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID", SITE_HEADER],
+            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID", SITE_HEADER, OPERATING_POINT_HEADER],
             expose_headers=["X-Request-ID", "X-Client-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retinagrade.constants import NUM_GRADES
+from retinagrade.constants import NUM_GRADES, ReferralReason
 from retinagrade.referral import Action, EyeStatus, ReferralDecision, Urgency
 from retinagrade.referral import Eye as Eye  # re-exported: uploads and routes name eyes from here
 
@@ -76,12 +76,27 @@ class GradeResponse(BaseModel):
     status: ResultStatus
     grade: int | None = Field(None, ge=0, le=NUM_GRADES - 1)
     grade_name: str | None = None
-    referable: bool | None = None
+    referable: bool | None = Field(
+        None, description="Referred: the grade is 2 or worse, or the risk reached the operating point's threshold."
+    )
+    referral_reason: ReferralReason | None = Field(
+        None,
+        description="Why it was referred: grade (2 or worse), risk (grade 0-1, but P(referable) at or over the "
+        "operating point's threshold) or none.",
+    )
+    operating_point: str | None = Field(None, description="The named operating point the referral was decided at.")
+    referable_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="That point's threshold on the calibrated P(referable)."
+    )
     urgency: Urgency = Field(description="routine, refer, urgent (grade 4), or retake when not graded.")
     action: Action = Field(description="The recommended next step (retinagrade.referral), a stable code.")
     probabilities: list[float] | None = Field(None, min_length=NUM_GRADES, max_length=NUM_GRADES)
-    p_referable: float | None = None
-    confidence: float | None = None
+    p_referable: float | None = Field(None, description="Calibrated P(grade >= 2): the estimated risk of referable DR.")
+    confidence: float | None = Field(None, description="Calibrated probability of the reported grade.")
+    p_dme: float | None = Field(
+        None, ge=0.0, le=1.0, description="Calibrated probability of diabetic macular oedema (models with a DME head)."
+    )
+    dme: bool | None = Field(None, description="Macular oedema at its own operating point (models with a DME head).")
     quality: Quality
     model: ModelRef
     site: str | None = Field(

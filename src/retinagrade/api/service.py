@@ -292,12 +292,13 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
         Raises:
-            InputError: the bytes are not a readable image of an accepted kind and size, or ``site`` names no
-                loaded site profile.
+            InputError: the bytes are not a readable image of an accepted kind and size, ``site`` names no
+                loaded site profile, or ``operating_point`` no point of the model or the site.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
         _, response, png, _ = await self.grade_result(
@@ -307,6 +308,7 @@ class GradingService:
             explain=explain,
             client_request_id=client_request_id,
             site=site,
+            operating_point=operating_point,
         )
         return response, png
 
@@ -319,6 +321,7 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
         render: Callable[[GradeResult, GradeResponse], Rendered] | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None, Rendered | None]:
         """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers).
@@ -328,7 +331,7 @@ class GradingService:
                 in a worker thread, before the answer is audited: an answer whose rendering fails (the error
                 propagates) is neither delivered nor recorded. Its value is returned last.
         """
-        chosen = self.sites.resolve(site)
+        chosen = self.sites.resolve(site, operating_point)
         try:
             request = await self._prepare(data)
         except InputError as exc:
@@ -353,11 +356,12 @@ class GradingService:
         explain: bool = False,
         client_request_id: str | None = None,
         site: str | None = None,
+        operating_point: str | None = None,
         render: Callable[[list[BatchAnswer]], Rendered] | None = None,
     ) -> tuple[list[BatchAnswer], Rendered | None]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
         and never fails the others. ``render`` as for :meth:`grade_result`, with all the answers."""
-        chosen = self.sites.resolve(site)
+        chosen = self.sites.resolve(site, operating_point)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
@@ -408,11 +412,16 @@ class GradingService:
             grade=record.grade,
             grade_name=record.grade_name,
             referable=record.referable,
+            referral_reason=record.referral_reason,
+            operating_point=record.operating_point or None,
+            referable_threshold=record.referable_threshold,
             urgency=record.urgency,
             action=record.action,
             probabilities=list(record.probabilities) or None,
             p_referable=record.p_referable,
             confidence=record.confidence,
+            p_dme=record.p_dme,
+            dme=record.dme,
             quality=Quality(
                 score=result.quality.score,
                 is_fundus=result.quality.is_fundus,

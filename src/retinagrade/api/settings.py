@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated site profiles (retinagrade calibrate); empty: the model's global operating point.",
     )
+    operating_point: str | None = Field(
+        default=None,
+        description="Named operating point for requests that name none (X-Retinagrade-Operating-Point); "
+        "default: the model's default (`/v1/model` lists the points). A site profile's own point wins over it.",
+    )
     default_site: str | None = Field(
         default=None, description="Site for requests that name none (X-Retinagrade-Site); needed with several profiles."
     )

@@ -8,6 +8,7 @@ profiles the service grades with the model's global operating point, under the e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from retinagrade.pipeline import GradingPipeline
 #: The metric label of the drift watch when no profile is configured (the spec's own reference).
 NO_SITE_LABEL = "none"
 SITE_HEADER = "X-Retinagrade-Site"
+OPERATING_POINT_HEADER = "X-Retinagrade-Operating-Point"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ class Site:
     @property
     def metric_label(self) -> str:
         return self.name or NO_SITE_LABEL
+
+    def at_operating_point(self, name: str | None) -> Site:
+        """This site deciding referrals at another named point (None or empty: its own).
+
+        Raises:
+            UnknownOperatingPointError: neither the model nor the site's profile has a point of that name.
+        """
+        if not name:
+            return self
+        return dataclasses.replace(self, pipeline=self.pipeline.at_operating_point(name))
 
 
 def _monitor(reference: Mapping[str, Any], window: int, min_count: int, where: str) -> DriftMonitor | None:
@@ -102,23 +114,25 @@ class SiteRegistry:
         }
         return cls(sites, default)
 
-    def resolve(self, name: str | None) -> Site:
-        """The site a request asked for (None or empty: the default).
+    def resolve(self, name: str | None, operating_point: str | None = None) -> Site:
+        """The site a request asked for (None or empty: the default), at the operating point it asked for.
 
         Raises:
             UnknownSiteError: the service was not started with a profile of that name.
+            UnknownOperatingPointError: the site's model (or profile) has no operating point of that name.
         """
         if not name:
-            return self.sites[self.default]
+            return self.sites[self.default].at_operating_point(operating_point)
         site = self.sites.get(name.strip())
         if site is None or not site.name:
             known = ", ".join(sorted(n for n in self.sites if n)) or "none"
             raise UnknownSiteError(f"No site profile named {name[:64]!r} is loaded (sites: {known}).")
-        return site
+        return site.at_operating_point(operating_point)
 
     def cards(self) -> dict[str, Any]:
         """What ``/v1/model`` shows about the sites."""
         return {
+            "operating_point": self.sites[self.default].pipeline.spec.operating_point,
             "default_site": self.default or None,
             "site_profiles": [site.profile.public_card() for site in self.sites.values() if site.profile is not None],
         }

@@ -50,6 +50,10 @@ SINGLE_IMAGE_BODY: dict[str, Any] = {
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "site": {"type": "string", "description": "Site profile (as X-Retinagrade-Site)."},
+                        "operating_point": {
+                            "type": "string",
+                            "description": "Named operating point (as X-Retinagrade-Operating-Point).",
+                        },
                     },
                 },
             },
@@ -76,6 +80,10 @@ BATCH_BODY: dict[str, Any] = {
                             "items": {"type": "string", "maxLength": MAX_PATIENT_ID, "pattern": "^[\\x20-\\x7e]*$"},
                         },
                         "site": {"type": "string", "description": "Site profile (as X-Retinagrade-Site)."},
+                        "operating_point": {
+                            "type": "string",
+                            "description": "Named operating point (as X-Retinagrade-Operating-Point).",
+                        },
                     },
                 },
             }

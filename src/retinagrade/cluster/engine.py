@@ -87,6 +87,7 @@ class ClusterOptions:
         write_csv: also write ``results.csv`` with the local engine's columns.
         max_pixels: decoded-size limit, as for the local engine.
         num_cpus: CPUs of the private cluster started when no address is given (default: all).
+        operating_point: the model's named operating point to refer at (``None``: its default).
     """
 
     model: Path | None = None
@@ -101,6 +102,7 @@ class ClusterOptions:
     write_csv: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     num_cpus: int | None = None
+    operating_point: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,13 @@ class RunReport:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_pipeline(model: str | None, threads: int, max_pixels: int, expected_sha256: str) -> GradingPipeline:
+def _worker_pipeline(
+    model: str | None, threads: int, max_pixels: int, expected_sha256: str, operating_point: str | None = None
+) -> GradingPipeline:
     """The pipeline of this worker process, loaded once however many tasks the process runs."""
     from retinagrade.pipeline import GradingPipeline
 
-    pipeline = GradingPipeline.load(model, threads=threads, max_pixels=max_pixels)
+    pipeline = GradingPipeline.load(model, threads=threads, max_pixels=max_pixels, operating_point=operating_point)
     if pipeline.spec.sha256 != expected_sha256:
         # Nodes with different model files would silently mix two models' grades in one table.
         raise ModelError(
@@ -193,8 +197,10 @@ def prepare_block(batch: pa.Table, *, model: str | None, max_pixels: int, model_
 class GradeActor:
     """A model replica: one :class:`GradingPipeline` per actor, loaded once, grading batches."""
 
-    def __init__(self, model: str | None, threads: int, max_pixels: int, model_sha256: str) -> None:
-        self.pipeline = _worker_pipeline(model, threads, max_pixels, model_sha256)
+    def __init__(
+        self, model: str | None, threads: int, max_pixels: int, model_sha256: str, operating_point: str | None = None
+    ) -> None:
+        self.pipeline = _worker_pipeline(model, threads, max_pixels, model_sha256, operating_point)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from retinagrade.pipeline import PreparedRequest
@@ -276,6 +282,7 @@ def build_dataset(images: Sequence[str], done: frozenset[str], model_sha256: str
             "threads": options.threads,
             "max_pixels": options.max_pixels,
             "model_sha256": model_sha256,
+            "operating_point": options.operating_point,
         },
         compute=ray.data.ActorPoolStrategy(size=options.workers),
         num_cpus=actor_cpus,

@@ -19,6 +19,8 @@ class ModelOutputs:
     regression: np.ndarray
     cam: np.ndarray
     embedding: np.ndarray
+    #: N logits of diabetic macular oedema, for a model with a DME output; else None.
+    dme: np.ndarray | None = None
 
 
 class OnnxGrader:
@@ -48,6 +50,8 @@ class OnnxGrader:
         missing = [name for name in spec.outputs if name not in outputs]
         if missing:
             raise ModelError(f"model lacks outputs {missing}")
+        if spec.dme is not None and "dme" not in spec.outputs:
+            raise ModelError("model spec has a DME rule but declares no dme output")
         self._input_name = inputs[0].name
 
     def run(self, batch: np.ndarray) -> ModelOutputs:
@@ -59,4 +63,5 @@ class OnnxGrader:
             regression=values["regression"].reshape(-1),
             cam=values["cam"],
             embedding=values["embedding"],
+            dme=values["dme"].reshape(-1) if "dme" in values else None,
         )

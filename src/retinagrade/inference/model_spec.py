@@ -7,13 +7,18 @@ decision rule, referable operating point, out-of-distribution statistics), so no
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from dataclasses import dataclass, field
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from retinagrade.constants import GRADE_NAMES, REFERABLE_MIN_GRADE
-from retinagrade.errors import ModelError
+from retinagrade.errors import ModelError, UnknownOperatingPointError
 from retinagrade.preprocessing.pipeline import PreprocessConfig
 
 SPEC_FORMAT_VERSION = 1
@@ -22,11 +27,16 @@ DECISION_RULES = ("argmax", "expected_grade", "regression")
 OUTPUT_NAMES = ("logits", "regression", "cam", "embedding")
 #: Channels of the ``cam`` output: one class-activation map per grade logit, then the regression (severity).
 CAM_CHANNELS = (*(f"grade{k}" for k in range(len(GRADE_NAMES))), "regression")
+#: Optional output of models with a macular-oedema head (0.3.0 on): N x 1 DME logit, appended after
+#: :data:`OUTPUT_NAMES`; its class-activation map is appended to the ``cam`` channels under the same name.
+#: Models without it (0.2.0) declare neither and still load.
+DME_OUTPUT = "dme"
 _OUTPUT_DESCRIPTIONS = {
     "logits": "N x 5 grade logits (divide by calibration.temperature before softmax)",
     "regression": "N x 1 grade as a number",
     "cam": "N x C x h x w class-activation maps, channels named by cam_channels; spatial mean = output",
     "embedding": "N x C pooled features",
+    DME_OUTPUT: "N x 1 diabetic macular oedema logit (uncalibrated)",
 }
 
 
@@ -69,6 +79,90 @@ class Decision:
     rule: str = "argmax"
     thresholds: tuple[float, ...] = (0.5, 1.5, 2.5, 3.5)
 
+    def __post_init__(self) -> None:
+        if self.rule not in DECISION_RULES:
+            raise ModelError(f"unknown decision rule {self.rule!r}")
+        if len(self.thresholds) != len(GRADE_NAMES) - 1 or any(b <= a for a, b in itertools.pairwise(self.thresholds)):
+            raise ModelError(f"decision thresholds must be {len(GRADE_NAMES) - 1} increasing numbers")
+
+
+#: Operating-point names appear in HTTP headers, CSV cells and metric labels: keep them plain.
+OPERATING_POINT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,15}$")
+#: The name a spec without named operating points gives its one threshold.
+LEGACY_POINT = "default"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A named referral threshold on the calibrated P(grade >= 2).
+
+    An eye is referred when its grade is referable or, with a grade 0-1, when its P(referable) reaches
+    ``threshold``. Because P(referable) is calibrated, a threshold means the same risk on every camera; what
+    differs between cameras is how well the model ranks, so each point carries its held-out sensitivity and
+    specificity per source (in the spec's ``operating_points`` section, for people; not read here).
+
+    Attributes:
+        name: 1-16 lower-case letters, digits, ``_`` or ``-`` (``balanced``, ``sensitive``, ``site``): it is a
+            DICOM code value in the SR, an HTTP header value and a CSV cell.
+        threshold: the risk at or above which a grade 0-1 eye is referred.
+        description: what the point trades, in one sentence.
+    """
+
+    name: str
+    threshold: float
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not OPERATING_POINT_NAME.match(self.name):
+            raise ValueError(f"operating point name {self.name!r} must be 1-16 lower-case letters, digits, _ or -")
+        if not (math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"operating point {self.name}: threshold must lie in [0, 1], got {self.threshold!r}")
+
+
+def _operating_points(data: dict[str, Any]) -> tuple[dict[str, OperatingPoint], str]:
+    """The named points of a spec and the default's name; a spec without them has one, ``default``."""
+    section = data.get("operating_points")
+    if section is None:
+        threshold = float(data["referable"]["threshold"])
+        return {LEGACY_POINT: OperatingPoint(LEGACY_POINT, threshold, "the model's one referable threshold")}, (
+            LEGACY_POINT
+        )
+    points = {
+        str(name): OperatingPoint(str(name), float(point["threshold"]), str(point.get("description", "")))
+        for name, point in dict(section["points"]).items()
+    }
+    default = str(section["default"])
+    if default not in points:
+        raise ValueError(f"the default operating point {default!r} is not among {sorted(points)}")
+    return points, default
+
+
+@dataclass(frozen=True)
+class DmeRule:
+    """How the DME output becomes an answer: Platt scaling of its logit, then a threshold of its own.
+
+    ``p_dme = sigmoid(scale * logit + bias)``; oedema is reported (and referred) when ``p_dme >= threshold``.
+    """
+
+    scale: float
+    bias: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and math.isfinite(self.bias) and 0.0 < self.threshold < 1.0):
+            raise ValueError(f"DME rule needs a finite scale and bias and a threshold in (0, 1), got {self!r}")
+
+    def probability(self, logit: float) -> float:
+        z = self.scale * float(logit) + self.bias
+        return float(1.0 / (1.0 + math.exp(-z))) if z >= 0 else float(math.exp(z) / (1.0 + math.exp(z)))
+
+
+def _dme(section: Any) -> DmeRule | None:
+    if section is None:
+        return None
+    calibration = section["calibration"]
+    return DmeRule(float(calibration["scale"]), float(calibration["bias"]), float(section["threshold"]))
+
 
 def _fellow_eye(section: Any) -> FellowEyeRule | None:
     if section is None:
@@ -93,7 +187,12 @@ class FellowEyeRule:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Parsed model spec. ``path`` is the spec file; the ONNX file lies beside it."""
+    """Parsed model spec. ``path`` is the spec file; the ONNX file lies beside it.
+
+    ``referable_threshold`` is the threshold of the operating point in use, ``operating_point`` its name;
+    :meth:`with_operating_point` switches to another of ``operating_points`` (a site profile may add its own,
+    :meth:`retinagrade.inference.site_profile.SiteProfile.apply`).
+    """
 
     name: str
     version: str
@@ -113,6 +212,42 @@ class ModelSpec:
     outputs: tuple[str, ...] = OUTPUT_NAMES
     cam_channels: tuple[str, ...] = CAM_CHANNELS
     fellow_eye: FellowEyeRule | None = None
+    operating_point: str = LEGACY_POINT
+    operating_points: Mapping[str, OperatingPoint] = field(default_factory=lambda: MappingProxyType({}))
+    dme: DmeRule | None = None
+
+    @property
+    def default_operating_point(self) -> str:
+        """The point the spec names as its default (the one an answer gets when nobody chose)."""
+        section = self.raw.get("operating_points")
+        if isinstance(section, dict) and section.get("default") in self.operating_points:
+            return str(section["default"])
+        return self.operating_point
+
+    def with_operating_point(self, name: str | None) -> ModelSpec:
+        """The spec read at the named operating point (None or empty: unchanged).
+
+        Raises:
+            UnknownOperatingPointError: the spec has no point of that name.
+        """
+        if not name:
+            return self
+        key = name.strip().lower()
+        point = self.operating_points.get(key)
+        if point is None:
+            known = ", ".join(self.operating_points) or "none"
+            raise UnknownOperatingPointError(f"No operating point named {name[:32]!r} (points: {known}).")
+        return replace(self, operating_point=point.name, referable_threshold=point.threshold)
+
+    def with_added_point(self, point: OperatingPoint) -> ModelSpec:
+        """The spec with one more named point (a site's own), made the one in use."""
+        points = {**self.operating_points, point.name: point}
+        return replace(
+            self,
+            operating_points=MappingProxyType(points),
+            operating_point=point.name,
+            referable_threshold=point.threshold,
+        )
 
     @property
     def severity_channel(self) -> int:
@@ -139,8 +274,7 @@ class ModelSpec:
             decision = Decision(
                 rule=data["decision"]["rule"], thresholds=tuple(float(t) for t in data["decision"]["thresholds"])
             )
-            if decision.rule not in DECISION_RULES:
-                raise ModelError(f"unknown decision rule {decision.rule!r}")
+            points, default = _operating_points(data)
             grade_names = tuple(data.get("grade_names", GRADE_NAMES))
             if grade_names != GRADE_NAMES:
                 raise ModelError("the model's grade names do not match the ICDR grades this release knows")
@@ -152,7 +286,7 @@ class ModelSpec:
                 preprocess=PreprocessConfig.from_dict(data["preprocess"]),
                 temperature=float(data["calibration"]["temperature"]),
                 decision=decision,
-                referable_threshold=float(data["referable"]["threshold"]),
+                referable_threshold=points[default].threshold,
                 grade_names=grade_names,
                 referable_min_grade=int(data["referable"].get("min_grade", REFERABLE_MIN_GRADE)),
                 ood=dict(data.get("ood", {})),
@@ -163,6 +297,9 @@ class ModelSpec:
                 outputs=tuple(data.get("output_names", OUTPUT_NAMES)),
                 cam_channels=tuple(data.get("cam_channels", CAM_CHANNELS)),
                 fellow_eye=_fellow_eye(data.get("fellow_eye")),
+                operating_point=default,
+                operating_points=MappingProxyType(points),
+                dme=_dme(data.get("dme")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc
@@ -196,10 +333,30 @@ class ModelSpec:
             "rule": self.decision.rule,
             "thresholds": list(self.decision.thresholds),
         }
+        default = self.default_operating_point
+        if self.operating_points and set(self.operating_points) != {LEGACY_POINT}:
+            found = data.get("operating_points")
+            section: dict[str, Any] = found if isinstance(found, dict) else {}
+            old_points = section.get("points", {})
+            data["operating_points"] = {
+                **section,
+                "default": default,
+                "points": {
+                    name: {
+                        **(old_points.get(name, {}) if isinstance(old_points, dict) else {}),
+                        "threshold": point.threshold,
+                        "description": point.description,
+                    }
+                    for name, point in self.operating_points.items()
+                },
+            }
+        default_threshold = (
+            self.operating_points[default].threshold if default in self.operating_points else self.referable_threshold
+        )
         data["referable"] = {
             **data.get("referable", {}),
             "min_grade": self.referable_min_grade,
-            "threshold": self.referable_threshold,
+            "threshold": default_threshold,
         }
         if self.gate_file is not None:
             data["gate_file"] = self.gate_file
@@ -209,6 +366,20 @@ class ModelSpec:
             data["gate_files"] = dict(self.gate_files)
         else:
             data.pop("gate_files", None)
+        if self.dme is not None:
+            section = data.get("dme", {})
+            data["dme"] = {
+                **section,
+                "calibration": {
+                    **section.get("calibration", {}),
+                    "method": "platt",
+                    "scale": self.dme.scale,
+                    "bias": self.dme.bias,
+                },
+                "threshold": self.dme.threshold,
+            }
+        else:
+            data.pop("dme", None)
         if self.fellow_eye is not None:
             data["fellow_eye"] = {
                 **data.get("fellow_eye", {}),
@@ -270,9 +441,11 @@ class ModelSpec:
             "training",
             "metrics",
             "referable",
+            "operating_points",
             "decision",
             "calibration",
             "fellow_eye",
+            "dme",
             "preprocess",
             "grade_names",
             "limitations",

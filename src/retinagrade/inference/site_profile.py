@@ -24,9 +24,11 @@ from typing import Any
 
 from retinagrade.constants import NUM_GRADES
 from retinagrade.errors import SiteProfileError
-from retinagrade.inference.model_spec import ModelSpec
+from retinagrade.inference.model_spec import DECISION_RULES, Decision, ModelSpec, OperatingPoint
 
 PROFILE_FORMAT_VERSION = 1
+#: The name of a site's own operating point in every answer graded with its profile.
+SITE_POINT = "site"
 #: Site names appear in HTTP headers, metric labels and CSV cells: keep them plain.
 SITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -41,7 +43,9 @@ class SiteProfile:
         created: ISO date the profile was fitted.
         temperature: softmax temperature replacing the spec's.
         referable_threshold: P(referable) at or above which an eye is referred at this site.
-        decision_thresholds: cut-points of the spec's decision score, or None to keep the spec's.
+        decision_thresholds: cut-points of the grade rule's score, or None to keep the spec's.
+        decision_rule: the site's own grade rule (``expected_grade`` with its cut-points), or None for the
+            model's.
         min_sensitivity: the sensitivity target the threshold was chosen for.
         sample: what the profile was fitted on (images, graded images, counts per grade, referable count).
         fit: how the parameters were chosen (rule, confidence bound, whether the bound was met, folds).
@@ -58,6 +62,7 @@ class SiteProfile:
     temperature: float
     referable_threshold: float
     decision_thresholds: tuple[float, ...] | None = None
+    decision_rule: str | None = None
     min_sensitivity: float = 0.90
     sample: Mapping[str, Any] = field(default_factory=dict)
     fit: Mapping[str, Any] = field(default_factory=dict)
@@ -85,6 +90,11 @@ class SiteProfile:
             raise SiteProfileError(
                 f"site profile {self.name}: decision thresholds must be {NUM_GRADES - 1} increasing numbers"
             )
+        if self.decision_rule is not None and (self.decision_rule not in DECISION_RULES or cuts is None):
+            raise SiteProfileError(
+                f"site profile {self.name}: decision rule must be one of {', '.join(DECISION_RULES)}, with its "
+                "thresholds"
+            )
 
     # -- reading and writing ----------------------------------------------------------------------------
     @classmethod
@@ -103,6 +113,7 @@ class SiteProfile:
                 temperature=float(params["temperature"]),
                 referable_threshold=float(params["referable_threshold"]),
                 decision_thresholds=None if cuts is None else tuple(float(c) for c in cuts),
+                decision_rule=None if params.get("decision_rule") is None else str(params["decision_rule"]),
                 min_sensitivity=float(params.get("min_sensitivity", 0.90)),
                 sample=dict(data.get("sample", {})),
                 fit=dict(data.get("fit", {})),
@@ -139,6 +150,7 @@ class SiteProfile:
                 "temperature": self.temperature,
                 "referable_threshold": self.referable_threshold,
                 "decision_thresholds": None if self.decision_thresholds is None else list(self.decision_thresholds),
+                "decision_rule": self.decision_rule,
                 "min_sensitivity": self.min_sensitivity,
             },
             "sample": dict(self.sample),
@@ -165,18 +177,26 @@ class SiteProfile:
             )
 
     def apply(self, spec: ModelSpec) -> ModelSpec:
-        """The spec with this site's temperature, referable threshold and (if fitted) cut-points.
+        """The spec with this site's temperature, (if fitted) grade rule, and its threshold as the point ``site``.
+
+        The model's named points stay available (a request may still ask for ``sensitive``); they then read the
+        site's calibrated probabilities, which is what a threshold on a calibrated risk means.
 
         Raises:
             SiteProfileError: the profile belongs to another model.
         """
         self.check_model(spec)
         decision = spec.decision
-        if self.decision_thresholds is not None:
+        if self.decision_rule is not None:
+            decision = Decision(self.decision_rule, self.decision_thresholds or decision.thresholds)
+        elif self.decision_thresholds is not None:
             decision = dataclasses.replace(decision, thresholds=self.decision_thresholds)
-        return dataclasses.replace(
-            spec, temperature=self.temperature, referable_threshold=self.referable_threshold, decision=decision
+        point = OperatingPoint(
+            SITE_POINT,
+            self.referable_threshold,
+            f"site profile {self.name}: fitted on its own graded photos for sensitivity >= {self.min_sensitivity:.2f}",
         )
+        return dataclasses.replace(spec, temperature=self.temperature, decision=decision).with_added_point(point)
 
     def public_card(self) -> dict[str, Any]:
         """What the service may show about the profile (no paths; the drift reference is left out)."""

@@ -35,15 +35,21 @@ from pydicom.valuerep import DA, TM, validate_value
 
 from retinagrade.errors import InputError
 from retinagrade.interop.findings import (
+    DME,
     EYE_SITE,
     GRADABLE,
     ICDR_ANSWERS,
     NO,
     NOT_GRADED_REASON,
+    OPERATING_POINT,
+    P_DME,
     P_REFERABLE,
     PROCEDURE,
     QUALITY_SCORE,
     REFERABLE,
+    REFERABLE_THRESHOLD,
+    REFERRAL_REASON,
+    REFERRAL_REASONS,
     REPORT_TITLE,
     SEVERITY,
     YES,
@@ -53,6 +59,7 @@ from retinagrade.interop.findings import (
     RecordLike,
     eye_of,
     finding_from_record,
+    local,
     reason_concept,
 )
 from retinagrade.preprocessing.decode import is_dicom
@@ -190,6 +197,15 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
         )
     if finding.referable is not None:
         items.append(hd.sr.QualitativeEvaluation(_coded(REFERABLE), _coded(YES if finding.referable else NO)))
+    if finding.dme is not None:
+        items.append(hd.sr.QualitativeEvaluation(_coded(DME), _coded(YES if finding.dme else NO)))
+    if finding.referral_reason in REFERRAL_REASONS:
+        reason = REFERRAL_REASONS[str(finding.referral_reason)]
+        items.append(hd.sr.QualitativeEvaluation(_coded(REFERRAL_REASON), _coded(reason)))
+    if finding.operating_point:
+        # Point names are at most 16 characters: a DICOM code value (SH) holds them as they are.
+        point = local(finding.operating_point, f"operating point {finding.operating_point}")
+        items.append(hd.sr.QualitativeEvaluation(_coded(OPERATING_POINT), _coded(point)))
     items.extend(
         hd.sr.QualitativeEvaluation(_coded(NOT_GRADED_REASON), _coded(reason_concept(reason)))
         for reason in finding.reasons
@@ -198,7 +214,12 @@ def _qualitative(finding: EyeFinding) -> list[hd.sr.QualitativeEvaluation]:
 
 
 def _measurements(finding: EyeFinding) -> list[hd.sr.Measurement]:
-    values = [(P_REFERABLE, finding.p_referable), (QUALITY_SCORE, finding.quality_score)]
+    values = [
+        (P_REFERABLE, finding.p_referable),
+        (P_DME, finding.p_dme),
+        (REFERABLE_THRESHOLD, finding.referable_threshold),
+        (QUALITY_SCORE, finding.quality_score),
+    ]
     return [
         hd.sr.Measurement(name=_coded(concept), value=round(float(value), 6), unit=_UNITLESS)
         for concept, value in values
@@ -209,6 +230,8 @@ def _measurements(finding: EyeFinding) -> list[hd.sr.Measurement]:
 def explanation(finding: EyeFinding) -> str:
     """The finding in one sentence, for a person reading the report."""
     if finding.status == "graded":
+        if finding.referral_reason is not None:
+            return finding.referral_sentence
         refer = "refer" if finding.referable else "do not refer"
         return f"ICDR grade {finding.grade} ({finding.grade_name}); {refer} (P(referable) {finding.p_referable:.3f})."
     why = ", ".join(r.replace("_", " ") for r in finding.reasons) or "no reason given"

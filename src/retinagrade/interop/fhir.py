@@ -31,14 +31,20 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from retinagrade.interop.findings import (
+    DME,
     EYE_SITE,
     GRADABLE,
     ICDR_ANSWERS,
     NO,
     NOT_GRADED_REASON,
+    OPERATING_POINT,
+    P_DME,
     P_REFERABLE,
     QUALITY_SCORE,
     REFERABLE,
+    REFERABLE_THRESHOLD,
+    REFERRAL_REASON,
+    REFERRAL_REASONS,
     REPORT_TITLE,
     SEVERITY,
     YES,
@@ -137,6 +143,13 @@ def _components(finding: EyeFinding) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     if finding.referable is not None:
         parts.append({"code": _codeable(REFERABLE), "valueCodeableConcept": _yes_no(finding.referable)})
+    if finding.referral_reason in REFERRAL_REASONS:
+        reason = REFERRAL_REASONS[str(finding.referral_reason)]
+        parts.append({"code": _codeable(REFERRAL_REASON), "valueCodeableConcept": _codeable(reason)})
+    if finding.operating_point:
+        parts.append({"code": _codeable(OPERATING_POINT), "valueString": finding.operating_point})
+    if finding.referable_threshold is not None:
+        parts.append({"code": _codeable(REFERABLE_THRESHOLD), "valueQuantity": _unitless(finding.referable_threshold)})
     if finding.p_referable is not None:
         parts.append({"code": _codeable(P_REFERABLE), "valueQuantity": _unitless(finding.p_referable)})
     parts.append({"code": _codeable(GRADABLE), "valueCodeableConcept": _yes_no(finding.gradable)})
@@ -178,9 +191,38 @@ def _observation(
     if finding.grade is not None:
         obs["valueCodeableConcept"] = _codeable(ICDR_ANSWERS[finding.grade])
         obs["interpretation"] = [{"text": "referable" if finding.referable else "not referable"}]
+        obs["note"].append({"text": finding.referral_sentence})
     else:
         absent = "error" if finding.status == "error" else "not-performed"
         obs["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
+    return obs
+
+
+def _dme_observation(
+    item: FhirItem, device_ref: str, patient_ref: str | None, study_ref: str | None, now: str
+) -> dict[str, Any] | None:
+    """Diabetic macular oedema as its own Observation (SNOMED CT 312912001 present or absent), when measured."""
+    finding = item.finding
+    if finding.dme is None or finding.p_dme is None:
+        return None
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
+        "code": _codeable(DME),
+        "effectiveDateTime": now,
+        "issued": now,
+        "device": {"reference": device_ref},
+        "valueCodeableConcept": _yes_no(finding.dme),
+        "component": [{"code": _codeable(P_DME), "valueQuantity": _unitless(finding.p_dme)}],
+        "note": [{"text": f"Image: {item.name}"}],
+    }
+    if patient_ref is not None:
+        obs["subject"] = {"reference": patient_ref}
+    if study_ref is not None:
+        obs["derivedFrom"] = [{"reference": study_ref}]
+    if finding.laterality is not None:
+        obs["bodySite"] = _codeable(EYE_SITE[finding.laterality])
     return obs
 
 
@@ -263,6 +305,10 @@ def build_bundle(items: Iterable[FhirItem], algorithm: AlgorithmInfo) -> dict[st
             patient_ref = patients[patient_id]
         study_ref = add(_imaging_study(members, study_uid, patient_ref)) if _uid(study_uid) and patient_ref else None
         observation_refs = [add(_observation(m, device_ref, patient_ref, study_ref, now)) for m in members]
+        for member in members:
+            oedema = _dme_observation(member, device_ref, patient_ref, study_ref, now)
+            if oedema is not None:
+                observation_refs.append(add(oedema))
         report: dict[str, Any] = {
             "resourceType": "DiagnosticReport",
             "status": "preliminary",

@@ -6,7 +6,9 @@ Where a published terminology defines a concept it is used (sources in docs/inte
   the answers of LOINC answer list LL2117-1 (LA18643-9 no apparent retinopathy ... LA18648-8 proliferative);
 - the eye as SNOMED CT 362502000 "Entire right eye" / 362503005 "Entire left eye" (HL7 Eyecare target-site
   value set), yes/no as SNOMED CT 373066001 / 373067005 (DICOM CID 230);
-- the algorithm as DICOM TID 4019 (DCM 111001 Algorithm Name, 111003 Algorithm Version).
+- the algorithm as DICOM TID 4019 (DCM 111001 Algorithm Name, 111003 Algorithm Version);
+- diabetic macular oedema as SNOMED CT 312912001 "Macular edema due to diabetes mellitus" (a disorder concept,
+  used as the finding that is present or absent, as FHIR eye-care profiles do), with P(DME) as a local code.
 
 Concepts no terminology defines (referable at this model's operating point, the gate's gradability and its
 reasons, P(referable)) carry retinagrade's own codes, in the private coding scheme ``99RETINAGRADE`` (DICOM)
@@ -75,7 +77,20 @@ EYE_SITE: Final[Mapping[Eye, Concept]] = {
 YES: Final = snomed("373066001", "Yes")
 NO: Final = snomed("373067005", "No")
 
-REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (ICDR moderate NPDR or worse)")
+# Code meanings are at most 64 characters (DICOM LO).
+REFERABLE: Final = local("referable-dr", "Referable diabetic retinopathy (grade, or risk at the threshold)")
+REFERRAL_REASON: Final = local("referral-reason", "Reason for the referral decision")
+DME: Final = snomed("312912001", "Macular edema due to diabetes mellitus")
+P_DME: Final = local("p-dme", "Probability of diabetic macular oedema")
+#: The values of :data:`REFERRAL_REASON`, by ``referral_reason``.
+REFERRAL_REASONS: Final[Mapping[str, Concept]] = {
+    "grade": local("refer-grade", "Referred for its grade (moderate NPDR or worse)"),
+    "risk": local("refer-risk", "Mild or no DR seen; referred for the risk of referable DR"),
+    "dme": local("refer-dme", "Referred for diabetic macular oedema"),
+    "none": local("not-referred", "Not referred"),
+}
+OPERATING_POINT: Final = local("op-point", "Operating point of the referral decision")
+REFERABLE_THRESHOLD: Final = local("risk-threshold", "Risk threshold of the operating point")
 P_REFERABLE: Final = local("p-referable-dr", "Probability of referable diabetic retinopathy")
 GRADABLE: Final = local("gradable", "Photograph gradable")
 QUALITY_SCORE: Final = local("quality-score", "Photograph gradability score")
@@ -112,7 +127,12 @@ class EyeFinding:
     laterality: Eye | None
     grade: int | None = None
     referable: bool | None = None
+    referral_reason: str | None = None
+    operating_point: str = ""
+    referable_threshold: float | None = None
     p_referable: float | None = None
+    p_dme: float | None = None
+    dme: bool | None = None
     probabilities: tuple[float, ...] = ()
     quality_score: float | None = None
     gradable: bool = False
@@ -123,6 +143,51 @@ class EyeFinding:
     @property
     def grade_name(self) -> str | None:
         return GRADE_NAMES[self.grade] if self.grade is not None else None
+
+    @property
+    def referral_sentence(self) -> str:
+        """The referral decision and its reason in one sentence, the same in the page, the SR and FHIR."""
+        return referral_sentence(
+            self.grade, self.referral_reason, self.p_referable, self.referable_threshold, self.operating_point
+        )
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def referral_sentence(
+    grade: int | None,
+    reason: str | None,
+    p_referable: float | None,
+    threshold: float | None,
+    operating_point: str = "",
+) -> str:
+    """What the referral decision says, and why, for a graded eye ("" when not graded).
+
+    A grade 0-1 eye referred for its risk says so in words, so nobody reads it as moderate DR.
+    """
+    if grade is None or reason is None:
+        return ""
+    name = GRADE_NAMES[grade]
+    point = f" at operating point '{operating_point}'" if operating_point else ""
+    risk = "" if p_referable is None else _percent(p_referable)
+    line = "" if threshold is None else _percent(threshold)
+    if reason == "grade":
+        return f"ICDR grade {grade} ({name}): refer." + (f" Estimated risk of referable DR {risk}." if risk else "")
+    if reason == "dme":
+        return (
+            f"ICDR grade {grade} ({name}); referred for diabetic macular oedema (its estimated probability "
+            "shown with the oedema finding)."
+        )
+    if reason == "risk":
+        return (
+            f"Mild or no DR seen (ICDR grade {grade}, {name}); referred because the estimated risk of referable DR "
+            f"is {risk} (refers at {line} or more{point})."
+        )
+    return f"ICDR grade {grade} ({name}): no referral; estimated risk of referable DR {risk}" + (
+        f" (below {line}{point})." if line else "."
+    )
 
 
 def eye_of(metadata: Mapping[str, str]) -> Eye | None:
@@ -162,7 +227,12 @@ def finding_from(outcome: object, metadata: Mapping[str, str] | None = None) -> 
         side,
         grade=decision.grade,
         referable=decision.referable,
+        referral_reason=decision.referral_reason,
+        operating_point=decision.operating_point,
+        referable_threshold=decision.referable_threshold,
         p_referable=decision.p_referable,
+        p_dme=decision.p_dme,
+        dme=decision.dme,
         probabilities=decision.probabilities,
         quality_score=quality.score,
         gradable=True,
@@ -184,6 +254,21 @@ class RecordLike(Protocol):
 
     @property
     def referable(self) -> bool | None: ...
+
+    @property
+    def referral_reason(self) -> str | None: ...
+
+    @property
+    def operating_point(self) -> str: ...
+
+    @property
+    def referable_threshold(self) -> float | None: ...
+
+    @property
+    def p_dme(self) -> float | None: ...
+
+    @property
+    def dme(self) -> bool | None: ...
 
     @property
     def p_referable(self) -> float | None: ...
@@ -225,7 +310,12 @@ def finding_from_record(record: RecordLike) -> EyeFinding:
         eye_of(meta),
         grade=record.grade,
         referable=record.referable,
+        referral_reason=record.referral_reason,
+        operating_point=record.operating_point,
+        referable_threshold=record.referable_threshold,
         p_referable=record.p_referable,
+        p_dme=record.p_dme,
+        dme=record.dme,
         probabilities=tuple(record.probabilities),
         quality_score=record.quality,
         gradable=bool(record.gradable) and record.status == "graded",

@@ -6,8 +6,9 @@ Cache files are keyed by a hash of everything that determines their content.
 
 The feature cache holds, per image, view 0 (the unaugmented image), then ``views`` views augmented on the
 prepared image (:func:`~retinagrade.training.augment.augment`), then ``artefact_views`` views whose raw photo was
-first degraded by :func:`~retinagrade.training.augment.fundus_artefacts` and then prepared and augmented. Training
-recipes that differ only in which views they sample share one cache (:func:`view_indices`).
+first degraded by :func:`~retinagrade.training.augment.fundus_artefacts` and then prepared and augmented, and
+(``flipped``, for horizontal-flip test-time augmentation) the clean image mirrored left to right, never drawn in
+training. Training recipes that differ only in which views they sample share one cache (:func:`view_indices`).
 """
 
 from __future__ import annotations
@@ -116,9 +117,15 @@ def view_indices(views: int, artefact_views: int, use_standard: bool = True, use
 _PREPARED: dict[str, np.ndarray] = {}
 
 
-def view_kinds(views: int, artefact_views: int) -> list[tuple[str, int]]:
-    """(kind, number) of every cached view in cache order: the clean image, then standard, then artefact views."""
-    return [("clean", 0)] + [("standard", j) for j in range(views)] + [("artefact", j) for j in range(artefact_views)]
+#: Kinds of cached view; the position seeds each view's augmentation, so new kinds go at the end.
+VIEW_KINDS = ("clean", "standard", "artefact", "flipped")
+
+
+def view_kinds(views: int, artefact_views: int, flipped: bool = False) -> list[tuple[str, int]]:
+    """(kind, number) of every cached view in cache order: the clean image, standard, artefact views, then the
+    clean image mirrored (``flipped``, for test-time augmentation)."""
+    kinds = [("clean", 0)] + [("standard", j) for j in range(views)] + [("artefact", j) for j in range(artefact_views)]
+    return [*kinds, ("flipped", 0)] if flipped else kinds
 
 
 def _view_image(args: tuple[int, str, str, str, int, dict[str, Any], int]) -> np.ndarray:
@@ -128,9 +135,11 @@ def _view_image(args: tuple[int, str, str, str, int, dict[str, Any], int]) -> np
     if prepared_path not in _PREPARED:
         _PREPARED[prepared_path] = np.load(prepared_path, mmap_mode="r")
     clean = np.asarray(_PREPARED[prepared_path][i])
-    rng = np.random.default_rng((seed, i, ["clean", "standard", "artefact"].index(kind), number))
+    rng = np.random.default_rng((seed, i, VIEW_KINDS.index(kind), number))
     if kind == "clean":
         return clean
+    if kind == "flipped":
+        return np.ascontiguousarray(clean[:, ::-1])
     if kind == "standard":
         return augment(clean, rng, config.mask_margin)
     decoded = load_image(path, min_side=config.decode_min_side)
@@ -207,6 +216,7 @@ def stem_features(
     seed: int = 0,
     batch_size: int = 32,
     threads: int = 2,
+    flipped: bool = False,
 ) -> ViewStack:
     """N x (1 + views + artefact_views) x C x h x w float16 stem features (layout: module docstring).
 
@@ -221,7 +231,7 @@ def stem_features(
     prepared_path = Path(getattr(images, "filename", "") or "")
     if not prepared_path.is_file():
         raise ValueError("stem_features needs the memory-mapped prepared images (from prepared_images)")
-    kinds = view_kinds(views, artefact_views)
+    kinds = view_kinds(views, artefact_views, flipped)
     full_key = [[str(s.path) for s in samples], *key_parts]
 
     def target(kind: str, number: int) -> Path:
@@ -244,12 +254,13 @@ def stem_features(
                 seed=seed,
                 batch_size=batch_size,
                 threads=threads,
+                flipped=flipped,
             )
             for a, b in runs
         ]
-        for v, kind in enumerate(kinds):
-            if kind in missing:
-                _concatenate([stack.views[v] for stack in stacks], target(*kind))
+        for v, view in enumerate(kinds):
+            if view in missing:
+                _concatenate([stack.views[v] for stack in stacks], target(*view))
         missing = []
     # Interleave standard and artefact views so both kinds grow together.
     missing.sort(key=lambda k: (k[0] != "clean", k[1], k[0]))

@@ -3,19 +3,23 @@
 What is fitted, on the photos the pipeline graded (the gate's refusals carry no model output):
 
 1. a temperature (negative log-likelihood of the local grades, :func:`metrics.fit_temperature`);
-2. the referable threshold on P(referable): the **highest** threshold at which the lower limit of the
-   two-sided 95% Wilson score interval of sensitivity on the local sample reaches ``min_sensitivity``. A small
-   sample therefore gets a lower, safer threshold than its point estimate would allow. The Wilson interval is
-   the one every report of this project prints, so the lower limit a reader sees in the report is the
-   number the threshold was held to. When no threshold can prove the target (with fewer than about 35
-   referable eyes even a perfect sample cannot: 35/35 has a lower limit of 0.901), the threshold refers every
-   referable eye of the sample and the profile records ``bound_met: false``;
-3. the grade cut-points of an ``expected_grade`` decision rule (:func:`metrics.optimise_thresholds`), kept only
-   when they raise quadratic weighted kappa in cross-validation.
+2. the site's risk threshold on P(referable), with the product's referral rule (an eye is referred when its
+   grade is 2 or worse, or when its P(referable) reaches the threshold). By default the **point estimate** of
+   the target sensitivity: the highest threshold at which the chance that the *next* referable eye is referred,
+   ``hits / (referable + 1)`` (the order-statistic estimate of a quantile), reaches ``min_sensitivity``. Its 95%
+   Wilson interval is reported beside it. ``conservative=True`` keeps the older rule: the highest threshold
+   whose *lower* 95% limit reaches the target. On ~40 referable eyes that limit costs a third of the healthy
+   eyes (issue 18: sensitivity 0.965, specificity 0.558 on 476 photos of a camera whose best threshold gives
+   0.90 / 0.83), so it is for sites that must prove the target, not the default;
+3. the grade rule: the model's own, or cut-points on the expected grade fitted to the site (monotone, every
+   band at least :data:`~retinagrade.training.decisions.MIN_BAND_WIDTH` wide), kept only when they raise
+   quadratic weighted kappa in cross-validation.
 
 The "after" numbers are honest: a stratified, patient-grouped k-fold split of the sample fits all three on
 k - 1 folds and scores the held-out fold, so no image is scored by parameters fitted on it. The profile's
-parameters are then fitted once more on the whole sample.
+parameters are then fitted once more on the whole sample. A sample with fewer than
+:data:`FEW_REFERABLE` referable photos gets a warning: its threshold is still the point estimate, but the
+interval around the sensitivity it was chosen for is wide.
 """
 
 from __future__ import annotations
@@ -32,121 +36,138 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from retinagrade.constants import NUM_GRADES, REFERABLE_MIN_GRADE
 from retinagrade.errors import CalibrationSampleError
-from retinagrade.inference.model_spec import ModelSpec
-from retinagrade.inference.postprocess import consistent_grade
+from retinagrade.inference.model_spec import Decision, ModelSpec
+from retinagrade.inference.postprocess import grade_rule
 from retinagrade.inference.site_profile import SiteProfile
 from retinagrade.monitoring.drift import Observation, build_reference
 from retinagrade.training import metrics
+from retinagrade.training.decisions import MIN_BAND_WIDTH, band_widths, fit_cut_points, referred
 from retinagrade.training.report import to_jsonable
 
 MIN_GRADED = 100
 MIN_REFERABLE = 20
 MIN_NON_REFERABLE = 20
+#: Below this many referable photos the sensitivity a threshold is chosen for is uncertain: say so.
+FEW_REFERABLE = 50
 DEFAULT_FOLDS = 5
-BOUND_METHOD = "two-sided 95% Wilson score interval, lower limit"
+BOUND_METHOD = "two-sided 95% Wilson score interval"
+POINT_ESTIMATE = "point estimate: highest threshold at which hits / (referable + 1) reaches the target"
+CONSERVATIVE = "conservative: highest threshold whose lower 95% Wilson limit of sensitivity reaches the target"
 
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """A referable threshold and the sensitivity evidence behind it.
+    """A site's risk threshold and the sensitivity evidence behind it.
 
     Attributes:
-        threshold: refer when P(referable) >= threshold.
-        sensitivity: sensitivity on the sample it was chosen on.
-        lower_bound: lower limit of the 95% Wilson interval of that sensitivity.
-        bound_met: whether ``lower_bound >= min_sensitivity``.
+        threshold: refer a grade 0-1 eye when P(referable) >= threshold.
+        sensitivity: sensitivity on the sample it was chosen on (the referral rule, grade included).
+        lower_bound, upper_bound: the 95% Wilson interval of that sensitivity.
+        predictive: hits / (referable + 1), the chance the next referable eye is referred.
+        conservative: whether the lower-bound rule chose it.
+        bound_met: whether the rule's own criterion reached the target (the lower-bound rule may not).
     """
 
     threshold: float
     sensitivity: float
     lower_bound: float
+    upper_bound: float
+    predictive: float
+    conservative: bool
     bound_met: bool
 
 
-def conservative_threshold(
-    p_referable: npt.ArrayLike, referable_true: npt.ArrayLike, min_sensitivity: float, alpha: float = 0.05
+def site_threshold(
+    p_referable: npt.ArrayLike,
+    grades: npt.ArrayLike,
+    referable_true: npt.ArrayLike,
+    min_sensitivity: float,
+    conservative: bool = False,
+    alpha: float = 0.05,
 ) -> ThresholdChoice:
-    """The highest threshold whose sensitivity's lower confidence limit reaches ``min_sensitivity``.
+    """The highest threshold meeting the sensitivity target under the product's referral rule.
 
-    Only thresholds at a referable image's score matter (specificity only falls between them). Sensitivity at
-    the k-th highest referable score is at least k / P, and the lower limit rises with k, so the first k that
-    reaches the target gives the highest qualifying threshold, hence the best specificity.
+    Only thresholds at a referable image's score matter (specificity only falls between them); referable eyes
+    whose grade is already 2+ are referred at any threshold. Walking down the other referable scores, the first
+    one at which the criterion holds is the highest qualifying threshold, hence the best specificity.
 
     Args:
         p_referable: P(referable) per image.
+        grades: the grade each image is reported with.
         referable_true: whether each image is referable by its local grade.
-        min_sensitivity: target for the lower confidence limit.
+        min_sensitivity: the target.
+        conservative: hold the lower confidence limit (not the point estimate) to the target.
         alpha: one minus the confidence level of the two-sided interval.
     """
     scores = np.asarray(p_referable, dtype=np.float64)
     truth = np.asarray(referable_true, dtype=bool)
-    positives = np.sort(scores[truth])[::-1]
-    total = len(positives)
+    by_grade = np.asarray(grades) >= REFERABLE_MIN_GRADE
+    total = int(truth.sum())
     if total == 0:
         raise ValueError("no referable images to choose a threshold on")
+    always = int((truth & by_grade).sum())
+    candidates = np.sort(scores[truth & ~by_grade])[::-1]
     choice: ThresholdChoice | None = None
-    for k in range(1, total + 1):
-        threshold = float(positives[k - 1])
-        hits = int(np.sum(positives >= threshold))
-        low, _ = metrics.wilson_interval(hits, total, alpha)
-        choice = ThresholdChoice(threshold, hits / total, low, low >= min_sensitivity)
-        if choice.bound_met:
+    for k in range(len(candidates) + 1):
+        threshold = 1.0 if k == 0 else float(candidates[k - 1])
+        hits = always + (0 if k == 0 else int(np.sum(candidates >= threshold)))
+        low, high = metrics.wilson_interval(hits, total, alpha)
+        predictive = hits / (total + 1)
+        met = (low if conservative else predictive) >= min_sensitivity
+        choice = ThresholdChoice(threshold, hits / total, low, high, predictive, conservative, met)
+        if met:
             return choice
-    assert choice is not None  # k = total refers every referable image
+    assert choice is not None  # the last candidate refers every referable image
     return choice
 
 
 @dataclass(frozen=True)
 class SiteParameters:
+    """What one fit gives: a temperature, site cut-points, and a threshold for each grade rule."""
+
     temperature: float
-    threshold: ThresholdChoice
-    cuts: tuple[float, ...] | None
+    cuts: tuple[float, ...]
+    with_model_rule: ThresholdChoice
+    with_site_cuts: ThresholdChoice
+
+    def threshold(self, use_cuts: bool) -> ThresholdChoice:
+        return self.with_site_cuts if use_cuts else self.with_model_rule
 
 
-def _uses_cut_points(spec: ModelSpec) -> bool:
-    return spec.decision.rule == "expected_grade"
-
-
-def _fit(logits: np.ndarray, grades: np.ndarray, spec: ModelSpec, min_sensitivity: float) -> SiteParameters:
+def _fit(
+    logits: np.ndarray,
+    grades: np.ndarray,
+    spec: ModelSpec,
+    min_sensitivity: float,
+    conservative: bool,
+    reported: np.ndarray,
+) -> SiteParameters:
     temperature = metrics.fit_temperature(logits, grades)
     probs = metrics.softmax(logits, temperature)
-    choice = conservative_threshold(metrics.referable_probability(probs), metrics.is_referable(grades), min_sensitivity)
-    cuts = None
-    if _uses_cut_points(spec):
-        expected = probs @ np.arange(NUM_GRADES)
-        cuts = metrics.optimise_thresholds(expected, grades, initial=spec.decision.thresholds)
-    return SiteParameters(temperature, choice, cuts)
-
-
-def predict_grades(
-    probs: np.ndarray,
-    threshold: float,
-    spec: ModelSpec,
-    cuts: Sequence[float] | None,
-    reported: np.ndarray | None = None,
-) -> np.ndarray:
-    """The grades the pipeline would report with these parameters (decision rule, then referral consistency).
-
-    A ``regression`` rule's raw output is not kept in a grade result, so for it the ``reported`` grades are
-    only made consistent with the new referral decision.
-    """
     p_referable = metrics.referable_probability(probs)
-    rule = spec.decision.rule
-    if rule == "argmax":
-        raw = probs.argmax(axis=1)
-    elif rule == "expected_grade":
-        raw = metrics.apply_thresholds(probs @ np.arange(NUM_GRADES), cuts or spec.decision.thresholds)
-    else:
-        if reported is None:
-            raise ValueError("a regression decision rule needs the reported grades")
-        raw = reported
-    return np.array(
-        [
-            consistent_grade(int(g), bool(p >= threshold), row)
-            for g, p, row in zip(raw, p_referable, probs, strict=True)
-        ],
-        dtype=np.int64,
+    truth = metrics.is_referable(grades)
+    cuts = fit_cut_points(probs @ np.arange(NUM_GRADES), grades, MIN_BAND_WIDTH)
+    return SiteParameters(
+        temperature,
+        cuts,
+        site_threshold(p_referable, model_grades(probs, spec, reported), truth, min_sensitivity, conservative),
+        site_threshold(p_referable, site_grades(probs, cuts), truth, min_sensitivity, conservative),
     )
+
+
+def model_grades(probs: np.ndarray, spec: ModelSpec, reported: np.ndarray) -> np.ndarray:
+    """The grades the model's own rule reports from these probabilities.
+
+    A ``regression`` rule's raw output is not kept in a grade result; its grades are the ``reported`` ones.
+    """
+    if spec.decision.rule == "regression":
+        return np.asarray(reported, dtype=np.int64)
+    return np.asarray(grade_rule(probs, np.zeros(len(probs)), spec.decision), dtype=np.int64)
+
+
+def site_grades(probs: np.ndarray, cuts: Sequence[float]) -> np.ndarray:
+    """The grades of a site's own cut-points on the expected grade."""
+    return np.asarray(grade_rule(probs, np.zeros(len(probs)), Decision("expected_grade", tuple(cuts))), np.int64)
 
 
 def check_sample(grades: np.ndarray) -> None:
@@ -181,6 +202,7 @@ def calibrate_site(
     observations: Sequence[Observation] = (),
     n_images: int | None = None,
     min_sensitivity: float = 0.90,
+    conservative: bool = False,
     n_folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     n_boot: int = 1000,
@@ -191,13 +213,14 @@ def calibrate_site(
         grades: local reference grades of the graded images.
         probs: the pipeline's calibrated probabilities for them (with the spec's temperature).
         groups: patient (or image) id per image; a patient never straddles folds.
-        spec: the model the profile is for.
+        spec: the model the profile is for, read at the operating point the site had before (its "before").
         name: the site's name.
         reported_grades: the grades the pipeline reported with the spec's own parameters.
         observations: every answered image of the sample (refusals too), for the drift reference; the graded
             ones are re-scored with the site's parameters first.
         n_images: images in the sample before the gate (for the record); defaults to the graded count.
-        min_sensitivity: target for the lower 95% limit of sensitivity.
+        min_sensitivity: the sensitivity target of the site's threshold.
+        conservative: hold the lower 95% limit of sensitivity (not its point estimate) to the target.
         n_folds: cross-validation folds.
         seed: seed of the fold assignment and the bootstrap.
         n_boot: bootstrap resamples of the kappa and AUC intervals.
@@ -217,6 +240,7 @@ def calibrate_site(
     # The probabilities are softmax(logits / T_spec): logits are recovered up to a per-row constant, which
     # no softmax sees. The floor keeps an underflowed probability finite.
     logits = np.log(np.maximum(p_spec, 1e-300)) * spec.temperature
+    truth = metrics.is_referable(y)
 
     # -- cross-validation: fit on k - 1 folds, score the held-out fold ----------------------------------
     folds = np.full(len(y), -1, dtype=np.int64)
@@ -224,73 +248,77 @@ def calibrate_site(
     for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y, group_labels)):
         folds[test] = k
     oof_probs = np.zeros_like(p_spec)
-    oof_margin = np.zeros(len(y))
-    oof_spec_cuts = np.zeros(len(y), dtype=np.int64)
-    oof_site_cuts = np.zeros(len(y), dtype=np.int64)
-    fold_thresholds = []
-    fold_bound_met = []
+    oof_model = np.zeros(len(y), dtype=np.int64)
+    oof_site = np.zeros(len(y), dtype=np.int64)
+    oof_threshold = np.zeros((2, len(y)))
+    fold_thresholds: list[float] = []
     for k in range(n_folds):
         train, test = folds != k, folds == k
-        fitted = _fit(logits[train], y[train], spec, min_sensitivity)
-        fold_thresholds.append(fitted.threshold.threshold)
-        fold_bound_met.append(fitted.threshold.bound_met)
+        fitted = _fit(logits[train], y[train], spec, min_sensitivity, conservative, reported[train])
         probs_test = metrics.softmax(logits[test], fitted.temperature)
         oof_probs[test] = probs_test
-        oof_margin[test] = metrics.referable_probability(probs_test) - fitted.threshold.threshold
-        threshold = fitted.threshold.threshold
-        oof_spec_cuts[test] = predict_grades(probs_test, threshold, spec, None, reported[test])
-        oof_site_cuts[test] = predict_grades(probs_test, threshold, spec, fitted.cuts, reported[test])
+        oof_threshold[0, test] = fitted.with_model_rule.threshold
+        oof_threshold[1, test] = fitted.with_site_cuts.threshold
+        oof_model[test] = model_grades(probs_test, spec, reported[test])
+        oof_site[test] = site_grades(probs_test, fitted.cuts)
 
-    qwk_spec_cuts = metrics.quadratic_weighted_kappa(y, oof_spec_cuts)
-    qwk_site_cuts = metrics.quadratic_weighted_kappa(y, oof_site_cuts)
-    use_cuts = _uses_cut_points(spec) and math.isfinite(qwk_site_cuts) and qwk_site_cuts > qwk_spec_cuts
-    oof_grades = oof_site_cuts if use_cuts else oof_spec_cuts
+    qwk_model = metrics.quadratic_weighted_kappa(y, oof_model)
+    qwk_site = metrics.quadratic_weighted_kappa(y, oof_site)
+    use_cuts = math.isfinite(qwk_site) and (not math.isfinite(qwk_model) or qwk_site > qwk_model)
+    oof_grades = oof_site if use_cuts else oof_model
+    oof_p = metrics.referable_probability(oof_probs)
+    oof_referred = (oof_grades >= REFERABLE_MIN_GRADE) | (oof_p >= oof_threshold[int(use_cuts)])
+    fold_thresholds = sorted({float(t) for t in oof_threshold[int(use_cuts)]})
 
     # -- the profile's parameters: fitted once more on the whole sample ---------------------------------
-    final = _fit(logits, y, spec, min_sensitivity)
+    final = _fit(logits, y, spec, min_sensitivity, conservative, reported)
     final_probs = metrics.softmax(logits, final.temperature)
+    final_grades = site_grades(final_probs, final.cuts) if use_cuts else model_grades(final_probs, spec, reported)
+    chosen = final.threshold(use_cuts)
 
+    spec_p = metrics.referable_probability(p_spec)
     before = metrics.evaluate_predictions(
         y,
         p_spec,
         reported,
-        metrics.referable_probability(p_spec),
+        spec_p,
         spec.referable_threshold,
         groups=group_labels,
         n_boot=n_boot,
         seed=seed,
+        referred=referred(reported, spec_p, spec.referable_threshold),
     )
-    # Each fold has its own threshold, so the referral decision is "margin >= 0"; AUC and calibration are
-    # measured on the held-out P(referable) itself.
+    # Each fold has its own threshold: the referral decision is the fold's; AUC, kappa and calibration are
+    # measured on the held-out P(referable) and grades themselves.
     after = metrics.evaluate_predictions(
-        y, oof_probs, oof_grades, oof_margin, 0.0, groups=group_labels, n_boot=1, seed=seed
-    )
-    auc = metrics.evaluate_predictions(
         y,
         oof_probs,
         oof_grades,
-        metrics.referable_probability(oof_probs),
-        final.threshold.threshold,
+        oof_p,
+        chosen.threshold,
         groups=group_labels,
         n_boot=n_boot,
         seed=seed,
+        referred=oof_referred,
     )
-    after["qwk"] = auc["qwk"]
-    after["referable"]["auc"] = auc["referable"]["auc"]
-    after["referable"]["threshold"] = final.threshold.threshold
-    after["ci_method"] = auc["ci_method"]
     after["notes"] = [
         *after["notes"],
         f"cross-validated: {n_folds} stratified, patient-grouped folds; each fold's images were scored with "
-        "a temperature, threshold and cut-points fitted on the other folds",
+        "a temperature, threshold and grade rule fitted on the other folds",
     ]
+    n_referable = int(truth.sum())
+    warnings = []
+    if n_referable < FEW_REFERABLE:
+        warnings.append(
+            f"only {n_referable} referable photos (fewer than {FEW_REFERABLE}): the sensitivity the threshold was "
+            f"chosen for has a wide interval ({chosen.lower_bound:.2f}-{chosen.upper_bound:.2f} "
+            "on this sample); grade more referable cases to narrow it"
+        )
 
-    final_cuts = final.cuts if use_cuts else None
-    final_grades = predict_grades(final_probs, final.threshold.threshold, spec, final_cuts, reported)
     site_p_referable = iter(metrics.referable_probability(final_probs))
-    site_grades = iter(final_grades)
+    site_grade_iter = iter(final_grades)
     rescored = [
-        Observation(o.status, o.quality, float(next(site_p_referable)), int(next(site_grades)))
+        Observation(o.status, o.quality, float(next(site_p_referable)), int(next(site_grade_iter)))
         if o.status == "graded"
         else o
         for o in observations
@@ -301,38 +329,42 @@ def calibrate_site(
         model_sha256=spec.sha256,
         created=datetime.now(UTC).date().isoformat(),
         temperature=final.temperature,
-        referable_threshold=final.threshold.threshold,
-        decision_thresholds=final_cuts,
+        referable_threshold=chosen.threshold,
+        decision_rule="expected_grade" if use_cuts else None,
+        decision_thresholds=final.cuts if use_cuts else None,
         min_sensitivity=min_sensitivity,
         sample={
             "n_images": int(n_images if n_images is not None else len(y)),
             "n_graded": len(y),
-            "n_referable": int(np.sum(y >= REFERABLE_MIN_GRADE)),
+            "n_referable": n_referable,
             "grade_counts": {str(g): int(c) for g, c in enumerate(counts)},
             "n_groups": len(np.unique(group_labels)),
         },
         fit={
-            "model": {"name": spec.name, "version": spec.version},
+            "model": {"name": spec.name, "version": spec.version, "operating_point": spec.operating_point},
             "temperature": {"model": spec.temperature, "site": final.temperature},
             "referable_threshold": {
                 "model": spec.referable_threshold,
-                "site": final.threshold.threshold,
-                "rule": "highest threshold whose sensitivity lower bound reaches min_sensitivity",
-                "bound": BOUND_METHOD,
-                "sample_sensitivity": final.threshold.sensitivity,
-                "sample_sensitivity_lower_bound": final.threshold.lower_bound,
-                "bound_met": final.threshold.bound_met,
+                "site": chosen.threshold,
+                "rule": CONSERVATIVE if conservative else POINT_ESTIMATE,
+                "interval": BOUND_METHOD,
+                "sample_sensitivity": chosen.sensitivity,
+                "sample_sensitivity_lower_bound": chosen.lower_bound,
+                "sample_sensitivity_upper_bound": chosen.upper_bound,
+                "predictive_sensitivity": chosen.predictive,
+                "bound_met": chosen.bound_met,
                 "cv_fold_thresholds": fold_thresholds,
-                "cv_fold_bound_met": fold_bound_met,
             },
-            "decision_thresholds": {
-                "rule": spec.decision.rule,
-                "model": list(spec.decision.thresholds),
-                "fitted": None if final.cuts is None else list(final.cuts),
-                "used": use_cuts,
-                "cv_qwk_model_cuts": to_jsonable(qwk_spec_cuts),
-                "cv_qwk_fitted_cuts": to_jsonable(qwk_site_cuts) if _uses_cut_points(spec) else None,
+            "grade_rule": {
+                "model": {"rule": spec.decision.rule, "thresholds": list(spec.decision.thresholds)},
+                "site_cut_points": list(final.cuts),
+                "site_band_widths": band_widths(final.cuts),
+                "min_band_width": MIN_BAND_WIDTH,
+                "used": "site cut-points" if use_cuts else "the model's rule",
+                "cv_qwk_model_rule": to_jsonable(qwk_model),
+                "cv_qwk_site_cut_points": to_jsonable(qwk_site),
             },
+            "warnings": warnings,
             "cross_validation": {"folds": n_folds, "seed": seed, "split": "StratifiedGroupKFold (grade, patient)"},
         },
         metrics_before=to_jsonable(before),

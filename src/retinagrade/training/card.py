@@ -147,7 +147,6 @@ def render_card(
     """The card's Markdown; ``lead_sections`` (e.g. results on unseen sources) go right after the intended use."""
     metrics = spec.get("metrics", {})
     decision = metrics.get("decision", spec.get("decision", {}))
-    referable = spec["referable"]
     ranges = spec["training"].get("grade_ranges", {})
     data_rows = "\n".join(
         f"| {source} | {sum(counts) + ranges.get(source, 0)} | {' / '.join(str(c) for c in counts)}"
@@ -198,15 +197,8 @@ def render_card(
         "",
         f"Reproduce: `{reproduce_command(cfg)}`.",
         "",
-        "## Operating point",
-        f"Referable when calibrated P(grade >= 2) >= **{referable['threshold']:.4f}**, chosen as the "
-        f"{referable['chosen']}.",
+        *operating_points_section(spec),
     ]
-    sens, spec_ = referable.get("sensitivity_held_out"), referable.get("specificity_held_out")
-    if sens is not None and spec_ is not None:
-        parts.append(
-            f"Held-out sensitivity {sens:.3f}, specificity {spec_:.3f} (pooled over the sources it was chosen on)."
-        )
     if spec.get("fellow_eye"):
         parts += ["", fellow_eye_section(spec["fellow_eye"])]
     if "loso" in metrics:
@@ -226,6 +218,36 @@ def render_card(
         f"Decision chosen on held-out predictions: {json.dumps(decision, default=str)}",
     ]
     return "\n".join(parts) + "\n"
+
+
+def operating_points_section(spec: dict[str, Any]) -> list[str]:
+    """The card's operating points: the referral rule, then one row per named point (default first)."""
+    referable = spec["referable"]
+    section = spec.get("operating_points")
+    lines = ["## Operating points"]
+    if not section:
+        return [*lines, f"Referable when calibrated P(grade >= 2) >= **{referable['threshold']:.4f}**."]
+    default = section["default"]
+    lines += [
+        "An eye is referred when its grade is 2 (moderate NPDR) or worse, or, with a grade 0-1, when its calibrated "
+        "P(grade >= 2) reaches the operating point's threshold; the answer then says `referral_reason: risk` and "
+        "keeps the grade the model believes. P(referable) is calibrated on every held-out source, so a threshold "
+        "means the same risk on every camera; what differs between cameras is how well the model ranks. Choose a "
+        f"point with `--operating-point`, `RETINAGRADE_OPERATING_POINT` or `X-Retinagrade-Operating-Point`; "
+        f"default **{default}**.",
+        "",
+        "| point | refer at risk >= | what it asks | held-out sources it serves | sources it cannot serve |",
+        "|---|---|---|---|---|",
+    ]
+    ordered = sorted(section["points"].items(), key=lambda item: item[0] != default)
+    for name, point in ordered:
+        lines.append(
+            f"| {name}{' (default)' if name == default else ''} | {float(point['threshold']):.4f} | "
+            f"{point.get('description', '')} | {', '.join(point.get('served', [])) or 'none'} | "
+            f"{', '.join(point.get('not_served', [])) or 'none'} |"
+        )
+    lines += ["", "Per-source sensitivity and specificity of each point: the leave-one-source-out tables above."]
+    return lines
 
 
 def fellow_eye_section(rule: dict[str, Any]) -> str:

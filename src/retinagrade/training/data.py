@@ -3,10 +3,14 @@
 A label file's layout is detected from its CSV header by walking :data:`LAYOUTS` in order; supporting a new
 dataset means writing one reader function and adding one :class:`LabelLayout` row. Known layouts:
 
-* ``coarse-dr`` (e.g. ``mexico-512``): ``image,grade,dr_coarse,split_group``; ``grade`` is 0 or 4 and empty for
-  NPDR, which becomes the grade range 1-3 (trained with a partial-label loss, excluded from referable metrics).
+* ``coarse-dr`` (e.g. ``mexico-512``, and the prepared ``mexico-dme`` and ``odir-400``):
+  ``image,grade,dr_coarse,split_group``; ``grade`` is exact where given; when it is empty ``dr_coarse`` says what
+  is known: ``NPDR`` is the grade range 1-3, ``DR`` (DR of unknown stage) 1-4 and ``unknown`` 0-4, which carries
+  no DR supervision at all (trained with a partial-label loss, excluded from referable metrics).
 * ``plain`` (retinagrade): ``image,grade`` (+ optional ``patient``, ``duplicate_group``, ``conflicting_grades``);
   ``image`` is a path relative to the CSV's folder.
+
+Any layout may carry a ``dme`` column (diabetic macular oedema, 0/1; empty = unknown): :attr:`Sample.dme`.
 * ``eyepacs-kaggle``: ``trainLabels.csv`` with ``image,level``; ``image`` is a stem such as ``10_left`` looked
   up in the images folder with any image suffix; the patient is the part before ``_left``/``_right``.
 * ``aptos-kaggle``: APTOS 2019 ``train.csv`` with ``id_code,diagnosis``; images are ``<id_code>.png``/``.jpg``.
@@ -42,6 +46,7 @@ class Sample:
         group: images sharing a group (same patient, duplicate photos) never straddle a split.
         source: dataset name (folder), for per-set metrics and leave-one-source-out.
         grade_range: inclusive (low, high) grades the label allows; ``(g, g)`` for an exact grade.
+        dme: diabetic macular oedema (True/False), or None where the source does not say.
     """
 
     path: Path
@@ -49,6 +54,7 @@ class Sample:
     group: str
     source: str
     grade_range: tuple[int, int] | None = None
+    dme: bool | None = None
 
     @property
     def grade_bounds(self) -> tuple[int, int]:
@@ -97,6 +103,17 @@ class LabelLayout:
     read: Reader
 
 
+def _dme(row: dict[str, str]) -> bool | None:
+    value = (row.get("dme") or "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{row.get('image')}: dme must be 0, 1 or empty, got {value!r}")
+    return None if value == "" else value == "1"
+
+
+#: Grade range of a coarse label whose exact grade is empty (``dr_coarse``, upper-cased).
+COARSE_RANGES = {"NPDR": (1, 3), "DR": (1, NUM_GRADES - 1), "UNKNOWN": (0, NUM_GRADES - 1)}
+
+
 def _read_coarse(rows: list[dict[str, str]], root: Path, source: str, images_dir: Path | None) -> list[Sample]:
     base = images_dir if images_dir is not None else root
     ns = family(source)
@@ -104,13 +121,18 @@ def _read_coarse(rows: list[dict[str, str]], root: Path, source: str, images_dir
     for row in rows:
         group = f"{ns}:{row.get('split_group') or row.get('patient') or row['image']}"
         coarse = row["dr_coarse"].strip().upper()
+        dme = _dme(row)
         if row["grade"].strip():
             grade = int(row["grade"])
-            samples.append(Sample(base / row["image"], grade, group, source))
-        elif coarse == "NPDR":
-            samples.append(Sample(base / row["image"], UNKNOWN_GRADE, group, source, grade_range=(1, 3)))
+            samples.append(Sample(base / row["image"], grade, group, source, dme=dme))
+        elif coarse in COARSE_RANGES:
+            bounds = COARSE_RANGES[coarse]
+            samples.append(Sample(base / row["image"], UNKNOWN_GRADE, group, source, grade_range=bounds, dme=dme))
         else:
-            raise ValueError(f"{row['image']}: empty grade with dr_coarse {row['dr_coarse']!r} (only NPDR may be)")
+            raise ValueError(
+                f"{row['image']}: empty grade with dr_coarse {row['dr_coarse']!r} "
+                f"(only {', '.join(COARSE_RANGES)} may be)"
+            )
     return samples
 
 
@@ -121,7 +143,7 @@ def _read_plain(rows: list[dict[str, str]], root: Path, source: str, images_dir:
     for row in rows:
         patient = row.get("patient")
         group = f"{ns}:{patient}" if patient else f"{source}:{row.get('duplicate_group') or row['image']}"
-        samples.append(Sample(base / row["image"], int(row["grade"]), group, source))
+        samples.append(Sample(base / row["image"], int(row["grade"]), group, source, dme=_dme(row)))
     return _resolve_duplicates(samples, rows)
 
 
@@ -218,7 +240,7 @@ def _resolve_duplicates(samples: list[Sample], rows: list[dict[str, str]]) -> li
         counts = Counter(samples[j].grade for j in by_group[group]).most_common()
         if len(counts) > 1 and counts[0][1] == counts[1][1]:
             continue
-        keep.append(Sample(sample.path, counts[0][0], sample.group, sample.source))
+        keep.append(Sample(sample.path, counts[0][0], sample.group, sample.source, dme=sample.dme))
     return keep
 
 

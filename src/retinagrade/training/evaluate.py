@@ -95,6 +95,7 @@ def evaluate_model(
         pipeline.spec.referable_threshold,
         groups=np.array([s.group for s, _ in graded]),
         n_boot=n_boot,
+        referred=np.array([d.referable for _, d in graded]),
     )
     extra = {
         "model": {"name": pipeline.spec.name, "version": pipeline.spec.version, "sha256": pipeline.spec.sha256},

@@ -10,23 +10,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from retinagrade import __version__
 from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
-from retinagrade.training.model import DEFAULT_DROPOUT, GraderNet, build_grader, export_onnx
+from retinagrade.training.model import DEFAULT_DROPOUT, FlipAveraged, GraderNet, build_grader, export_onnx
 
 
 def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
     """The trained network of a run folder, in eval mode, and its resolved training config."""
     cfg = json.loads((run_dir / "train_config.json").read_text())
-    net = build_grader(cfg["arch"], cfg["frozen_stages"], pretrained=False, dropout=cfg.get("dropout", DEFAULT_DROPOUT))
+    net = build_grader(
+        cfg["arch"],
+        cfg["frozen_stages"],
+        pretrained=False,
+        dropout=cfg.get("dropout", DEFAULT_DROPOUT),
+        dme=float(cfg.get("dme_weight", 0.0)) > 0,
+    )
     net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
     return net.eval(), cfg
 
 
-def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:
+def parity(net: nn.Module, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:
     """Largest absolute differences between PyTorch and ONNX Runtime outputs on the same prepared inputs."""
     import onnxruntime as ort
 
@@ -37,18 +44,39 @@ def parity(net: GraderNet, onnx_path: Path, images: list[bytes], preprocess: Pre
     with torch.no_grad():
         reference = [t.numpy() for t in net(torch.from_numpy(batch))]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    outputs = session.run(list(OUTPUT_NAMES), {"input": batch})
-    return {n: float(np.abs(r - o).max()) for n, r, o in zip(OUTPUT_NAMES, reference, outputs, strict=True)}
+    names = list(getattr(net, "output_names", OUTPUT_NAMES))
+    outputs = session.run(names, {"input": batch})
+    return {n: float(np.abs(r - o).max()) for n, r, o in zip(names, reference, outputs, strict=True)}
 
 
-def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] | None = None) -> dict[str, Any]:
-    """Re-export ``run_dir/final.pt`` to ``out/<name>.onnx`` with its spec and the gate file beside it."""
-    net, cfg = load_run_model(run_dir)
+def export_run(
+    run_dir: Path,
+    out: Path,
+    gate: Path,
+    parity_images: list[Path] | None = None,
+    with_runs: list[Path] | None = None,
+) -> dict[str, Any]:
+    """Re-export ``run_dir/final.pt`` to ``out/<name>.onnx`` with its spec and the gate file beside it.
+
+    ``with_runs``: more runs of the same frozen stem; their tails join ``run_dir``'s in one graph whose outputs
+    are the tails' means (:class:`~retinagrade.training.model.TailEnsemble`). The spec (decision, calibration)
+    is ``run_dir``'s: refit it on the ensemble's held-out logits (:mod:`retinagrade.training.ensemble`).
+    """
+    net: nn.Module
+    if with_runs:
+        from retinagrade.training.ensemble import load_ensemble
+
+        net, cfg = load_ensemble([run_dir, *with_runs])
+    else:
+        net, cfg = load_run_model(run_dir)
     name = cfg["name"]
     spec = json.loads((run_dir / f"{name}.json").read_text())
+    if with_runs:
+        spec["ensemble"] = {"runs": [str(d) for d in (run_dir, *with_runs)], "combined": "mean of the tails' outputs"}
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / f"{name}.onnx"
-    export_onnx(net, onnx_path, cfg["input_size"])
+    exported: nn.Module = FlipAveraged(net) if cfg.get("flip_tta") else net
+    export_onnx(exported, onnx_path, cfg["input_size"])
     preprocess = PreprocessConfig.from_dict(spec["preprocess"])
     images = [p.read_bytes() for p in parity_images or []]
     if not images:
@@ -59,7 +87,7 @@ def export_run(run_dir: Path, out: Path, gate: Path, parity_images: list[Path] |
             synthetic = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
             cv2.circle(synthetic, (200, 150), 140, (200, 90, 40), -1)
             images.append(cv2.imencode(".png", synthetic)[1].tobytes())
-    diffs = parity(net, onnx_path, images, preprocess)
+    diffs = parity(exported, onnx_path, images, preprocess)
     if max(diffs.values()) > 1e-3:
         raise RuntimeError(f"ONNX output differs from PyTorch: {diffs}")
     gate_target = out / "gate.json"

@@ -605,6 +605,7 @@ def evaluate_predictions(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    referred: npt.ArrayLike | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics for one set of graded images, as a JSON-ready dict.
 
@@ -619,6 +620,8 @@ def evaluate_predictions(
         n_boot: bootstrap resamples for the kappa and AUC intervals.
         alpha: one minus the confidence level of every interval.
         seed: seed of the bootstrap.
+        referred: the referral decision per image when it is more than ``score >= referable_threshold``
+            (the product refers a referable grade as well, :func:`retinagrade.training.decisions.referred`).
 
     Returns:
         A dict of plain Python values. Interval-bearing metrics are ``{"value", "ci_low", "ci_high"}``;
@@ -666,11 +669,11 @@ def evaluate_predictions(
         notes.append("quadratic weighted kappa is undefined: one grade only in both reference and prediction")
 
     referable_true = is_referable(truth)
-    referred = score >= referable_threshold
-    tp = int(np.sum(referable_true & referred))
-    fn = int(np.sum(referable_true & ~referred))
-    tn = int(np.sum(~referable_true & ~referred))
-    fp = int(np.sum(~referable_true & referred))
+    refer = score >= referable_threshold if referred is None else _as_binary(referred, "referred")
+    tp = int(np.sum(referable_true & refer))
+    fn = int(np.sum(referable_true & ~refer))
+    tn = int(np.sum(~referable_true & ~refer))
+    fp = int(np.sum(~referable_true & refer))
     if referable_true.all() or not referable_true.any():
         auc: dict[str, float | None] | None = None
         notes.append("referable AUC is undefined: the reference holds only one referable class")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from retinagrade.constants import NUM_GRADES
-from retinagrade.inference.model_spec import OUTPUT_NAMES
+from retinagrade.inference.model_spec import CAM_CHANNELS, DME_OUTPUT, OUTPUT_NAMES
 
 #: Dropout before the heads; the one default that training, export and the config share.
 DEFAULT_DROPOUT = 0.3
@@ -177,15 +177,19 @@ class GlobalMean(nn.Module):
 
 
 class Tail(nn.Module):
-    """The remaining stages, the backbone's feature head, and two linear heads on the pooled features.
+    """The remaining stages, the backbone's feature head, and linear heads on the pooled features.
 
     Outputs, in :data:`~retinagrade.inference.model_spec.OUTPUT_NAMES` order: ``logits`` (N x 5, ICDR grades),
     ``regression`` (N x 1, grade as a number), ``cam`` (N x 6 x h x w, channels as
     :data:`~retinagrade.inference.model_spec.CAM_CHANNELS`: the class-activation map of each logit and of the
     regression; the spatial mean of each map equals its output) and ``embedding`` (N x C pooled features).
+    With ``dme`` (a macular-oedema head) a fifth output ``dme`` (N x 1 logit) follows, and ``cam`` gets a
+    last channel ``dme`` (its class-activation map): :attr:`output_names`, :attr:`cam_channels`.
     """
 
-    def __init__(self, model: Any, split: FeatureSplit, frozen_stages: int, dropout: float = DEFAULT_DROPOUT) -> None:
+    def __init__(
+        self, model: Any, split: FeatureSplit, frozen_stages: int, dropout: float = DEFAULT_DROPOUT, dme: bool = False
+    ) -> None:
         super().__init__()
         _, stages, head = split.parts(model)
         self.blocks = nn.Sequential(*stages[frozen_stages:])
@@ -194,25 +198,39 @@ class Tail(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features, NUM_GRADES)
         self.regressor = nn.Linear(features, 1)
+        self.dme = nn.Linear(features, 1) if dme else None
         self.num_features = features
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (*OUTPUT_NAMES, DME_OUTPUT) if self.dme is not None else OUTPUT_NAMES
+
+    @property
+    def cam_channels(self) -> tuple[str, ...]:
+        return (*CAM_CHANNELS, DME_OUTPUT) if self.dme is not None else CAM_CHANNELS
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.blocks(x))
         return out
 
-    def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, regression) from pooled features: what heads-only training fits."""
+    def heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits, regression, DME logit or None) from pooled features: what heads-only training fits."""
         dropped = self.dropout(pooled)
-        return self.classifier(dropped), self.regressor(dropped)
+        dme = self.dme(dropped) if self.dme is not None else None
+        return self.classifier(dropped), self.regressor(dropped), dme
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        fmap = self.feature_map(x)
+    def outputs(self, fmap: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs (:attr:`output_names` order) from the final feature map."""
         pooled = fmap.mean(dim=(2, 3))
-        logits, regression = self.heads(pooled)
-        weight = torch.cat([self.classifier.weight, self.regressor.weight], dim=0)
-        bias = torch.cat([self.classifier.bias, self.regressor.bias], dim=0)
+        logits, regression, dme = self.heads(pooled)
+        linear = [self.classifier, self.regressor] + ([self.dme] if self.dme is not None else [])
+        weight = torch.cat([m.weight for m in linear], dim=0)
+        bias = torch.cat([m.bias for m in linear], dim=0)
         cam = torch.einsum("kc,nchw->nkhw", weight, fmap) + bias[None, :, None, None]
-        return logits, regression, cam, pooled
+        return (logits, regression, cam, pooled) if dme is None else (logits, regression, cam, pooled, dme)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.outputs(self.feature_map(x))
 
 
 class GraderNet(nn.Module):
@@ -223,8 +241,60 @@ class GraderNet(nn.Module):
         self.stem = stem
         self.tail = tail
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.tail.output_names
+
+    @property
+    def cam_channels(self) -> tuple[str, ...]:
+        return self.tail.cam_channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.tail(self.stem(x))
+
+
+class FlipAveraged(nn.Module):
+    """Horizontal-flip test-time augmentation inside the graph: the outputs of the photo and of its mirror image,
+    averaged; the mirror's CAM is flipped back first, so each averaged map still has the averaged output as its
+    spatial mean. Costs a second pass of the whole network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self.net.output_names)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plain = self.net(x)
+        mirrored = list(self.net(torch.flip(x, dims=[3])))
+        mirrored[2] = torch.flip(mirrored[2], dims=[3])
+        return tuple((a + b) / 2 for a, b in zip(plain, mirrored, strict=True))
+
+
+class TailEnsemble(nn.Module):
+    """Several tails (stages after the frozen ones + heads) on one shared frozen stem, as one network.
+
+    The stem, most of the inference cost, runs once; each tail runs on its features and the outputs (logits,
+    regression, CAM, embedding, DME) are averaged, so the CAM's spatial mean is still the averaged output.
+    """
+
+    def __init__(self, stem: Stem, tails: list[Tail]) -> None:
+        super().__init__()
+        if len({t.output_names for t in tails}) != 1:
+            raise ValueError("the tails of an ensemble must have the same outputs (all with or all without DME)")
+        self.stem = stem
+        self.tails = nn.ModuleList(tails)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return cast(Tail, self.tails[0]).output_names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.stem(x)
+        outputs = [tail(features) for tail in self.tails]
+        return tuple(torch.stack(parts).mean(dim=0) for parts in zip(*outputs, strict=True))
 
 
 def build_grader(
@@ -233,13 +303,15 @@ def build_grader(
     pretrained: bool = True,
     weights: str | Path | None = None,
     dropout: float = DEFAULT_DROPOUT,
+    dme: bool = False,
 ) -> GraderNet:
+    """The grading network of a registered backbone; ``dme`` adds the macular-oedema head."""
     model = create_backbone(arch, pretrained=pretrained, weights=weights)
     split = backbone(arch).split
     total = n_stages(arch, model)
     if not 0 <= frozen_stages <= total:
         raise ValueError(f"frozen_stages must be in 0..{total} for {arch}")
-    return GraderNet(Stem(model, split, frozen_stages), Tail(model, split, frozen_stages, dropout))
+    return GraderNet(Stem(model, split, frozen_stages), Tail(model, split, frozen_stages, dropout, dme=dme))
 
 
 def export_onnx(module: nn.Module, path: Path, input_size: int, opset: int = 17) -> None:
@@ -248,7 +320,7 @@ def export_onnx(module: nn.Module, path: Path, input_size: int, opset: int = 17)
     dummy = torch.zeros(1, 3, input_size, input_size)
     with torch.no_grad():
         out = module(dummy)
-    names = list(OUTPUT_NAMES) if isinstance(out, tuple) else ["features"]
+    names = list(getattr(module, "output_names", OUTPUT_NAMES)) if isinstance(out, tuple) else ["features"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
@@ -297,7 +369,10 @@ def load_folded_onnx(net: GraderNet, onnx_path: Path) -> GraderNet:
             assert norm.running_mean is not None and norm.running_var is not None
             norm.running_mean.zero_()
             norm.running_var.fill_(1.0 - norm.eps)
-        for head, prefix in ((net.tail.classifier, "tail.classifier"), (net.tail.regressor, "tail.regressor")):
+        heads = [(net.tail.classifier, "tail.classifier"), (net.tail.regressor, "tail.regressor")]
+        if net.tail.dme is not None and "tail.dme.weight" in inits:
+            heads.append((net.tail.dme, "tail.dme"))
+        for head, prefix in heads:
             head.weight.copy_(torch.from_numpy(inits[f"{prefix}.weight"].copy()))
             head.bias.copy_(torch.from_numpy(inits[f"{prefix}.bias"].copy()))
     return net

@@ -221,10 +221,11 @@ def _percent_ci(estimate: Mapping[str, Any] | None) -> str:
     return format_estimate(estimate, "CI", 3)
 
 
-def loso_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One table row per held-out source of a leave-one-source-out report."""
+def loso_rows(report: Mapping[str, Any], point: str | None = None) -> list[list[str]]:
+    """One table row per held-out source of a leave-one-source-out report, at a named operating point."""
     rows = []
-    for name, metrics in report["sources"].items():
+    table = report["by_point"][point] if point is not None and "by_point" in report else report["sources"]
+    for name, metrics in table.items():
         referable = metrics["referable"]
         counts = referable["counts"]
         coarse = "coarse" in metrics
@@ -245,14 +246,30 @@ def loso_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def recall_rows(table: Mapping[str, Any]) -> list[list[str]]:
+    """Per-grade recall (and how many photos of each grade) per held-out source; n/a for an absent grade."""
+    rows = []
+    for name, metrics in table.items():
+        cells = []
+        for entry in metrics["per_grade"]:
+            recall = entry["recall"]
+            cells.append("n/a" if recall is None else f"{recall:.2f} ({entry['support']})")
+        rows.append([name + (" (no DR vs PDR)" if "coarse" in metrics else ""), *cells])
+    return rows
+
+
+def _points(decision: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    section = decision.get("operating_points") or {}
+    return str(section.get("default", "")), dict(section.get("points", {}))
+
+
 def format_loso_markdown(
     report: Mapping[str, Any], heading_level: int = 2, title: str = "Leave one source out", intro: str | None = None
 ) -> str:
-    """Markdown of a leave-one-source-out report: one row per held-out source, then the decision it chose."""
+    """Markdown of a leave-one-source-out report: per held-out source at every named point, then the layer."""
     hashes = "#" * heading_level
     decision = report["decision"]
-    point = decision.get("operating_point", {})
-    limits = {k: round(v, 4) for k, v in point.get("per_source_max_threshold", {}).items()}
+    default, points = _points(decision)
     header = [
         "held-out source",
         "images",
@@ -266,25 +283,45 @@ def format_loso_markdown(
     if intro is None:
         intro = (
             "Each row: a model trained on every other source (and on no image of a patient or photo group that the "
-            "held-out source contains), tested on all of the held-out source. Sensitivity and specificity at the "
-            "travelling operating point"
+            "held-out source contains), tested on all of the held-out source. An eye is referred when its grade "
+            "is 2 or worse or its calibrated P(grade >= 2) reaches the operating point's threshold"
         )
-    lines = [
-        f"{hashes} {title}",
+    lines = [f"{hashes} {title}", "", f"{intro}.", ""]
+    for name, point in points.items() or {default: {"threshold": decision["referable_threshold"]}}.items():
+        flag = " (default)" if name == default else ""
+        lines += [
+            f"{hashes}# Operating point `{name}`{flag}: refer at P(referable) >= {float(point['threshold']):.3f}",
+            "",
+        ]
+        if point.get("description"):
+            lines += [f"{point['description'][0].upper()}{point['description'][1:]}.", ""]
+        lines += [*_table(header, loso_rows(report, name)), ""]
+        if point.get("not_served"):
+            lines += [f"Sources this point cannot serve at its targets: {', '.join(point['not_served'])}.", ""]
+    table = report["by_point"][default] if "by_point" in report else report["sources"]
+    lines += [
+        f"{hashes}# Per-grade recall (grade rule `{decision['rule']}`; photos of each grade in brackets)",
         "",
-        f"{intro} (refer when calibrated P(grade >= 2) >= {decision['referable_threshold']:.3f}).",
+        *_table(["held-out source", *(f"grade {k}" for k in range(5))], recall_rows(table)),
         "",
-        *_table(header, loso_rows(report)),
-        "",
-        f"- Temperature {decision['temperature']:.3f} and threshold chosen on {decision['chosen_on']}"
-        + (
-            "; the threshold is the highest that keeps every calibration source's sensitivity at the target "
-            f"(per-source limits {json.dumps(limits)})."
-            if limits
-            else "."
-        ),
-        f"- Grade rule `{decision['rule']}`, thresholds {[round(t, 3) for t in decision['thresholds']]}; QWK by rule "
-        f"{json.dumps({k: round(v, 3) for k, v in decision.get('qwk_by_rule', {}).items()})}.",
+        f"- Temperature {decision['temperature']:.3f}, operating points and grade rule chosen on "
+        f"{decision['chosen_on']}.",
+        f"- Grade rule `{decision['rule']}`"
+        + (f", cut-points {[round(t, 3) for t in decision['thresholds']]}" if decision["rule"] != "argmax" else "")
+        + (f"; {decision['why']}" if decision.get("why") else "")
+        + ".",
+    ]
+    qwk_by_rule = decision.get("qwk_by_rule", {})
+    if qwk_by_rule and all(isinstance(v, Mapping) for v in qwk_by_rule.values()):
+        for rule, per_source in qwk_by_rule.items():
+            cells = ", ".join(f"{k} {v:.3f}" for k, v in per_source.items())
+            lines.append(f"- QWK of `{rule}` per held-out five-grade source: {cells}.")
+    if decision.get("expected_grade_cut_points"):
+        lines.append(
+            f"- Cut-points on the expected grade (every band at least {decision.get('min_band_width')} wide): "
+            f"{decision['expected_grade_cut_points']}, band widths {decision.get('band_widths')}."
+        )
+    lines += [
         "- Intervals: AUC and kappa by percentile bootstrap over patient/photo groups (1000 resamples); "
         "sensitivity and specificity by Wilson score.",
         "- Coarsely labelled sources (Mexico: no DR / NPDR / PDR) are scored on their exactly graded images "

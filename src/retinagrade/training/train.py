@@ -18,12 +18,14 @@ are left out of every exact-grade metric.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import numpy as np
@@ -34,18 +36,36 @@ from retinagrade import __version__
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
 from retinagrade.inference.model_spec import (
     CAM_CHANNELS,
+    DME_OUTPUT,
     OUTPUT_NAMES,
     Decision,
     FellowEyeRule,
     ModelSpec,
+    OperatingPoint,
     sha256_file,
 )
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor
 from retinagrade.training import metrics as M
 from retinagrade.training.augment import ARTEFACTS_VERSION, augment
 from retinagrade.training.cache import ViewStack, advance_features, prepared_images, stem_features, view_indices
-from retinagrade.training.data import Sample, leave_source_out, make_folds, read_sources
-from retinagrade.training.model import DEFAULT_DROPOUT, GlobalMean, GraderNet, Stem, Tail, build_grader, export_onnx
+from retinagrade.training.data import Sample, family, leave_source_out, make_folds, read_sources
+from retinagrade.training.decisions import (
+    apply_layer,
+    fit_decision_layer,
+    fit_dme_rule,
+    fit_temperature_partial,
+    referable_truth,
+)
+from retinagrade.training.model import (
+    DEFAULT_DROPOUT,
+    FlipAveraged,
+    GlobalMean,
+    GraderNet,
+    Stem,
+    Tail,
+    build_grader,
+    export_onnx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +99,28 @@ class TrainConfig:
         heads_only: train only the two linear heads, on cached pooled embeddings of the frozen network.
         cache_stages: stages run by the cached stem (default ``frozen_stages``); when fewer, the frozen stages in
             between are applied to the cached features once, so a deeper split reuses a shallower cache.
+        optional_labels: label files used when present (the prepared fetched sources under ``data/external``);
+            a missing one is named in one log line and training goes on with the others.
+        dme_weight: weight of the masked binary cross-entropy of the macular-oedema head (only images with a
+            DME label count); 0 builds no DME head.
+        dme_negative_sources: sources whose exactly graded grade-0 photos (no DR) are taken as "no oedema"
+            for the DME head: oedema without any retinopathy is rare, and the Mexican DME labels alone are
+            confounded with a collection batch (almost every photo of the first batch is DME, and darker), so
+            negatives from every camera keep the head from learning one batch's look as oedema.
+        dme_folds: patient-grouped folds of the DME cross-validation within the Mexican photos (0 = none);
+            ``run_dme_folds`` runs only those folds (one process per fold), out-of-fold logits in ``dme_cv/``.
+        flip_tta: horizontal-flip test-time augmentation: held-out predictions average the clean view and a
+            cached mirrored one, and the exported graph averages both passes (twice the inference cost).
+        fit_seed: shifts every fit's random seed (head initialisation, dropout, batch order) without touching
+            ``seed``, which also keys the augmented views of the feature cache: ensemble members of one recipe
+            differ in ``fit_seed`` and share one cache.
+        contrastive_weight: weight of a supervised contrastive loss on the pooled features that pulls images
+            of the same exact grade from *different* sources together (0 = off); ``contrastive_temperature``
+            is its softmax temperature.
     """
 
     labels: list[str] = field(default_factory=list)
+    optional_labels: list[str] = field(default_factory=list)
     out_dir: str = "runs/latest"
     cache_dir: str = "cache"
     name: str = "retinagrade-dr"
@@ -118,6 +157,30 @@ class TrainConfig:
     loso: list[str] = field(default_factory=list)
     calibration_sources: list[str] = field(default_factory=lambda: list(CAMERA_SOURCES))
     eval_labels: list[str] = field(default_factory=list)
+    dme_weight: float = 0.0
+    dme_folds: int = 0
+    dme_negative_sources: list[str] = field(default_factory=list)
+    run_dme_folds: list[int] | None = None
+    flip_tta: bool = False
+    fit_seed: int = 0
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+
+    @property
+    def dme_head(self) -> bool:
+        return self.dme_weight > 0
+
+    def label_files(self) -> list[str]:
+        """``labels`` and the ``optional_labels`` that exist; the missing ones are logged in one line."""
+        present = [p for p in self.optional_labels if Path(p).is_file()]
+        missing = [p for p in self.optional_labels if not Path(p).is_file()]
+        if missing:
+            log.warning(
+                "optional label files missing, training without them (prepare them with `retinagrade sources "
+                "prepare`, docs/training-sources.md): %s",
+                ", ".join(missing),
+            )
+        return [*self.labels, *present]
 
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=self.input_size, decode_min_side=2 * self.input_size)
@@ -140,14 +203,16 @@ class TrainConfig:
 
 @dataclass
 class Predictions:
-    """Raw outputs for a set of samples."""
+    """Raw outputs for a set of samples; ``dme`` (N DME logits) only from a model with a DME head."""
 
     logits: np.ndarray
     regression: np.ndarray
     embedding: np.ndarray
+    dme: np.ndarray | None = None
 
     def take(self, idx: np.ndarray) -> Predictions:
-        return Predictions(self.logits[idx], self.regression[idx], self.embedding[idx])
+        dme = self.dme[idx] if self.dme is not None else None
+        return Predictions(self.logits[idx], self.regression[idx], self.embedding[idx], dme)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,8 +259,10 @@ def initial_net(cfg: TrainConfig, frozen_stages: int | None = None) -> GraderNet
 
     stages = cfg.frozen_stages if frozen_stages is None else frozen_stages
     if cfg.init_from is None:
-        return build_grader(cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout)
-    net = build_grader(cfg.arch, stages, pretrained=False, dropout=cfg.dropout)
+        return build_grader(
+            cfg.arch, stages, pretrained=True, weights=cfg.pretrained_weights, dropout=cfg.dropout, dme=cfg.dme_head
+        )
+    net = build_grader(cfg.arch, stages, pretrained=False, dropout=cfg.dropout, dme=cfg.dme_head)
     path = Path(cfg.init_from)
     return load_folded_onnx(net, path.with_suffix(".onnx") if path.suffix == ".json" else path)
 
@@ -226,18 +293,23 @@ class Feed:
         if features is not None and allowed_views is None:
             allowed_views = np.arange(features.shape[1])
         self.allowed_views = allowed_views
+        # The mirrored clean view is cached last (flip_tta) and only ever read at predict time.
+        self.flipped_view = features.shape[1] - 1 if features is not None and cfg.flip_tta else None
         # Small caches (pooled embeddings) are read into memory once: batches become one fancy index.
         self.dense: np.ndarray | None = None
         if features is not None and int(np.prod(features.shape)) * 4 <= DENSE_FEATURES_BYTES:
             self.dense = np.stack([np.asarray(v, dtype=np.float32) for v in features.views], axis=1)
 
-    def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
+    def batch(self, idx: np.ndarray, rng: np.random.Generator, train: bool, flipped: bool = False) -> torch.Tensor:
+        """Model inputs of ``idx``: a random allowed view each (``train``), else the clean one or its mirror."""
         if self.features is not None:
             assert self.allowed_views is not None
+            if flipped and self.flipped_view is None:
+                raise ValueError("no mirrored view cached: the recipe needs flip_tta")
             views = (
                 self.allowed_views[rng.integers(0, len(self.allowed_views), size=len(idx))]
                 if train
-                else np.zeros(len(idx), int)
+                else np.full(len(idx), self.flipped_view if flipped else 0, int)
             )
             if self.dense is not None:
                 return torch.from_numpy(np.ascontiguousarray(self.dense[idx, views]))
@@ -249,6 +321,8 @@ class Feed:
         batch = [
             augment(np.asarray(self.images[i]), rng, self.preprocess.mask_margin)
             if train
+            else np.ascontiguousarray(np.asarray(self.images[i])[:, ::-1])
+            if flipped
             else np.asarray(self.images[i])
             for i in idx
         ]
@@ -263,6 +337,11 @@ class Inputs:
     low: np.ndarray
     high: np.ndarray
     feed: Feed
+
+    @property
+    def dme(self) -> np.ndarray:
+        """DME label per sample: 1.0, 0.0, or NaN where unknown."""
+        return np.array([np.nan if s.dme is None else float(s.dme) for s in self.samples], np.float32)
 
     @property
     def grades(self) -> np.ndarray:
@@ -299,18 +378,30 @@ def _allowed_views(cfg: TrainConfig) -> np.ndarray:
     return view_indices(cfg.views, cfg.artefact_views, use_standard=standard, use_artefacts=artefact)
 
 
+def with_dme_negatives(samples: list[Sample], sources: list[str]) -> list[Sample]:
+    """Samples of ``sources`` graded exactly 0 (no DR) and without a DME label, labelled "no oedema"."""
+    chosen = set(sources)
+    return [
+        dataclasses.replace(s, dme=False) if s.source in chosen and s.dme is None and s.exact and s.grade == 0 else s
+        for s in samples
+    ]
+
+
 def load_inputs(cfg: TrainConfig) -> Inputs:
     """Read every label file, prepare the images and (CPU mode) the cached stem features of all views."""
-    samples = read_sources(cfg.labels)
+    label_files = cfg.label_files()
+    samples = with_dme_negatives(read_sources(label_files), cfg.dme_negative_sources)
     low = np.array([s.grade_bounds[0] for s in samples])
     high = np.array([s.grade_bounds[1] for s in samples])
     exact = low == high
     log.info(
-        "%d images from %s; exact grades %s; %d with a grade range",
+        "%d images from %s; exact grades %s; %d with a grade range; DME labels %d (%d with oedema)",
         len(samples),
-        cfg.labels,
+        label_files,
         np.bincount(low[exact], minlength=NUM_GRADES),
         int((~exact).sum()),
+        sum(s.dme is not None for s in samples),
+        sum(s.dme is True for s in samples),
     )
     preprocess = cfg.preprocess()
     cache_dir = Path(cfg.cache_dir)
@@ -343,6 +434,7 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
                 artefact_views=cfg.artefact_views,
                 seed=cfg.seed,
                 threads=cfg.threads,
+                flipped=cfg.flip_tta,
             )
             if stages < cfg.frozen_stages or cfg.heads_only:
                 deeper = initial_net(cfg)
@@ -380,21 +472,65 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
 
 
 def _loss(
-    logits: torch.Tensor, regression: torch.Tensor, low: torch.Tensor, high: torch.Tensor, cfg: TrainConfig
+    logits: torch.Tensor,
+    regression: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    cfg: TrainConfig,
+    dme_logit: torch.Tensor | None = None,
+    dme: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Label-smoothed partial-label cross-entropy + interval smooth-L1 on the regression.
+    """Label-smoothed partial-label cross-entropy + interval smooth-L1 on the regression (+ masked DME BCE).
 
     For an exact grade (low == high) this is exactly label-smoothed cross-entropy and smooth-L1 to the grade.
+    An image whose range is every grade (DR unknown, e.g. a Mexican DME-only photo) carries no DR loss at all:
+    not even label smoothing pulls it toward uniform. The DME term is the binary cross-entropy over the images
+    with a DME label (``dme`` NaN elsewhere), times ``cfg.dme_weight``.
     """
     log_p = torch.log_softmax(logits, dim=1)
     k = torch.arange(logits.shape[1], device=logits.device)[None, :]
     allowed = (k >= low[:, None]) & (k <= high[:, None])
     nll = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1)
     eps = cfg.label_smoothing
-    ce = ((1 - eps) * nll + eps * (-log_p.mean(dim=1))).mean()
+    supervised = ~((low == 0) & (high == logits.shape[1] - 1))
+    count = supervised.sum().clamp(min=1)
+    ce = (((1 - eps) * nll + eps * (-log_p.mean(dim=1))) * supervised).sum() / count
     reg = regression.squeeze(1)
     target = torch.minimum(torch.maximum(reg.detach(), low.float()), high.float())
-    return ce + cfg.regression_weight * nn.functional.smooth_l1_loss(reg, target)
+    l1 = nn.functional.smooth_l1_loss(reg, target, reduction="none")
+    loss = ce + cfg.regression_weight * (l1 * supervised).sum() / count
+    if dme_logit is not None and dme is not None and cfg.dme_weight > 0:
+        # Masked, not indexed: the head stays in the graph when a batch has no DME label (DDP needs every grad).
+        known = ~torch.isnan(dme)
+        bce = nn.functional.binary_cross_entropy_with_logits(
+            dme_logit.squeeze(1), torch.nan_to_num(dme), reduction="none"
+        )
+        loss = loss + cfg.dme_weight * (bce * known).sum() / known.sum().clamp(min=1)
+    return loss
+
+
+def supervised_contrastive(
+    embedding: torch.Tensor, grades: torch.Tensor, sources: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) whose positives are images of the same exact grade from
+    a different source: it pulls a grade's features together across cameras and datasets, the domain-alignment
+    term of the published domain-generalisation methods for DR grading. ``grades`` is -1 where only a range is
+    known (such images are only negatives); anchors without a positive in the batch are skipped (0 if none).
+    """
+    z = nn.functional.normalize(embedding, dim=1)
+    similarity = z @ z.T / temperature
+    n = len(z)
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    known = grades >= 0
+    positive = (grades[:, None] == grades[None, :]) & (sources[:, None] != sources[None, :])
+    positive &= known[:, None] & known[None, :] & ~self_mask
+    log_prob = similarity - torch.logsumexp(similarity.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    count = positive.sum(dim=1)
+    anchors = count > 0
+    if not bool(anchors.any()):
+        return embedding.sum() * 0.0
+    per_anchor = -(log_prob * positive).sum(dim=1)[anchors] / count[anchors]
+    return per_anchor.mean()
 
 
 def _epoch_draws(
@@ -413,6 +549,39 @@ def _epoch_draws(
     return rng.choice(train_idx, size=len(train_idx), replace=True, p=p)
 
 
+@dataclass(frozen=True)
+class _Targets:
+    """Every sample's training targets as tensors: grade bounds, DME (NaN unknown), exact grade, source index."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    dme: torch.Tensor
+    exact: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def of(cls, inputs: Inputs) -> _Targets:
+        return cls(
+            torch.from_numpy(inputs.low.astype(np.int64)),
+            torch.from_numpy(inputs.high.astype(np.int64)),
+            torch.from_numpy(inputs.dme),
+            torch.from_numpy(np.where(inputs.low == inputs.high, inputs.low, -1).astype(np.int64)),
+            torch.from_numpy(np.unique(inputs.sources, return_inverse=True)[1].astype(np.int64)),
+        )
+
+    def loss(self, outputs: tuple[Any, ...], idx: np.ndarray, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+        """The recipe's loss on a batch of outputs (:func:`_loss`, + the contrastive term when weighted)."""
+        dme_logit = outputs[4] if len(outputs) > 4 else None
+        low, high, dme = self.low[idx].to(device), self.high[idx].to(device), self.dme[idx].to(device)
+        loss = _loss(outputs[0], outputs[1], low, high, cfg, dme_logit, dme)
+        if cfg.contrastive_weight > 0:
+            exact, source = self.exact[idx].to(device), self.source[idx].to(device)
+            loss = loss + cfg.contrastive_weight * supervised_contrastive(
+                outputs[3], exact, source, cfg.contrastive_temperature
+            )
+        return loss
+
+
 def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> GraderNet:
     """Train one model on ``train_idx``; returns the joined network (stem frozen in CPU mode).
 
@@ -422,6 +591,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
     from torch.utils.data import Dataset, DistributedSampler
 
     rank, world = _dist()
+    seed += 100_003 * cfg.fit_seed
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = initial_net(cfg)
@@ -447,8 +617,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
-    low_all = torch.from_numpy(inputs.low.astype(np.int64))
-    high_all = torch.from_numpy(inputs.high.astype(np.int64))
+    targets = _Targets.of(inputs)
     trained = _Heads(net.tail) if cfg.heads_only else net.tail if cached else net
     averaged = (
         torch.optim.swa_utils.AveragedModel(
@@ -474,8 +643,7 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
             if len(idx) == 0:
                 continue
             x = feed.batch(idx, rng, train=True).to(device)
-            logits, regression, _, _ = module(x)
-            loss = _loss(logits, regression, low_all[idx].to(device), high_all[idx].to(device), cfg)
+            loss = targets.loss(module(x), idx, cfg, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -498,35 +666,53 @@ def fit(cfg: TrainConfig, inputs: Inputs, train_idx: np.ndarray, seed: int) -> G
 
 
 class _Heads(nn.Module):
-    """The tail's two linear heads applied to cached pooled embeddings, returning the tail's outputs."""
+    """The tail's linear heads applied to cached pooled embeddings, returning the tail's outputs (no CAM)."""
 
     def __init__(self, tail: Tail) -> None:
         super().__init__()
         self.tail = tail
 
-    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
-        logits, regression = self.tail.heads(pooled)
-        return logits, regression, None, pooled
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, regression, dme = self.tail.heads(pooled)
+        return (logits, regression, None, pooled) if dme is None else (logits, regression, None, pooled, dme)
 
 
 @torch.no_grad()
 def predict(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int = 128) -> Predictions:
-    """Outputs for the unaugmented view of ``idx``."""
+    """Outputs for the unaugmented view of ``idx``; with ``flip_tta`` the mean of it and its mirror image."""
+    plain = _predict_view(net, feed, idx, batch_size, flipped=False)
+    if not feed.cfg.flip_tta:
+        return plain
+    mirrored = _predict_view(net, feed, idx, batch_size, flipped=True)
+    dme = (plain.dme + mirrored.dme) / 2 if plain.dme is not None and mirrored.dme is not None else None
+    return Predictions(
+        (plain.logits + mirrored.logits) / 2,
+        (plain.regression + mirrored.regression) / 2,
+        (plain.embedding + mirrored.embedding) / 2,
+        dme,
+    )
+
+
+def _predict_view(net: GraderNet, feed: Feed, idx: np.ndarray, batch_size: int, flipped: bool) -> Predictions:
     net.eval()
     cached = feed.features is not None
     device = next(net.parameters()).device
     outs: list[tuple[np.ndarray, ...]] = []
     rng = np.random.default_rng(0)
+    has_dme = net.tail.dme is not None
     for start in range(0, len(idx), batch_size):
-        x = feed.batch(idx[start : start + batch_size], rng, train=False).to(device)
-        if cached and x.ndim == 2:
-            logits, regression, _, embedding = _Heads(net.tail)(x)
-        else:
-            logits, regression, _, embedding = net.tail(x) if cached else net(x)
-        outs.append((logits.cpu().numpy(), regression.cpu().numpy()[:, 0], embedding.cpu().numpy()))
+        x = feed.batch(idx[start : start + batch_size], rng, train=False, flipped=flipped).to(device)
+        module: nn.Module = (_Heads(net.tail) if x.ndim == 2 else net.tail) if cached else net
+        outputs = module(x)
+        logits, regression, embedding = (cast(torch.Tensor, outputs[k]) for k in (0, 1, 3))
+        row: tuple[np.ndarray, ...] = (logits.cpu().numpy(), regression.cpu().numpy()[:, 0], embedding.cpu().numpy())
+        if has_dme:
+            row = (*row, cast(torch.Tensor, outputs[4]).cpu().numpy()[:, 0])
+        outs.append(row)
     if not outs:
-        return Predictions(np.zeros((0, NUM_GRADES), np.float32), np.zeros(0, np.float32), np.zeros((0, 1)))
-    return Predictions(*(np.concatenate([o[k] for o in outs]) for k in range(3)))
+        empty = Predictions(np.zeros((0, NUM_GRADES), np.float32), np.zeros(0, np.float32), np.zeros((0, 1)))
+        return dataclasses.replace(empty, dme=np.zeros(0, np.float32)) if has_dme else empty
+    return Predictions(*(np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -544,61 +730,14 @@ def _grade_scores(preds: Predictions, temperature: float) -> dict[str, np.ndarra
     }
 
 
-def fit_temperature_partial(logits: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
-    """Temperature minimising the partial-label NLL (-log P(allowed grades)); equals NLL for exact labels."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax, logsumexp
+def decide(preds: Predictions, low: np.ndarray, high: np.ndarray, sources: np.ndarray) -> dict[str, Any]:
+    """The decision layer (:func:`~retinagrade.training.decisions.fit_decision_layer`) on held-out predictions.
 
-    z = np.asarray(logits, np.float64)
-    k = np.arange(z.shape[1])[None, :]
-    allowed = (k >= low[:, None]) & (k <= high[:, None])
-
-    def nll(log_t: float) -> float:
-        lp = log_softmax(z / np.exp(log_t), axis=1)
-        return float(-logsumexp(np.where(allowed, lp, -np.inf), axis=1).mean())
-
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
-    return float(np.exp(result.x))
-
-
-def _grade_rule(preds: Predictions, grades: np.ndarray, temperature: float) -> dict[str, Any]:
-    """The decision rule (argmax / thresholded expected grade / thresholded regression) with the best QWK."""
-    scores = _grade_scores(preds, temperature)
-    candidates: dict[str, tuple[tuple[float, ...], float]] = {}
-    argmax_pred = scores["probs"].argmax(axis=1)
-    candidates["argmax"] = ((0.5, 1.5, 2.5, 3.5), float(M.quadratic_weighted_kappa(grades, argmax_pred)))
-    for rule in ("expected_grade", "regression"):
-        thresholds = tuple(float(t) for t in M.optimise_thresholds(scores[rule], grades))
-        qwk = float(M.quadratic_weighted_kappa(grades, M.apply_thresholds(scores[rule], thresholds)))
-        candidates[rule] = (thresholds, qwk)
-    rule = max(candidates, key=lambda r: candidates[r][1])
-    return {
-        "rule": rule,
-        "thresholds": list(candidates[rule][0]),
-        "qwk_by_rule": {r: q for r, (_, q) in candidates.items()},
-    }
-
-
-def decide(preds: Predictions, grades: np.ndarray, min_sensitivity: float = 0.90) -> dict[str, Any]:
-    """Calibrate (temperature), pick the decision rule with the best QWK, and the referable operating point.
-
-    All choices are made on held-out (out-of-fold) predictions of exactly graded images.
+    Every choice is made on held-out predictions (out of fold or out of source); the grade rule on the sources
+    graded on all five grades.
     """
-    temperature = float(M.fit_temperature(preds.logits, grades))
-    decision = {"temperature": temperature, **_grade_rule(preds, grades, temperature)}
-    p_ref = _grade_scores(preds, temperature)["p_referable"]
-    point = M.choose_operating_point(p_ref, grades >= REFERABLE_MIN_GRADE, min_sensitivity=min_sensitivity)
-    decision["referable_threshold"] = float(point.threshold)
-    decision["chosen_on"] = "out-of-fold predictions"
-    return decision
-
-
-def referable_truth(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """1 referable, 0 not, -1 unknown (a grade range straddling the referable grade, e.g. NPDR = 1-3)."""
-    truth = np.full(len(low), -1)
-    truth[low >= REFERABLE_MIN_GRADE] = 1
-    truth[high < REFERABLE_MIN_GRADE] = 0
-    return truth
+    five = [name for name in sorted(set(sources.tolist())) if _is_five_grade_arrays(low, high, sources, name)]
+    return fit_decision_layer(preds.logits, preds.regression, low, high, sources, five or sorted(set(sources)))
 
 
 def travelling_operating_point(
@@ -628,30 +767,30 @@ def travelling_operating_point(
     }
 
 
-def grades_from(preds: Predictions, decision: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities, grade, P(referable)) under a decision; grade is kept consistent with the referral."""
-    from retinagrade.inference.postprocess import consistent_grade
+def grades_from(
+    preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, grade, P(referable), referred) under a decision layer at a named operating point.
 
-    scores = _grade_scores(preds, decision["temperature"])
-    if decision["rule"] == "argmax":
-        raw = scores["probs"].argmax(axis=1)
-    else:
-        raw = M.apply_thresholds(scores[decision["rule"]], decision["thresholds"])
-    referable = scores["p_referable"] >= decision["referable_threshold"]
-    final = np.array(
-        [consistent_grade(int(g), bool(r), p) for g, r, p in zip(raw, referable, scores["probs"], strict=True)]
-    )
-    return scores["probs"], final, scores["p_referable"]
+    The grade is the rule's own (never rewritten to agree with the referral).
+    """
+    return apply_layer(preds.logits, preds.regression, decision, point)
 
 
-def _metrics_for(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
-    """Metrics on the exactly graded images of ``idx`` (``preds`` aligned with ``idx``)."""
+def _metrics_for(
+    inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> dict[str, Any]:
+    """Metrics on the exactly graded images of ``idx`` (``preds`` aligned with ``idx``) at a named point."""
     exact = inputs.low[idx] == inputs.high[idx]
     idx, preds = idx[exact], preds.take(np.flatnonzero(exact))
-    probs, final, p_ref = grades_from(preds, decision)
-    return M.evaluate_predictions(
-        inputs.low[idx], probs, final, p_ref, decision["referable_threshold"], groups=inputs.groups[idx]
+    probs, final, p_ref, refer = grades_from(preds, decision, point)
+    name = point or decision["operating_points"]["default"]
+    threshold = float(decision["operating_points"]["points"][name]["threshold"])
+    metrics = M.evaluate_predictions(
+        inputs.low[idx], probs, final, p_ref, threshold, groups=inputs.groups[idx], referred=refer
     )
+    metrics["operating_point"] = name
+    return metrics
 
 
 def _headline(grades: np.ndarray, preds: Predictions) -> dict[str, float | None]:
@@ -676,7 +815,7 @@ def _write_predictions(
     path: Path, inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], split: np.ndarray
 ) -> None:
     """Held-out predictions, one row per image (``fold`` is the CV fold or the held-out source)."""
-    probs, final, p_ref = grades_from(preds, decision)
+    probs, final, p_ref, refer = grades_from(preds, decision)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -689,10 +828,12 @@ def _write_predictions(
                 "grade_low",
                 "grade_high",
                 "grade_pred",
+                "referred",
                 "p_referable",
                 "regression",
                 *[f"p{k}" for k in range(NUM_GRADES)],
                 *[f"logit{k}" for k in range(NUM_GRADES)],
+                *(["dme_true", "logit_dme"] if preds.dme is not None else []),
             ]
         )
         for j, i in enumerate(idx):
@@ -707,12 +848,54 @@ def _write_predictions(
                     int(inputs.low[i]),
                     int(inputs.high[i]),
                     int(final[j]),
+                    int(refer[j]),
                     f"{p_ref[j]:.6f}",
                     f"{preds.regression[j]:.6f}",
                     *[f"{p:.6f}" for p in probs[j]],
                     *[f"{v:.6f}" for v in preds.logits[j]],
+                    *(_dme_cells(s, float(preds.dme[j])) if preds.dme is not None else []),
                 ]
             )
+
+
+def _dme_cells(sample: Sample, logit: float) -> list[str]:
+    return ["" if sample.dme is None else str(int(sample.dme)), f"{logit:.6f}"]
+
+
+def _empty_predictions(cfg: TrainConfig, n: int) -> Predictions:
+    """Zeroed held-out predictions for ``n`` samples, with a DME column when the recipe has the head."""
+    return Predictions(
+        np.zeros((n, NUM_GRADES), np.float32),
+        np.zeros(n, np.float32),
+        np.zeros((n, 1), np.float32),
+        np.zeros(n, np.float32) if cfg.dme_head else None,
+    )
+
+
+def _store(into: Predictions, idx: np.ndarray, part: Predictions) -> None:
+    into.logits[idx], into.regression[idx] = part.logits, part.regression
+    if into.dme is not None and part.dme is not None:
+        into.dme[idx] = part.dme
+
+
+def _logit_arrays(preds: Predictions) -> dict[str, np.ndarray]:
+    """The arrays of a held-out logits file (``logit_dme`` only from a model with a DME head)."""
+    arrays = {"logits": preds.logits, "regression": preds.regression}
+    if preds.dme is not None:
+        arrays["logit_dme"] = preds.dme
+    return arrays
+
+
+def _sample_arrays(inputs: Inputs) -> dict[str, np.ndarray]:
+    """Which image each row is, so logits files of several runs can be joined and checked (ensembles)."""
+    return {
+        "image": np.array([str(s.path) for s in inputs.samples]),
+        "source": inputs.sources,
+        "group": inputs.groups,
+        "grade_low": inputs.low,
+        "grade_high": inputs.high,
+        "dme_true": inputs.dme,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -725,19 +908,18 @@ def cross_validate(cfg: TrainConfig, inputs: Inputs, out_dir: Path | None = None
     samples = inputs.samples
     folds = make_folds(samples, cfg.folds, cfg.seed)
     n = len(samples)
-    oof = Predictions(np.zeros((n, NUM_GRADES), np.float32), np.zeros(n, np.float32), np.zeros((n, 1), np.float32))
+    oof = _empty_predictions(cfg, n)
     done = np.zeros(n, bool)
     for k in cfg.run_folds if cfg.run_folds is not None else range(cfg.folds):
         started = time.perf_counter()
         train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         net = fit(cfg, inputs, train_idx, seed=cfg.seed + k)
-        p = predict(net, inputs.feed, test_idx)
-        oof.logits[test_idx], oof.regression[test_idx] = p.logits, p.regression
+        _store(oof, test_idx, predict(net, inputs.feed, test_idx))
         done[test_idx] = True
         log.info("fold %d done, %.0f s", k, time.perf_counter() - started)
     idx = np.flatnonzero(done & (inputs.low == inputs.high))
     sub = oof.take(idx)
-    decision = decide(sub, inputs.low[idx], cfg.min_sensitivity)
+    decision = decide(sub, inputs.low[idx], inputs.high[idx], inputs.sources[idx])
     if out_dir is not None and is_writer():
         _write_predictions(out_dir / "oof_predictions.csv", inputs, idx, sub, decision, folds[idx])
     cv: dict[str, Any] = {"decision": decision, "all": _metrics_for(inputs, idx, sub, decision)}
@@ -767,14 +949,160 @@ def cross_source(cfg: TrainConfig, inputs: Inputs) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------
+# DME cross-validation (within the Mexican photos: no second DME source to hold out)
+# --------------------------------------------------------------------------------------------------------
+
+#: Dataset family whose photos carry DME labels; the DME cross-validation runs within it.
+DME_FAMILY = "mexico"
+
+
+def dme_folds(inputs: Inputs, n_folds: int, seed: int) -> np.ndarray:
+    """DME fold per sample (-1 outside the DME cross-validation).
+
+    The Mexican photos with a DME label, grouped by split group (patients, joined where they share a photo),
+    stratified by DME and by source (mexico-512's few oedema eyes spread over the folds). The file names
+    carry no institute, so the folds are by patient, not by institute.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    dme = inputs.dme
+    member = np.array([family(s.source) == DME_FAMILY for s in inputs.samples]) & ~np.isnan(dme)
+    idx = np.flatnonzero(member)
+    folds = np.full(len(inputs.samples), -1, dtype=np.int64)
+    if len(idx) == 0:
+        raise ValueError(f"dme_folds: no {DME_FAMILY} image with a DME label among the training sources")
+    strata = dme[idx].astype(np.int64) * 2 + (inputs.sources[idx] == inputs.sources[idx][0])
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(idx)), strata, inputs.groups[idx])):
+        folds[idx[test]] = k
+    return folds
+
+
+def dme_cross_validate(cfg: TrainConfig, inputs: Inputs, out_dir: Path) -> dict[str, Any] | None:
+    """Run the DME folds of ``cfg.run_dme_folds`` (default all): each a fit of the same recipe without that
+    fold's Mexican groups (every other source stays in training), predicting the fold.
+
+    Each fold writes ``dme_cv/fold-K.npz``, so folds can run as separate processes into one run folder; once
+    every fold is there the out-of-fold file is merged (:func:`merge_dme_cv`) and its summary returned.
+    """
+    if not cfg.dme_head or cfg.dme_folds < 2:
+        raise ValueError("the DME cross-validation needs the DME head (dme_weight > 0) and dme_folds >= 2")
+    folds = dme_folds(inputs, cfg.dme_folds, cfg.seed)
+    cv_dir = out_dir / "dme_cv"
+    if is_writer():
+        cv_dir.mkdir(parents=True, exist_ok=True)
+    groups = inputs.groups
+    for k in cfg.run_dme_folds if cfg.run_dme_folds is not None else range(cfg.dme_folds):
+        if not 0 <= k < cfg.dme_folds:
+            raise ValueError(f"DME fold {k} is not in 0..{cfg.dme_folds - 1}")
+        started = time.perf_counter()
+        test_idx = np.flatnonzero(folds == k)
+        train_idx = np.flatnonzero(~np.isin(groups, groups[test_idx]))
+        net = fit(cfg, inputs, train_idx, seed=cfg.seed + 5000 + k)
+        p = predict(net, inputs.feed, test_idx)
+        wall = round(time.perf_counter() - started, 1)
+        log.info("DME fold %d: trained on %d, tested on %d, %.0f s", k, len(train_idx), len(test_idx), wall)
+        if is_writer():
+            assert p.dme is not None
+            np.savez(
+                cv_dir / f"fold-{k}.npz",
+                index=test_idx,
+                image=np.array([str(inputs.samples[i].path) for i in test_idx]),
+                logit_dme=p.dme,
+                logits=p.logits,
+                regression=p.regression,
+                n_train=len(train_idx),
+                wall_time_s=wall,
+            )
+    return merge_dme_cv(inputs, folds, cv_dir, cfg.dme_folds) if is_writer() else None
+
+
+def merge_dme_cv(inputs: Inputs, folds: np.ndarray, cv_dir: Path, n_folds: int) -> dict[str, Any] | None:
+    """Join the fold files into ``dme_oof.npz`` / ``dme_oof.csv`` and ``dme_cv.json`` (None until all exist).
+
+    The out-of-fold DME logits are what the DME calibration (temperature or Platt) and operating point are
+    fitted on. The summary gives the AUC overall and per source with patient-grouped bootstrap intervals.
+    """
+    files = [cv_dir / f"fold-{k}.npz" for k in range(n_folds)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        log.info("DME cross-validation: %s not done yet; merged once every fold is", ", ".join(missing))
+        return None
+    n = len(inputs.samples)
+    logit = np.full(n, np.nan, np.float32)
+    logits = np.full((n, NUM_GRADES), np.nan, np.float32)
+    wall: dict[str, float] = {}
+    for k, path in enumerate(files):
+        part = np.load(path)
+        index = part["index"]
+        expected = np.array([str(inputs.samples[i].path) for i in index])
+        if len(index) and not np.array_equal(part["image"], expected):
+            raise ValueError(f"{path} was written for other training inputs (another label list or order)")
+        logit[index], logits[index] = part["logit_dme"], part["logits"]
+        wall[f"fold{k}"] = float(part["wall_time_s"])
+    idx = np.flatnonzero(folds >= 0)
+    truth = inputs.dme[idx]
+    sources, groups = inputs.sources[idx], inputs.groups[idx]
+    np.savez(
+        cv_dir.parent / "dme_oof.npz",
+        logit_dme=logit[idx],
+        dme_true=truth,
+        fold=folds[idx],
+        image=np.array([str(inputs.samples[i].path) for i in idx]),
+        source=sources,
+        group=groups,
+        logits=logits[idx],
+    )
+    with (cv_dir.parent / "dme_oof.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "source", "group", "fold", "dme_true", "logit_dme", "grade_low", "grade_high"])
+        for j, i in enumerate(idx):
+            writer.writerow(
+                [
+                    str(inputs.samples[i].path),
+                    sources[j],
+                    groups[j],
+                    int(folds[i]),
+                    int(truth[j]),
+                    f"{logit[i]:.6f}",
+                    int(inputs.low[i]),
+                    int(inputs.high[i]),
+                ]
+            )
+    summary: dict[str, Any] = {
+        "folds": n_folds,
+        "grouped_by": "split group (patients joined where they share a photo); file names carry no institute",
+        "wall_time_s": wall,
+        "all": _dme_auc(truth, logit[idx], groups),
+    }
+    for name in sorted(set(sources.tolist())):
+        part = sources == name
+        summary[name] = _dme_auc(truth[part], logit[idx][part], groups[part])
+    (cv_dir.parent / "dme_cv.json").write_text(json.dumps(summary, indent=2))
+    log.info("DME cross-validation: %s", json.dumps(summary))
+    return summary
+
+
+def _dme_auc(truth: np.ndarray, score: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    positives = int(truth.sum())
+    result: dict[str, Any] = {"n": len(truth), "dme": positives, "no_dme": len(truth) - positives}
+    if 0 < positives < len(truth):
+        value, low, high = M.bootstrap_ci(M._auc_or_nan, truth.astype(bool), score, groups=groups, n_boot=500)
+        result["auc"] = {"value": value, "ci_low": low, "ci_high": high}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
 # Leave one source out
 # --------------------------------------------------------------------------------------------------------
 
 
-def _coarse_metrics(inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any]) -> dict[str, Any]:
+def _coarse_metrics(
+    inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], point: str | None = None
+) -> dict[str, Any]:
     """Metrics of a coarsely labelled source: no-DR vs PDR (the exact labels), referable metrics on those."""
     exact = np.flatnonzero(inputs.low[idx] == inputs.high[idx])
-    metrics = _metrics_for(inputs, idx, preds, decision)
+    metrics = _metrics_for(inputs, idx, preds, decision, point)
     present = sorted(set(inputs.low[idx[exact]].tolist()))
     metrics["coarse"] = {
         "exact_grades_present": present,
@@ -793,7 +1121,7 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
     the grade decision rule on the pooled exactly graded held-out images.
     """
     n = len(inputs.samples)
-    preds = Predictions(np.zeros((n, NUM_GRADES), np.float32), np.zeros(n, np.float32), np.zeros((n, 1), np.float32))
+    preds = _empty_predictions(cfg, n)
     held = np.zeros(n, bool)
     timings: dict[str, float] = {}
     seen = set(cfg.init_sources)
@@ -810,15 +1138,15 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
         excluded[name] = int((~unseen).sum())
         test_idx = test_idx[unseen]
         net = fit(cfg, inputs, train_idx, seed=cfg.seed + 3000 + k)
-        p = predict(net, inputs.feed, test_idx)
-        preds.logits[test_idx], preds.regression[test_idx] = p.logits, p.regression
+        _store(preds, test_idx, predict(net, inputs.feed, test_idx))
         held[test_idx] = True
         timings[name] = round(time.perf_counter() - started, 1)
         log.info("LOSO %s: trained on %d, tested on %d, %.0f s", name, len(train_idx), len(test_idx), timings[name])
         if out_dir is not None and is_writer():
             # Keep partial results: a long LOSO run can be stopped and still report the sources done so far.
-            np.savez(out_dir / "loso_logits.npz", logits=preds.logits, regression=preds.regression, held=held)
-    report = loso_report(cfg, inputs, preds, held, holdout, timings, out_dir)
+            arrays: dict[str, Any] = {**_logit_arrays(preds), "held": held, **_sample_arrays(inputs)}
+            np.savez(out_dir / "loso_logits.npz", **arrays)
+    report = loso_report(inputs, preds, held, holdout, timings, out_dir)
     if seen:
         report["excluded_seen_by_init"] = {"init_sources": sorted(seen), "images": excluded}
         if out_dir is not None and is_writer():
@@ -830,7 +1158,6 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
 
 
 def loso_report(
-    cfg: TrainConfig,
     inputs: Inputs,
     preds: Predictions,
     held: np.ndarray,
@@ -838,37 +1165,34 @@ def loso_report(
     timings: dict[str, float] | None = None,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Choose the travelling decision on held-out predictions and score every held-out source with it."""
+    """Fit the decision layer on the pooled held-out predictions and score every held-out source at every point.
+
+    ``sources`` holds each source's metrics at the default operating point; ``by_point`` at every named point.
+    """
     sources = inputs.sources
-    truth = referable_truth(inputs.low, inputs.high)
-    calib = [s for s in cfg.calibration_sources if s in holdout] or list(holdout)
-    cal_idx = np.flatnonzero(held & np.isin(sources, calib))
-    temperature = fit_temperature_partial(preds.logits[cal_idx], inputs.low[cal_idx], inputs.high[cal_idx])
-    p_ref = _grade_scores(preds.take(cal_idx), temperature)["p_referable"]
-    point = travelling_operating_point(p_ref, truth[cal_idx], sources[cal_idx], cfg.min_sensitivity)
-    exact_held = np.flatnonzero(held & (inputs.low == inputs.high) & np.isin(sources, list(holdout)))
-    five_grade = [s for s in holdout if _is_five_grade(inputs, s)]
-    rule_idx = exact_held[np.isin(sources[exact_held], five_grade)] if five_grade else exact_held
-    decision = {
-        "temperature": temperature,
-        **_grade_rule(preds.take(rule_idx), inputs.low[rule_idx], temperature),
-        "referable_threshold": point["threshold"],
-        "chosen_on": f"leave-one-source-out predictions of {', '.join(calib)} (temperature, threshold) and of "
-        f"{', '.join(five_grade or holdout)} (grade rule)",
-        "operating_point": point,
-    }
-    report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}}
+    idx = np.flatnonzero(held & np.isin(sources, list(holdout)))
+    decision = decide(preds.take(idx), inputs.low[idx], inputs.high[idx], sources[idx])
+    default = decision["operating_points"]["default"]
+    report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}, "by_point": {}}
     if timings:
         report["wall_time_s"] = timings
-    for name in holdout:
-        idx = np.flatnonzero((sources == name) & held)
-        p = preds.take(idx)
-        if _is_five_grade(inputs, name):
-            report["sources"][name] = _metrics_for(inputs, idx, p, decision)
-        else:
-            report["sources"][name] = _coarse_metrics(inputs, idx, p, decision)
+    for point in decision["operating_points"]["points"]:
+        table: dict[str, Any] = {}
+        for name in holdout:
+            part = np.flatnonzero((sources == name) & held)
+            if len(part) == 0:
+                continue
+            p = preds.take(part)
+            if _is_five_grade(inputs, name):
+                table[name] = _metrics_for(inputs, part, p, decision, point)
+            else:
+                table[name] = _coarse_metrics(inputs, part, p, decision, point)
+        report["by_point"][point] = table
+    report["sources"] = report["by_point"][default]
+    if preds.dme is not None:
+        dme_true = np.array([np.nan if s.dme is None else float(s.dme) for s in inputs.samples])[idx]
+        report["dme"] = fit_dme_rule(preds.dme[idx], dme_true, inputs.high[idx], sources[idx], inputs.groups[idx])
     if out_dir is not None and is_writer():
-        idx = np.flatnonzero(held)
         _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
         (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))
         from retinagrade.training.report import format_loso_markdown
@@ -879,9 +1203,13 @@ def loso_report(
 
 def _is_five_grade(inputs: Inputs, source: str) -> bool:
     """Whether a source grades every image exactly and uses more than two grades."""
-    part = inputs.sources == source
-    exact = inputs.low[part] == inputs.high[part]
-    return bool(exact.all()) and len(set(inputs.low[part].tolist())) > 2
+    return _is_five_grade_arrays(inputs.low, inputs.high, inputs.sources, source)
+
+
+def _is_five_grade_arrays(low: np.ndarray, high: np.ndarray, sources: np.ndarray, source: str) -> bool:
+    part = sources == source
+    exact = low[part] == high[part]
+    return bool(exact.all()) and len(set(low[part].tolist())) > 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -911,6 +1239,10 @@ def default_decision() -> dict[str, Any]:
         "thresholds": [0.5, 1.5, 2.5, 3.5],
         "referable_threshold": 0.5,
         "qwk_by_rule": {},
+        "operating_points": {
+            "default": "untuned",
+            "points": {"untuned": {"threshold": 0.5, "description": "nothing held out: P(referable) >= 0.5"}},
+        },
         "chosen_on": "nothing held out: defaults",
     }
 
@@ -921,7 +1253,7 @@ def export_model(
     """Write ``<name>.onnx``, ``final.pt`` and the spec (a :class:`ModelSpec`, via ``to_dict``)."""
     train_preds = predict(net, inputs.feed, np.arange(len(inputs.samples)))
     onnx_path = out_dir / f"{cfg.name}.onnx"
-    export_onnx(net, onnx_path, cfg.input_size)
+    export_onnx(FlipAveraged(net) if cfg.flip_tta else net, onnx_path, cfg.input_size)
     torch.save(net.state_dict(), out_dir / "final.pt")
     spec = build_spec(cfg, onnx_path, decision, summary, _ood_stats(train_preds.embedding), inputs.samples)
     spec_path = out_dir / f"{cfg.name}.json"
@@ -963,6 +1295,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             decision = loso["decision"]
             if is_writer():
                 summary["fellow_eye"] = _fellow_eye_rule(cfg, out_dir, float(decision["temperature"]))
+    if cfg.dme_folds > 0 or cfg.run_dme_folds:
+        _run_dme_cv(cfg, inputs, out_dir, summary)
     summary["decision"] = decision
     if cfg.train_final:
         started = time.perf_counter()
@@ -974,6 +1308,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _barrier()
     return summary
+
+
+def _run_dme_cv(cfg: TrainConfig, inputs: Inputs, out_dir: Path, summary: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    dme_cv = dme_cross_validate(cfg, inputs, out_dir)
+    summary["wall_time_s"]["dme_cv"] = round(time.perf_counter() - started, 1)
+    if dme_cv is not None:
+        summary["dme_cv"] = dme_cv
 
 
 def _fellow_eye_rule(cfg: TrainConfig, out_dir: Path, temperature: float) -> dict[str, Any] | None:
@@ -1006,19 +1348,12 @@ def build_spec(
         else:
             counts.setdefault(s.source, [0] * NUM_GRADES)
             ranges[s.source] = ranges.get(s.source, 0) + 1
-    held_out = summary.get("cv", {}).get("all", {}).get("referable", {})
     chosen_on = decision.get("chosen_on", "held-out predictions")
-    if "loso" in summary and cfg.folds <= 1:
-        point = decision.get("operating_point", {})
-        sensitivity, specificity = point.get("pooled_sensitivity"), point.get("pooled_specificity")
-        chosen = (
-            f"highest threshold with sensitivity >= {cfg.min_sensitivity:.2f} on every held-out camera source "
-            f"({', '.join(point.get('per_source_max_threshold', {}))}), leave-one-source-out"
-        )
-    else:
-        sensitivity = (held_out.get("sensitivity") or {}).get("value")
-        specificity = (held_out.get("specificity") or {}).get("value")
-        chosen = f"highest out-of-fold specificity with sensitivity >= {cfg.min_sensitivity:.2f}"
+    points_section = decision["operating_points"]
+    default = str(points_section["default"])
+    default_point = points_section["points"][default]
+    per_source = default_point.get("per_source", {})
+    chosen = f"{default}: {default_point.get('description', '')}"
     metrics = {k: v for k, v in summary.items() if k in ("cv", "loso")}
     metrics["decision"] = decision
     raw = {
@@ -1040,16 +1375,17 @@ def build_spec(
             "heads": "5-way softmax (ICDR grade) + scalar regression, on globally pooled features",
         },
         "calibration": {"method": f"temperature scaling on {chosen_on}", "temperature": decision["temperature"]},
-        "decision": {"qwk_by_rule_held_out": decision.get("qwk_by_rule", {})},
+        "decision": {
+            "qwk_by_rule_held_out": decision.get("qwk_by_rule", {}),
+            **{str(k): decision[k] for k in ("min_band_width", "band_widths", "why") if k in decision},
+        },
         "referable": {
             "score": "calibrated P(grade >= 2)",
+            "rule": "referred when the grade is 2 or worse, or when P(grade >= 2) reaches the operating point",
             "chosen": chosen,
-            "sensitivity_held_out": sensitivity,
-            "specificity_held_out": specificity,
-            # Kept under the names the service and the page read.
-            "sensitivity_out_of_fold": sensitivity,
-            "specificity_out_of_fold": specificity,
+            "per_source_held_out": per_source,
         },
+        "operating_points": points_section,
         "training": {"data": counts, "grade_ranges": ranges, "config": asdict(cfg)},
         "metrics": metrics,
         "intended_use": (
@@ -1069,13 +1405,20 @@ def build_spec(
         preprocess=cfg.preprocess(),
         temperature=float(decision["temperature"]),
         decision=Decision(rule=decision["rule"], thresholds=tuple(float(t) for t in decision["thresholds"])),
-        referable_threshold=float(decision["referable_threshold"]),
+        referable_threshold=float(default_point["threshold"]),
+        operating_point=default,
+        operating_points=MappingProxyType(
+            {
+                name: OperatingPoint(name, float(point["threshold"]), str(point.get("description", "")))
+                for name, point in points_section["points"].items()
+            }
+        ),
         grade_names=GRADE_NAMES,
         referable_min_grade=REFERABLE_MIN_GRADE,
         ood=ood,
         gate_file="gate.json",
-        outputs=OUTPUT_NAMES,
-        cam_channels=CAM_CHANNELS,
+        outputs=(*OUTPUT_NAMES, DME_OUTPUT) if cfg.dme_head else OUTPUT_NAMES,
+        cam_channels=(*CAM_CHANNELS, DME_OUTPUT) if cfg.dme_head else CAM_CHANNELS,
         raw=raw,
         fellow_eye=(FellowEyeRule(float(fellow["weight"]), float(fellow["referable_threshold"])) if fellow else None),
     )
@@ -1101,10 +1444,14 @@ __all__ = [
     "TrainConfig",
     "cross_validate",
     "decide",
+    "dme_cross_validate",
+    "dme_folds",
     "export_model",
     "fit",
+    "fit_temperature_partial",
     "leave_one_source_out",
     "load_inputs",
     "predict",
+    "referable_truth",
     "run",
 ]

@@ -60,6 +60,8 @@ class GradedArrays:
     reported: np.ndarray
     p_referable: np.ndarray
     groups: np.ndarray
+    #: The referral decision (grade 2+, or the risk at the operating point), as the pipeline made it.
+    referred: np.ndarray
 
 
 def graded_arrays(samples: Sequence[Sample], outcomes: Sequence[Outcome]) -> GradedArrays:
@@ -72,6 +74,7 @@ def graded_arrays(samples: Sequence[Sample], outcomes: Sequence[Outcome]) -> Gra
         reported=np.array([d.grade for d in decisions], dtype=np.int64),
         p_referable=np.array([d.p_referable for d in decisions], dtype=np.float64),
         groups=np.array([samples[i].group for i in keep]),
+        referred=np.array([d.referable for d in decisions], dtype=bool),
     )
 
 
@@ -299,6 +302,7 @@ def write_validation_report(
         spec.referable_threshold,
         groups=arrays.groups,
         n_boot=n_boot,
+        referred=arrays.referred,
     )
     refusals = refusals_by_grade(samples, outcomes)
     referable_true = m.is_referable(arrays.grades)
@@ -319,7 +323,11 @@ def write_validation_report(
         ("Model", f"{spec.name} {spec.version}, sha256 {spec.sha256[:16]}..."),
         ("Label files", ", ".join(str(p) for p in labels)),
         ("Photos", f"{len(samples)} ({len(arrays.grades)} graded)"),
-        ("Referable threshold", f"refer when P(referable) >= {spec.referable_threshold:.3f}"),
+        (
+            "Operating point",
+            f"{spec.operating_point}: refer at grade 2 or worse, or when P(referable) >= "
+            f"{spec.referable_threshold:.3f}",
+        ),
         ("Temperature", f"{spec.temperature:.3f}"),
         ("Written", datetime.now(UTC).isoformat(timespec="seconds")),
     ]
@@ -396,7 +404,11 @@ def write_validation_report(
         "title": title,
         "site": None if site is None else site.name,
         "model": {"name": spec.name, "version": spec.version, "sha256": spec.sha256},
-        "operating_point": {"referable_threshold": spec.referable_threshold, "temperature": spec.temperature},
+        "operating_point": {
+            "name": spec.operating_point,
+            "referable_threshold": spec.referable_threshold,
+            "temperature": spec.temperature,
+        },
         "labels": [str(p) for p in labels],
         "n_images": len(samples),
         "metrics": result,

@@ -124,3 +124,23 @@ def test_eyepacs_folders_share_patient_groups_and_loso_never_trains_on_a_held_ou
 
 def test_every_layout_is_a_row_of_the_table() -> None:
     assert [layout.name for layout in LAYOUTS] == ["coarse-dr", "plain", "eyepacs-kaggle", "aptos-kaggle"]
+
+
+def test_coarse_layout_reads_dr_of_unknown_stage_unknown_dr_and_dme(tmp_path: Path) -> None:
+    folder = tmp_path / "odir-400"
+    _touch(folder / "images", ["a.jpg", "b.jpg", "c.jpg"])
+    (folder / "labels.csv").write_text(
+        "image,grade,dr_coarse,dme,patient,split_group\n"
+        "images/a.jpg,,DR,,p1,\n"
+        "images/b.jpg,,unknown,1,p2,\n"
+        "images/c.jpg,2,NPDR,0,p3,\n"
+    )
+    samples = read_labels(folder / "labels.csv")
+    assert [(s.grade_bounds, s.dme, s.group) for s in samples] == [
+        ((1, 4), None, "odir:p1"),
+        ((0, 4), True, "odir:p2"),
+        ((2, 2), False, "odir:p3"),
+    ]
+    (folder / "bad.csv").write_text("image,grade,dr_coarse,dme\nimages/a.jpg,0,noDR,yes\n")
+    with pytest.raises(ValueError, match="dme must be 0, 1 or empty"):
+        read_labels(folder / "bad.csv")

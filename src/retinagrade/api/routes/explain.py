@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.errors import NotExplainableError
-from retinagrade.api.routes.grade import ERRORS, SiteHeader
+from retinagrade.api.routes.grade import ERRORS, OperatingPointHeader, SiteHeader
 from retinagrade.api.uploads import SINGLE_IMAGE_BODY, form_field, read_image
 
 router = APIRouter(prefix="/v1", tags=["explanations"])
@@ -37,8 +37,10 @@ async def explain(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     site: SiteHeader = None,
+    operating_point: OperatingPointHeader = None,
 ) -> Response:
-    """The site's operating point decides the grade in the headers, as for ``/v1/grade`` (header or form field)."""
+    """The site and operating point decide the grade in the headers, as for ``/v1/grade`` (header or form
+    field)."""
     await service.check_audit()
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
@@ -50,6 +52,7 @@ async def explain(
                 explain=True,
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
+                operating_point=operating_point or await form_field(body, "operating_point"),
             )
     if png is None:
         raise NotExplainableError(

@@ -28,6 +28,7 @@ from retinagrade.api.schemas import (
     PatientReferral,
 )
 from retinagrade.api.service import BatchAnswer
+from retinagrade.api.sites import OPERATING_POINT_HEADER
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, form_field, read_batch, read_image
 from retinagrade.errors import RetinagradeError
 from retinagrade.eyes import paired_answers
@@ -45,10 +46,19 @@ SiteHeader = Annotated[
     ),
 ]
 
+OperatingPointHeader = Annotated[
+    str | None,
+    Header(
+        alias=OPERATING_POINT_HEADER,
+        description="Named operating point to refer at (`/v1/model` lists them); default: the site's, else the "
+        "service's (RETINAGRADE_OPERATING_POINT), else the model's default.",
+    ),
+]
+
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
-        400: "Empty, corrupt or truncated image, or a malformed body.",
+        400: "Empty, corrupt or truncated image, a malformed body, or an unknown site or operating point.",
         401: "Missing or wrong X-API-Key (when keys are configured).",
         408: "The body arrived too slowly or not at all (the connection is closed).",
         413: "Image, batch or body too large (bytes, pixels, decoded size or number of files).",
@@ -75,6 +85,7 @@ async def grade(
     started: StartedDep,
     explain: ExplainQuery = False,
     site: SiteHeader = None,
+    operating_point: OperatingPointHeader = None,
 ) -> Any:
     """An ungradable or non-fundus image is a 200 with that ``status``, not an error.
 
@@ -106,6 +117,7 @@ async def grade(
                 explain=explain,
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
+                operating_point=operating_point or await form_field(body, "operating_point"),
                 render=None if wanted == "json" else render,
             )
     return response if rendered is None else rendered
@@ -127,6 +139,7 @@ async def grade_batch(
     started: StartedDep,
     explain: ExplainQuery = False,
     site: SiteHeader = None,
+    operating_point: OperatingPointHeader = None,
 ) -> Any:
     """Each image gets a result or an error of its own; one bad file never fails the others.
 
@@ -178,6 +191,7 @@ async def grade_batch(
                 explain=explain,
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
+                operating_point=operating_point or await form_field(body, "operating_point"),
                 render=render_fhir if wanted == "fhir" else None,
             )
     if bundle is not None:

@@ -88,6 +88,8 @@
     not_found: "The grading service does not offer this function. It may be an older version.",
     internal_error: "The grading service failed. Try again; if it keeps failing, tell your IT support.",
     unknown_site: "The grading service has no site profile of that name. Ask your IT support which sites it serves.",
+    unknown_operating_point: "The grading service has no operating point of that name. The model card lists the ones it has.",
+    unknown_evidence: "This model has no evidence map of that kind.",
     site_profile_invalid: "The grading service's site profile does not fit its model. Tell your IT support.",
     calibration_sample_too_small: "Too few graded photos to calibrate the site. See the site deployment guide.",
     network: "The grading service cannot be reached. Check that it is running and try again.",
@@ -234,17 +236,24 @@
     const ref = card.referable || {};
     const min = ref.min_grade;
     const names = card.grade_names || [];
-    let text = typeof min === "number" ? `Referable means grade ${min} (${names[min]}) or worse` : "Referable";
+    let text = typeof min === "number"
+      ? `Referable means grade ${min} (${names[min]}) or worse, or an estimated risk of it at or over the operating point`
+      : "Referable";
     const site = siteProfile(card);
     if (site) {
       return `${text}; this site's operating point (profile ${site.name}, fitted on ${site.sample.n_graded} local `
-        + `photos): probability of referable disease at least ${site.parameters.referable_threshold.toFixed(2)}.`;
+        + `photos): risk at least ${percent(site.parameters.referable_threshold)}.`;
     }
-    const parts = [];
-    if (typeof ref.threshold === "number") parts.push(`probability of referable disease at least ${ref.threshold.toFixed(2)}`);
-    if (typeof ref.sensitivity_out_of_fold === "number") parts.push(`sensitivity ${percent(ref.sensitivity_out_of_fold)}`);
-    if (typeof ref.specificity_out_of_fold === "number") parts.push(`specificity ${percent(ref.specificity_out_of_fold)}`);
-    if (parts.length) text += `; the model's operating point: ${parts.join(", ")}`;
+    const section = card.operating_points || {};
+    const name = card.operating_point || section.default;
+    const point = (section.points || {})[name];
+    if (point && typeof point.threshold === "number") {
+      text += `; operating point ${name}: risk at least ${percent(point.threshold)}`;
+      const served = point.served || [];
+      if (served.length) text += ` (held-out sources it serves at its targets: ${served.join(", ")})`;
+    } else if (typeof ref.threshold === "number") {
+      text += `; risk at least ${percent(ref.threshold)}`;
+    }
     return `${text}.`;
   }
 
@@ -396,6 +405,23 @@
       + `${graded.length} graded, ${notGraded} not graded. ${summary.sentence}`);
   }
 
+  // Why the service referred (or did not refer) this eye: its ``referral_reason``, in words. A grade 0-1
+  // eye referred for its risk says so, so that nobody reads it as moderate disease.
+  function referralWhy(result) {
+    if (result.referral_reason === "risk") {
+      return `Mild or no retinopathy seen; referred because the estimated risk of referable diabetic `
+        + `retinopathy is ${percent(result.p_referable)}.`;
+    }
+    if (result.referral_reason === "grade") return "Referred for the grade found.";
+    return "";
+  }
+
+  function pointSentence(result) {
+    if (!result.operating_point) return "";
+    return `Operating point: ${result.operating_point} (refers at grade 2 or worse, or at an estimated risk of `
+      + `${percent(result.referable_threshold)} or more).`;
+  }
+
   function decisionBadge(action, extra) {
     return el("p", { className: `decision decision-${action.key}` },
       el("span", { className: "decision-icon", "aria-hidden": "true" }, action.icon),
@@ -476,20 +502,16 @@
     }
     const action = actionFor(result);
     card.classList.add(`result-${action.key}`);
-    const minGrade = state.card && state.card.referable ? state.card.referable.min_grade : undefined;
-    const disagreement = result.referable && typeof minGrade === "number" && result.grade < minGrade
-      ? "The most likely grade is below referable, but the probability of referable disease is above the "
-        + "model's operating point."
-      : "";
     body.append(
       el("p", { className: "grade" },
         el("span", { className: "grade-number" }, `Grade ${result.grade}`),
         el("span", { className: "grade-name" }, result.grade_name)),
       el("p", { className: "meaning" }, GRADE_MEANINGS[result.grade] || ""),
-      decisionBadge(action, disagreement),
+      decisionBadge(action, referralWhy(result)),
       el("p", { className: "confidence" },
-        `Confidence in the referral decision: ${percent(result.confidence)}`,
-        typeof result.p_referable === "number" ? ` · Probability of referable disease: ${percent(result.p_referable)}` : ""),
+        `Estimated risk of referable diabetic retinopathy: ${percent(result.p_referable)}`,
+        ` · Probability of the grade shown: ${percent(result.confidence)}`),
+      el("p", { className: "operating-point-used" }, pointSentence(result)),
       el("p", { className: "quality" }, `Image quality: good (${percent(result.quality.score)})`),
       reasonList(result.quality.reasons));
     if (entry.paired) {

@@ -1,0 +1,451 @@
+"""The decision layer, fitted on held-out predictions: calibration, the grade rule and named operating points.
+
+Everything here is chosen on predictions of sources the model did not train on (leave-one-source-out), pooled
+over every held-out source, and judged per source, because a rule that wins on a pooled number can lose on
+every camera but the largest one.
+
+- **Calibration**: one temperature on the pooled held-out logits (partial-label NLL, so coarse labels such as
+  "NPDR" count for what they say).
+- **Grade rule**: the most probable grade, or the expected grade cut at points that are monotone and keep
+  every band at least :data:`MIN_BAND_WIDTH` wide, fitted on the pooled five-grade sources. The cut-point
+  rule is kept only if it beats the most probable grade on *each* five-grade source's own QWK; free
+  cut-points fitted to one small source collapse a band (0.2.0's grade-2 band was 0.03 wide).
+- **Operating points**: an eye is referred when its grade is 2 or worse, or when its calibrated P(referable)
+  reaches a point's threshold. ``sensitive`` is the highest threshold with sensitivity >= 0.90 on every
+  held-out source; ``balanced`` (the default) the threshold that meets the pivotal endpoints of the first
+  autonomous DR system (sensitivity >= 0.85, specificity >= 0.825) on as many held-out sources as possible,
+  and names the ones it cannot serve.
+
+Pure numpy on arrays; :func:`fit_decision_layer` returns a JSON-ready dict that the spec and the card read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from retinagrade.constants import NUM_GRADES, REFERABLE_MIN_GRADE
+from retinagrade.inference.model_spec import Decision
+from retinagrade.inference.postprocess import grade_rule, softmax
+from retinagrade.training import metrics as M
+
+#: Narrowest band of the expected-grade scale a cut-point rule may give any grade.
+MIN_BAND_WIDTH: Final[float] = 0.3
+#: Step of the cut-point search on the expected-grade scale.
+CUT_STEP: Final[float] = 0.01
+DEFAULT_POINT: Final[str] = "balanced"
+
+
+@dataclass(frozen=True)
+class PointTarget:
+    """What a named operating point asks of each held-out source.
+
+    ``min_specificity`` None: the point wants only the sensitivity, at the highest threshold that keeps it on
+    every source. Otherwise the threshold serves as many sources as possible with both.
+    """
+
+    name: str
+    min_sensitivity: float
+    min_specificity: float | None
+    description: str
+
+
+#: The named points every model ships: a screening default and a sensitive one.
+POINT_TARGETS: Final[tuple[PointTarget, ...]] = (
+    PointTarget(
+        "balanced",
+        0.85,
+        0.825,
+        "default: sensitivity >= 0.85 and specificity >= 0.825 (the pivotal endpoints of the first autonomous DR "
+        "system) on as many held-out sources as one threshold allows",
+    ),
+    PointTarget(
+        "sensitive",
+        0.90,
+        None,
+        "sensitivity >= 0.90 on every held-out source, at the cost of more healthy eyes referred",
+    ),
+)
+
+
+# -- calibration ------------------------------------------------------------------------------------------
+
+
+def fit_temperature_partial(logits: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
+    """Temperature minimising the partial-label NLL (-log P(allowed grades)); equals NLL for exact labels."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax, logsumexp
+
+    z = np.asarray(logits, np.float64)
+    k = np.arange(z.shape[1])[None, :]
+    allowed = (k >= low[:, None]) & (k <= high[:, None])
+
+    def nll(log_t: float) -> float:
+        lp = log_softmax(z / np.exp(log_t), axis=1)
+        return float(-logsumexp(np.where(allowed, lp, -np.inf), axis=1).mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+# -- referral ---------------------------------------------------------------------------------------------
+
+
+def referred(grades: np.ndarray, p_referable: np.ndarray, threshold: float) -> np.ndarray:
+    """The referral rule of :func:`retinagrade.inference.postprocess.decide_grade`, vectorised."""
+    return (np.asarray(grades) >= REFERABLE_MIN_GRADE) | (np.asarray(p_referable) >= threshold)
+
+
+def referable_truth(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """1 referable, 0 not, -1 unknown (a grade range straddling the referable grade, e.g. NPDR = 1-3)."""
+    truth = np.full(len(low), -1)
+    truth[np.asarray(low) >= REFERABLE_MIN_GRADE] = 1
+    truth[np.asarray(high) < REFERABLE_MIN_GRADE] = 0
+    return truth
+
+
+def _rates(refer: np.ndarray, truth: np.ndarray) -> tuple[float | None, float | None]:
+    pos, neg = truth == 1, truth == 0
+    sensitivity = float(refer[pos].mean()) if pos.any() else None
+    specificity = float((~refer[neg]).mean()) if neg.any() else None
+    return sensitivity, specificity
+
+
+# -- grade rule -------------------------------------------------------------------------------------------
+
+
+def fit_cut_points(
+    score: np.ndarray, grades: np.ndarray, min_width: float = MIN_BAND_WIDTH, step: float = CUT_STEP
+) -> tuple[float, ...]:
+    """Cut-points on a 0-4 score maximising QWK, monotone, every band (the end ones within [0, 4]) >= ``min_width``.
+
+    Coordinate ascent from the plain rounding points (0.5, 1.5, 2.5, 3.5) over a grid of ``step``: each cut
+    moves within the room its neighbours leave, until no move improves the kappa.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    grades = np.asarray(grades, dtype=np.int64)
+    top = float(NUM_GRADES - 1)
+    cuts = [k + 0.5 for k in range(NUM_GRADES - 1)]
+
+    def kappa(c: Sequence[float]) -> float:
+        return M.quadratic_weighted_kappa(grades, np.searchsorted(np.asarray(c), score, side="right"))
+
+    best = kappa(cuts)
+    for _ in range(20):
+        moved = False
+        for k in range(len(cuts)):
+            low = (cuts[k - 1] if k else 0.0) + min_width
+            high = (cuts[k + 1] if k + 1 < len(cuts) else top) - min_width
+            for value in np.arange(low, high + step / 2, step):
+                trial = [*cuts[:k], float(value), *cuts[k + 1 :]]
+                q = kappa(trial)
+                if q > best + 1e-12:
+                    best, cuts, moved = q, trial, True
+        if not moved:
+            break
+    return tuple(round(c, 4) for c in cuts)
+
+
+def band_widths(cuts: Sequence[float]) -> list[float]:
+    """Width of each grade's band on the 0-4 expected-grade scale."""
+    edges = [0.0, *cuts, float(NUM_GRADES - 1)]
+    return [round(b - a, 4) for a, b in itertools.pairwise(edges)]
+
+
+def choose_grade_rule(
+    probs: np.ndarray, grades: np.ndarray, sources: np.ndarray, min_width: float = MIN_BAND_WIDTH
+) -> dict[str, Any]:
+    """The most probable grade, or width-constrained cut-points on the expected grade if they win on every source.
+
+    Args:
+        probs: calibrated probabilities of the exactly graded held-out images of the five-grade sources.
+        grades: their reference grades.
+        sources: their source names.
+    """
+    expected = probs @ np.arange(NUM_GRADES, dtype=np.float64)
+    cuts = fit_cut_points(expected, grades, min_width)
+    candidates = {
+        "argmax": Decision("argmax"),
+        "expected_grade": Decision("expected_grade", cuts),
+    }
+    per_source: dict[str, dict[str, float]] = {}
+    for rule, decision in candidates.items():
+        pred = grade_rule(probs, np.zeros(len(probs)), decision)
+        per_source[rule] = {
+            name: float(M.quadratic_weighted_kappa(grades[sources == name], pred[sources == name]))
+            for name in sorted(set(sources.tolist()))
+        }
+        per_source[rule]["pooled"] = float(M.quadratic_weighted_kappa(grades, pred))
+    names = sorted(set(sources.tolist()))
+    wins = all(per_source["expected_grade"][n] > per_source["argmax"][n] for n in names)
+    rule = "expected_grade" if wins else "argmax"
+    losers = [n for n in names if per_source["expected_grade"][n] <= per_source["argmax"][n]]
+    return {
+        "rule": rule,
+        "thresholds": list(candidates[rule].thresholds),
+        "min_band_width": min_width,
+        "expected_grade_cut_points": list(cuts),
+        "band_widths": band_widths(cuts),
+        "qwk_by_rule": per_source,
+        "why": (
+            f"the cut-point rule beats the most probable grade on every five-grade source ({', '.join(names)})"
+            if wins
+            else f"the cut-point rule does not beat the most probable grade on {', '.join(losers)}"
+        ),
+    }
+
+
+# -- operating points -------------------------------------------------------------------------------------
+
+
+def _candidate_thresholds(p_referable: np.ndarray) -> np.ndarray:
+    values = np.unique(np.round(np.asarray(p_referable, dtype=np.float64), 4))
+    return np.unique(np.concatenate([values, np.linspace(0.0, 1.0, 201)]))
+
+
+def _per_source(
+    grades: np.ndarray, p_referable: np.ndarray, truth: np.ndarray, sources: np.ndarray, threshold: float
+) -> dict[str, dict[str, float | None]]:
+    refer = referred(grades, p_referable, threshold)
+    table: dict[str, dict[str, float | None]] = {}
+    for name in sorted(set(sources.tolist())):
+        part = sources == name
+        sensitivity, specificity = _rates(refer[part], truth[part])
+        table[name] = {
+            "sensitivity": sensitivity,
+            "specificity": specificity,
+            "positives": int((truth[part] == 1).sum()),
+            "negatives": int((truth[part] == 0).sum()),
+        }
+    return table
+
+
+def _serves(row: Mapping[str, float | None], target: PointTarget) -> bool:
+    sensitivity, specificity = row["sensitivity"], row["specificity"]
+    if sensitivity is None or sensitivity < target.min_sensitivity:
+        return False
+    return target.min_specificity is None or specificity is None or specificity >= target.min_specificity
+
+
+def _rate_curves(
+    grades: np.ndarray, p_referable: np.ndarray, truth: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Sensitivity and specificity of :func:`referred` at every threshold at once (None without that class)."""
+
+    def referred_share(mask: np.ndarray) -> np.ndarray | None:
+        if not mask.any():
+            return None
+        by_grade = grades[mask] >= REFERABLE_MIN_GRADE
+        scores = np.sort(p_referable[mask][~by_grade])
+        # Images referred at threshold t: those with a referable grade, plus the others with p >= t.
+        at_or_above = len(scores) - np.searchsorted(scores, thresholds, side="left")
+        return np.asarray((by_grade.sum() + at_or_above) / mask.sum(), dtype=np.float64)
+
+    referred_pos = referred_share(truth == 1)
+    referred_neg = referred_share(truth == 0)
+    return referred_pos, None if referred_neg is None else 1.0 - referred_neg
+
+
+def _margin(row: Mapping[str, float | None], min_sensitivity: float, min_specificity: float) -> float:
+    """How far a source is inside a point's targets (the smaller of the two margins)."""
+    sensitivity, specificity = row["sensitivity"], row["specificity"]
+    return min(
+        (sensitivity if sensitivity is not None else 0.0) - min_sensitivity,
+        (specificity if specificity is not None else 1.0) - min_specificity,
+    )
+
+
+def choose_operating_point(
+    grades: np.ndarray, p_referable: np.ndarray, truth: np.ndarray, sources: np.ndarray, target: PointTarget
+) -> dict[str, Any]:
+    """The threshold of one named point on pooled held-out predictions (rule of :class:`PointTarget`).
+
+    Only images with a known referable truth count; a source with no referable image cannot set a
+    sensitivity and counts by its specificity alone.
+    """
+    known = truth >= 0
+    grades, p_referable, truth, sources = grades[known], p_referable[known], truth[known], sources[known]
+    names = sorted(set(sources.tolist()))
+    thresholds = _candidate_thresholds(p_referable)
+    curves = {
+        n: _rate_curves(grades[sources == n], p_referable[sources == n], truth[sources == n], thresholds) for n in names
+    }
+    count = np.zeros(len(thresholds))
+    worst = np.full(len(thresholds), np.inf)
+    every_sensitive = np.ones(len(thresholds), bool)
+    for sensitivity, specificity in curves.values():
+        sens_ok = np.ones(len(thresholds), bool) if sensitivity is None else sensitivity >= target.min_sensitivity
+        if sensitivity is not None:
+            every_sensitive &= sens_ok
+        if target.min_specificity is None or sensitivity is None:
+            continue
+        spec_ok = True if specificity is None else specificity >= target.min_specificity
+        served = sens_ok & spec_ok
+        margin = np.minimum(
+            sensitivity - target.min_sensitivity,
+            (1.0 if specificity is None else specificity) - target.min_specificity,
+        )
+        count += served
+        worst = np.where(served, np.minimum(worst, margin), worst)
+    if target.min_specificity is None:
+        # The highest threshold that keeps every source's sensitivity at the target.
+        chosen = float(thresholds[every_sensitive].max()) if every_sensitive.any() else float(thresholds[0])
+    else:
+        # Most sources served; then the most central threshold (the largest worst margin among them).
+        worst = np.where(count > 0, worst, -1.0)
+        order = np.lexsort((worst, count))
+        chosen = float(thresholds[order[-1]])
+    table = _per_source(grades, p_referable, truth, sources, chosen)
+    served_names = [n for n in names if _serves(table[n], target)]
+    return {
+        "threshold": round(chosen, 4),
+        "description": target.description,
+        "target": {"min_sensitivity": target.min_sensitivity, "min_specificity": target.min_specificity},
+        "served": served_names,
+        "not_served": [n for n in names if n not in served_names],
+        "per_source": table,
+    }
+
+
+# -- the whole layer --------------------------------------------------------------------------------------
+
+
+def fit_decision_layer(
+    logits: np.ndarray,
+    regression: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+    five_grade: Sequence[str],
+    targets: Sequence[PointTarget] = POINT_TARGETS,
+    default: str = DEFAULT_POINT,
+    min_width: float = MIN_BAND_WIDTH,
+) -> dict[str, Any]:
+    """Temperature, grade rule and named operating points from pooled held-out predictions.
+
+    Args:
+        logits, regression: held-out model outputs of every image that counts.
+        low, high: each image's grade bounds (equal for an exact grade).
+        sources: each image's source name.
+        five_grade: the sources whose exact grades choose the grade rule.
+    """
+    low, high, sources = np.asarray(low), np.asarray(high), np.asarray(sources)
+    temperature = fit_temperature_partial(logits, low, high)
+    probs = softmax(logits, temperature)
+    exact = (low == high) & np.isin(sources, list(five_grade))
+    rule = choose_grade_rule(probs[exact], low[exact], sources[exact], min_width)
+    decision = Decision(rule["rule"], tuple(rule["thresholds"]))
+    grades = grade_rule(probs, regression, decision)
+    p_referable = probs[:, REFERABLE_MIN_GRADE:].sum(axis=1)
+    truth = referable_truth(low, high)
+    points = {t.name: choose_operating_point(grades, p_referable, truth, sources, t) for t in targets}
+    if default not in points:
+        raise ValueError(f"the default operating point {default!r} is not among {sorted(points)}")
+    held = sorted(set(sources.tolist()))
+    return {
+        "temperature": temperature,
+        **rule,
+        "referable_threshold": points[default]["threshold"],
+        "operating_points": {"default": default, "points": points},
+        "chosen_on": f"pooled leave-one-source-out predictions of {', '.join(held)} (temperature, operating "
+        f"points) and of {', '.join(five_grade)} (grade rule)",
+    }
+
+
+def decision_of(layer: Mapping[str, Any]) -> Decision:
+    """The grade rule of a fitted layer as the spec holds it."""
+    return Decision(str(layer["rule"]), tuple(float(t) for t in layer["thresholds"]))
+
+
+def apply_layer(
+    logits: np.ndarray, regression: np.ndarray, layer: Mapping[str, Any], point: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, grade, P(referable), referred) of held-out outputs under a fitted layer at a named point."""
+    probs = softmax(logits, float(layer["temperature"]))
+    grades = grade_rule(probs, regression, decision_of(layer))
+    p_referable = probs[:, REFERABLE_MIN_GRADE:].sum(axis=1)
+    name = point or layer["operating_points"]["default"]
+    threshold = float(layer["operating_points"]["points"][name]["threshold"])
+    return probs, grades, p_referable, referred(grades, p_referable, threshold)
+
+
+# -- macular oedema ---------------------------------------------------------------------------------------
+
+#: The held-out source whose photos carry DME labels from one collection batch (the honest DME test set).
+DME_SOURCE: Final[str] = "mexico-512"
+#: Most grade 0-1 eyes without oedema that a DME threshold may flag, on every held-out source.
+DME_MAX_FLAG_RATE: Final[float] = 0.10
+
+
+def fit_platt(logit: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(scale, bias) of ``sigmoid(scale * logit + bias)`` minimising the log-loss of binary ``truth``."""
+    from scipy.optimize import minimize
+
+    x = np.asarray(logit, dtype=np.float64)
+    y = np.asarray(truth, dtype=np.float64)
+
+    def loss(params: np.ndarray) -> float:
+        z = params[0] * x + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    result = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
+
+
+def fit_dme_rule(
+    logit_dme: np.ndarray,
+    dme_true: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+    groups: np.ndarray,
+    fit_on: str = DME_SOURCE,
+    max_flag_rate: float = DME_MAX_FLAG_RATE,
+) -> dict[str, Any] | None:
+    """Calibration and threshold of the DME output from held-out predictions; None without labelled ones.
+
+    ``p_dme`` is Platt-scaled on the labelled held-out photos of ``fit_on``. The threshold is the lowest (most
+    sensitive) at which, on every held-out source, at most ``max_flag_rate`` of the eyes graded 0-1 and not
+    labelled DME are flagged: oedema referrals must not flood a camera's healthy eyes. Sensitivity and AUC are
+    measured on ``fit_on``'s labelled photos, with group-bootstrap intervals.
+
+    Args:
+        logit_dme: held-out DME logits of every image that counts.
+        dme_true: 1 oedema, 0 none, NaN unknown.
+        high: upper grade bound (grade 0-1 eyes are those whose bound is at most 1); sources, groups: per image.
+    """
+    dme_true = np.asarray(dme_true, dtype=np.float64)
+    labelled = (sources == fit_on) & np.isfinite(dme_true)
+    if labelled.sum() < 20 or len(set(dme_true[labelled].tolist())) < 2:
+        return None
+    scale, bias = fit_platt(logit_dme[labelled], dme_true[labelled])
+    p_dme = 1.0 / (1.0 + np.exp(-(scale * np.asarray(logit_dme, np.float64) + bias)))
+    calm = (np.asarray(high) <= 1) & (dme_true != 1)
+    names = sorted(set(sources[calm].tolist()))
+    # Per source, the flag-rate quantile of its calm eyes' p_dme; the highest of them keeps every source under it.
+    limits = {n: float(np.quantile(p_dme[calm & (sources == n)], 1.0 - max_flag_rate)) for n in names}
+    threshold = float(min(max(limits.values()), 0.999)) if limits else 0.5
+    flagged = p_dme >= threshold
+    y = dme_true[labelled] == 1
+    auc = M.bootstrap_ci(M._auc_or_nan, y, p_dme[labelled], n_boot=1000, seed=0, groups=groups[labelled])
+    hits, positives = int(flagged[labelled][y].sum()), int(y.sum())
+    passes, negatives = int((~flagged[labelled][~y]).sum()), int((~y).sum())
+    return {
+        "calibration": {"method": "platt", "scale": scale, "bias": bias, "fitted_on": fit_on},
+        "threshold": round(threshold, 4),
+        "rule": f"lowest threshold at which at most {max_flag_rate:.0%} of every held-out source's grade 0-1 eyes "
+        "without a DME label are flagged",
+        "fit_on": {
+            "source": fit_on,
+            "positives": positives,
+            "negatives": negatives,
+            "auc": {"value": auc[0], "ci_low": auc[1], "ci_high": auc[2]},
+            "sensitivity": hits / positives if positives else None,
+            "specificity": passes / negatives if negatives else None,
+        },
+        "flag_rate_grade_0_1": {n: float(flagged[calm & (sources == n)].mean()) for n in names},
+        "per_source_limit": limits,
+    }

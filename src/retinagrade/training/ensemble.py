@@ -1,0 +1,100 @@
+"""Ensembles of tails on one frozen stem: scored on held-out logits, exported as one ONNX graph.
+
+Runs of the same stem (same backbone, frozen stages and input size, frozen ImageNet stem) differ only in their
+tails (the trained stages and heads). :func:`average_held_out` averages the held-out logits of several runs
+(each row over the runs that held it out), which is exactly what the exported ensemble computes, so a LOSO
+comparison of an ensemble costs no new fit. :func:`load_ensemble` joins the runs' tails on the shared stem;
+``retinagrade export RUN --with-run RUN2 ...`` exports it as one graph whose outputs are the tails' means.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retinagrade.constants import REFERABLE_MIN_GRADE
+from retinagrade.training import metrics as M
+
+if TYPE_CHECKING:
+    from retinagrade.training.model import TailEnsemble
+
+log = logging.getLogger(__name__)
+
+#: Per-row arrays averaged over the runs that held the row out.
+_AVERAGED = ("logits", "regression", "logit_dme")
+#: Per-row arrays that must be the same in every run (which image a row is).
+_IDENTITY = ("image", "source", "group", "grade_low", "grade_high")
+
+
+def _logits_file(path: Path) -> Path:
+    return path / "loso_logits.npz" if path.is_dir() else path
+
+
+def average_held_out(paths: list[Path]) -> dict[str, np.ndarray]:
+    """Mean held-out outputs of several runs' ``loso_logits.npz`` (run folders or files), row by row over the
+    runs that held the row out; ``n_models`` says how many. Rows must be the same images in every file."""
+    if not paths:
+        raise ValueError("no held-out logits to average")
+    parts = [dict(np.load(_logits_file(p))) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        if part["logits"].shape != first["logits"].shape:
+            raise ValueError(f"{path}: {len(part['logits'])} rows, {paths[0]} has {len(first['logits'])}")
+        for name in _IDENTITY:
+            if name in first and name in part and not np.array_equal(part[name], first[name]):
+                raise ValueError(f"{path}: its rows are other images than {paths[0]}'s (column {name})")
+    held = np.stack([p["held"].astype(bool) for p in parts])
+    count = held.sum(axis=0)
+    out: dict[str, np.ndarray] = {name: first[name] for name in _IDENTITY if name in first}
+    for name in _AVERAGED:
+        if not all(name in p for p in parts):
+            continue
+        stacked = np.stack([p[name] for p in parts]).astype(np.float64)
+        mask = held.reshape(held.shape + (1,) * (stacked.ndim - 2))
+        total = (stacked * mask).sum(axis=0)
+        divisor = np.maximum(count, 1).reshape((-1,) + (1,) * (stacked.ndim - 2))
+        out[name] = (total / divisor).astype(np.float32)
+    out["held"] = count > 0
+    out["n_models"] = count
+    return out
+
+
+def referable_auc_by_source(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Threshold-free referable AUC (softmax P(grade >= 2)) per held-out source, on rows whose referable truth
+    is known (a grade range straddling grade 2 is left out)."""
+    if "source" not in arrays:
+        raise ValueError("the logits file names no sources (written before v3): re-run its LOSO")
+    held = arrays["held"].astype(bool)
+    low, high = arrays["grade_low"], arrays["grade_high"]
+    truth = np.where(low >= REFERABLE_MIN_GRADE, 1, np.where(high < REFERABLE_MIN_GRADE, 0, -1))
+    p_ref = M.softmax(arrays["logits"])[:, REFERABLE_MIN_GRADE:].sum(axis=1)
+    result: dict[str, dict[str, Any]] = {}
+    for source in sorted(set(arrays["source"][held].tolist())):
+        rows = held & (arrays["source"] == source) & (truth >= 0)
+        auc = M._auc_or_nan(truth[rows] == 1, p_ref[rows])
+        result[source] = {"n": int(rows.sum()), "referable_auc": None if np.isnan(auc) else round(float(auc), 4)}
+    return result
+
+
+def load_ensemble(run_dirs: list[Path]) -> tuple[TailEnsemble, dict[str, Any]]:
+    """The tails of several runs on their shared stem (checked identical) and the first run's config."""
+    import torch
+
+    from retinagrade.training.export import load_run_model
+    from retinagrade.training.model import TailEnsemble
+
+    loaded = [load_run_model(d) for d in run_dirs]
+    net, cfg = loaded[0]
+    for run_dir, (other, other_cfg) in zip(run_dirs[1:], loaded[1:], strict=True):
+        for key in ("arch", "frozen_stages", "input_size"):
+            if other_cfg[key] != cfg[key]:
+                raise ValueError(f"{run_dir}: {key} {other_cfg[key]!r}, {run_dirs[0]} has {cfg[key]!r}")
+        ours, theirs = net.stem.state_dict(), other.stem.state_dict()
+        if any(not torch.equal(ours[k], theirs[k]) for k in ours):
+            raise ValueError(f"{run_dir}: its frozen stem differs from {run_dirs[0]}'s: not one shared stem")
+        if other.tail.output_names != net.tail.output_names:
+            raise ValueError(f"{run_dir}: outputs {other.tail.output_names}, {run_dirs[0]} has {net.tail.output_names}")
+    return TailEnsemble(net.stem, [n.tail for n, _ in loaded]).eval(), cfg

@@ -1,0 +1,140 @@
+"""The decision layer fitted on held-out predictions: grade bands, the rule choice, named operating points."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from retinagrade.training.decisions import (
+    MIN_BAND_WIDTH,
+    POINT_TARGETS,
+    band_widths,
+    choose_grade_rule,
+    choose_operating_point,
+    fit_cut_points,
+    fit_decision_layer,
+    referred,
+)
+from retinagrade.training.metrics import quadratic_weighted_kappa
+
+
+def _source(rng: np.random.Generator, n: int, counts: list[float], sharpness: float, bias: float) -> tuple:
+    """Grades drawn with these shares, and logits that favour the true grade by ``sharpness``."""
+    grades = rng.choice(5, size=n, p=np.array(counts) / sum(counts))
+    logits = rng.normal(0, 1, (n, 5))
+    logits[np.arange(n), grades] += sharpness
+    logits[:, 2:] += bias
+    return grades, logits
+
+
+def test_cut_points_keep_every_band_at_least_the_set_width() -> None:
+    # Grade 2 is rare and its scores overlap grade 1's: free cut-points squeeze its band to almost nothing.
+    rng = np.random.default_rng(0)
+    grades = np.repeat([0, 1, 2, 3, 4], [600, 200, 30, 80, 90])
+    score = np.clip(grades + rng.normal(0, 0.6, len(grades)) - (grades == 2) * 0.7, 0, 4)
+    cuts = fit_cut_points(score, grades, MIN_BAND_WIDTH)
+    assert all(b > a for a, b in itertools.pairwise(cuts))
+    assert min(band_widths(cuts)) >= MIN_BAND_WIDTH - 1e-9
+    # ...and they do at least as well as plain rounding of the score
+    rounded = quadratic_weighted_kappa(grades, np.clip(np.rint(score), 0, 4).astype(int))
+    assert quadratic_weighted_kappa(grades, np.searchsorted(np.array(cuts), score, side="right")) >= rounded
+
+
+def test_the_cut_point_rule_is_kept_only_if_it_wins_on_every_source() -> None:
+    rng = np.random.default_rng(1)
+    ga, la = _source(rng, 800, [50, 10, 25, 7, 8], 2.0, 0.0)
+    gb, lb = _source(rng, 300, [70, 6, 15, 4, 5], 0.7, 0.0)
+    grades = np.concatenate([ga, gb])
+    probs = np.exp(np.concatenate([la, lb]))
+    probs /= probs.sum(1, keepdims=True)
+    sources = np.array(["a"] * 800 + ["b"] * 300)
+    rule = choose_grade_rule(probs, grades, sources)
+    per_source = rule["qwk_by_rule"]
+    wins = all(per_source["expected_grade"][s] > per_source["argmax"][s] for s in ("a", "b"))
+    assert rule["rule"] == ("expected_grade" if wins else "argmax")
+    assert min(rule["band_widths"]) >= MIN_BAND_WIDTH - 1e-9
+    assert set(per_source["argmax"]) == {"a", "b", "pooled"}
+
+
+def test_the_balanced_point_serves_the_most_sources_and_names_the_rest() -> None:
+    rng = np.random.default_rng(2)
+    # Two well-ranked sources and one the model ranks poorly (no threshold gives it 0.85 and 0.825).
+    parts = [("good1", 600, 2.5), ("good2", 400, 2.5), ("poor", 400, 0.4)]
+    grades, p_ref, sources = [], [], []
+    for name, n, sep in parts:
+        truth = rng.random(n) < 0.3
+        score = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + sep * (truth - 0.5) * 2 - 1.0)))
+        grades.append(np.where(truth, 2, 0))
+        p_ref.append(score)
+        sources += [name] * n
+    truth = np.concatenate(grades) >= 2
+    p = np.concatenate(p_ref)
+    src = np.array(sources)
+    # Predicted grades 0 everywhere: the referral is the risk alone.
+    predicted = np.zeros(len(p), int)
+    balanced = choose_operating_point(predicted, p, truth.astype(int), src, POINT_TARGETS[0])
+    assert balanced["served"] == ["good1", "good2"] and balanced["not_served"] == ["poor"]
+    for name in balanced["served"]:
+        row = balanced["per_source"][name]
+        assert row["sensitivity"] >= 0.85 and row["specificity"] >= 0.825
+    sensitive = choose_operating_point(predicted, p, truth.astype(int), src, POINT_TARGETS[1])
+    assert sensitive["threshold"] < balanced["threshold"]
+    for name in ("good1", "good2", "poor"):
+        assert sensitive["per_source"][name]["sensitivity"] >= 0.90
+    # it is the highest such threshold: one step up, some source falls below the target
+    refer = referred(predicted, p, sensitive["threshold"] + 0.01)
+    assert min(refer[(src == n) & truth].mean() for n in ("good1", "good2", "poor")) < 0.90
+
+
+def test_a_referable_grade_counts_as_referred_at_every_threshold() -> None:
+    assert referred(np.array([2, 0, 4, 1]), np.array([0.0, 0.9, 0.0, 0.1]), 0.5).tolist() == [True, True, True, False]
+
+
+def test_the_whole_layer_is_fitted_on_pooled_held_out_predictions_with_a_default_point() -> None:
+    rng = np.random.default_rng(3)
+    ga, la = _source(rng, 500, [50, 10, 25, 7, 8], 2.5, 0.0)
+    gb, lb = _source(rng, 300, [60, 10, 20, 5, 5], 1.5, -0.5)
+    # A coarse source: no DR, PDR, and NPDR as a grade range 1-3
+    gc = rng.choice([0, 4, -1], size=200, p=[0.7, 0.1, 0.2])
+    lc = rng.normal(0, 1, (200, 5))
+    lc[gc == 4, 4] += 3
+    lc[gc == 0, 0] += 3
+    logits = np.concatenate([la, lb, lc])
+    low = np.concatenate([ga, gb, np.where(gc == -1, 1, gc)])
+    high = np.concatenate([ga, gb, np.where(gc == -1, 3, gc)])
+    sources = np.array(["a"] * 500 + ["b"] * 300 + ["coarse"] * 200)
+    layer = fit_decision_layer(logits, np.zeros(len(low)), low, high, sources, ["a", "b"])
+    assert 0.05 < layer["temperature"] < 20
+    assert layer["operating_points"]["default"] == "balanced"
+    assert set(layer["operating_points"]["points"]) == {"balanced", "sensitive"}
+    assert layer["referable_threshold"] == layer["operating_points"]["points"]["balanced"]["threshold"]
+    # the coarse source's NPDR images have no referable truth and are not counted
+    coarse = layer["operating_points"]["points"]["balanced"]["per_source"]["coarse"]
+    assert coarse["positives"] + coarse["negatives"] == int((gc != -1).sum())
+    with pytest.raises(ValueError, match="default operating point"):
+        fit_decision_layer(logits, np.zeros(len(low)), low, high, sources, ["a", "b"], default="lenient")
+
+
+def test_the_dme_threshold_keeps_every_sources_calm_eyes_under_the_flag_rate() -> None:
+    from retinagrade.training.decisions import fit_dme_rule
+
+    rng = np.random.default_rng(4)
+    # mexico-512: labelled (60 oedema, 400 none); two other sources: grade 0-1 eyes without a label, one camera
+    # whose healthy eyes score higher (the threshold must hold there too).
+    n_mx, n_a, n_b = 460, 500, 300
+    dme = np.concatenate([np.r_[np.ones(60), np.zeros(400)], np.full(n_a + n_b, np.nan)])
+    logit = np.concatenate([rng.normal(2.0, 1.0, 60), rng.normal(-1.0, 1.0, 400), rng.normal(-1.5, 1, n_a)])
+    logit = np.concatenate([logit, rng.normal(0.0, 1.0, n_b)])
+    high = np.concatenate([np.zeros(n_mx), np.ones(n_a), np.zeros(n_b)]).astype(int)
+    sources = np.array(["mexico-512"] * n_mx + ["a"] * n_a + ["b"] * n_b)
+    groups = np.arange(len(sources)).astype(str)
+    rule = fit_dme_rule(logit, dme, high, sources, groups)
+    assert rule is not None
+    assert all(rate <= 0.10 + 1e-9 for rate in rule["flag_rate_grade_0_1"].values())
+    # the camera that scores healthy eyes higher sets the threshold
+    assert max(rule["per_source_limit"], key=rule["per_source_limit"].get) == "b"
+    assert rule["fit_on"]["auc"]["value"] > 0.9 and 0 < rule["fit_on"]["sensitivity"] <= 1
+    # without labelled photos of both kinds there is nothing to fit
+    assert fit_dme_rule(logit, np.full(len(logit), np.nan), high, sources, groups) is None
