@@ -189,3 +189,26 @@ def paired_model(tmp_path: Path) -> Path:
     data["fellow_eye"] = {"weight": 0.4, "referable_threshold": 0.35}
     copy.write_text(json.dumps(data))
     return copy
+
+
+@pytest.fixture
+def pointed_model(tmp_path: Path) -> Path:
+    """A copy of the model under test whose spec names two operating points: balanced (default, risk >= 0.5)
+    and sensitive (risk >= 0.05), so the tests of point selection hold whatever points the shipped model has."""
+    import json
+    import shutil
+
+    spec_path = model_under_test()
+    folder = tmp_path / "pointed-model"
+    shutil.copytree(spec_path.parent, folder, ignore=shutil.ignore_patterns("README.md"))
+    copy = folder / spec_path.name
+    data = json.loads(copy.read_text())
+    data["operating_points"] = {
+        "default": "balanced",
+        "points": {
+            "balanced": {"threshold": 0.5, "description": "test: risk at least one half"},
+            "sensitive": {"threshold": 0.05, "description": "test: risk at least 5%"},
+        },
+    }
+    copy.write_text(json.dumps(data))
+    return copy

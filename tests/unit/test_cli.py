@@ -104,3 +104,27 @@ def test_missing_model_is_a_clear_error(tmp_path: Path, shared_data: Path) -> No
 def test_no_images_found(tmp_path: Path) -> None:
     result = runner.invoke(app, ["grade", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_grade_at_a_named_operating_point_names_it_in_every_row(
+    shared_data: Path, tmp_path: Path, pointed_model: Path
+) -> None:
+    photo = shared_data / "raw-fundus-samples" / "images" / "16_right.jpeg"
+    rows = {}
+    for point in ("balanced", "sensitive"):
+        out = tmp_path / f"{point}.csv"
+        args = ["grade", str(photo), "--model", str(pointed_model), "-q", "-o", str(out)]
+        result = runner.invoke(app, [*args, "--operating-point", point])
+        assert result.exit_code == 0, result.output
+        with out.open() as fh:
+            (rows[point],) = list(csv.DictReader(fh))
+    assert {"referral_reason", "operating_point", "referable_threshold", "p_dme", "dme"} <= set(CSV_COLUMNS)
+    assert (rows["balanced"]["operating_point"], rows["balanced"]["referable_threshold"]) == ("balanced", "0.5")
+    assert (rows["sensitive"]["operating_point"], rows["sensitive"]["referable_threshold"]) == ("sensitive", "0.05")
+    assert rows["balanced"]["grade"] == rows["sensitive"]["grade"]
+    # an unknown point stops the run before any image is read, and leaves no output behind
+    out = tmp_path / "unknown.csv"
+    result = runner.invoke(
+        app, ["grade", str(photo), "--model", str(pointed_model), "-o", str(out), "--operating-point", "lenient"]
+    )
+    assert result.exit_code == 2 and "lenient" in result.output and not out.exists()

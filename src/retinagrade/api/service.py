@@ -293,6 +293,7 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
     ) -> tuple[GradeResponse, bytes | None]:
         """Grade one image; returns the response and, when explained, the overlay PNG.
 
@@ -309,6 +310,7 @@ class GradingService:
             client_request_id=client_request_id,
             site=site,
             operating_point=operating_point,
+            evidence=evidence,
         )
         return response, png
 
@@ -322,6 +324,7 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
         render: Callable[[GradeResult, GradeResponse], Rendered] | None = None,
     ) -> tuple[GradeResult, GradeResponse, bytes | None, Rendered | None]:
         """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers).
@@ -331,7 +334,7 @@ class GradingService:
                 in a worker thread, before the answer is audited: an answer whose rendering fails (the error
                 propagates) is neither delivered nor recorded. Its value is returned last.
         """
-        chosen = self.sites.resolve(site, operating_point)
+        chosen = self.sites.resolve(site, operating_point, evidence)
         try:
             request = await self._prepare(data)
         except InputError as exc:
@@ -357,11 +360,12 @@ class GradingService:
         client_request_id: str | None = None,
         site: str | None = None,
         operating_point: str | None = None,
+        evidence: str = "severity",
         render: Callable[[list[BatchAnswer]], Rendered] | None = None,
     ) -> tuple[list[BatchAnswer], Rendered | None]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
         and never fails the others. ``render`` as for :meth:`grade_result`, with all the answers."""
-        chosen = self.sites.resolve(site, operating_point)
+        chosen = self.sites.resolve(site, operating_point, evidence)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )

@@ -114,20 +114,25 @@ class SiteRegistry:
         }
         return cls(sites, default)
 
-    def resolve(self, name: str | None, operating_point: str | None = None) -> Site:
-        """The site a request asked for (None or empty: the default), at the operating point it asked for.
+    def resolve(self, name: str | None, operating_point: str | None = None, evidence: str = "severity") -> Site:
+        """The site a request asked for (None or empty: the default), at the operating point it asked for, with
+        explanations of the head it asked for (``severity`` or ``dme``).
 
         Raises:
             UnknownSiteError: the service was not started with a profile of that name.
             UnknownOperatingPointError: the site's model (or profile) has no operating point of that name.
+            UnknownEvidenceError: the model has no such head.
         """
         if not name:
-            return self.sites[self.default].at_operating_point(operating_point)
-        site = self.sites.get(name.strip())
-        if site is None or not site.name:
-            known = ", ".join(sorted(n for n in self.sites if n)) or "none"
-            raise UnknownSiteError(f"No site profile named {name[:64]!r} is loaded (sites: {known}).")
-        return site.at_operating_point(operating_point)
+            site = self.sites[self.default]
+        else:
+            found = self.sites.get(name.strip())
+            if found is None or not found.name:
+                known = ", ".join(sorted(n for n in self.sites if n)) or "none"
+                raise UnknownSiteError(f"No site profile named {name[:64]!r} is loaded (sites: {known}).")
+            site = found
+        site = site.at_operating_point(operating_point)
+        return dataclasses.replace(site, pipeline=site.pipeline.showing(evidence))
 
     def cards(self) -> dict[str, Any]:
         """What ``/v1/model`` shows about the sites."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retinagrade.errors import UnknownOperatingPointError
-from retinagrade.inference.model_spec import Decision, ModelSpec, OperatingPoint
+from retinagrade.inference.model_spec import Decision, DmeRule, ModelSpec, OperatingPoint
 from retinagrade.inference.postprocess import decide_grade, referral_reason, softmax
 from retinagrade.preprocessing.pipeline import PreprocessConfig
 
@@ -97,3 +97,17 @@ def test_a_named_operating_point_changes_only_the_threshold_and_names_itself() -
     assert sensitive.grade == 0
     with pytest.raises(UnknownOperatingPointError):
         spec.with_operating_point("lenient")
+
+
+def test_oedema_refers_an_eye_on_its_own_and_says_so() -> None:
+    spec = dataclasses.replace(_spec(referable_threshold=0.5), dme=DmeRule(scale=1.0, bias=0.0, threshold=0.6))
+    healthy = np.log(np.array([0.8, 0.15, 0.03, 0.01, 0.01]))
+    oedema = decide_grade(healthy, 0.1, spec, dme_logit=2.0)  # p_dme = sigmoid(2) = 0.88
+    assert oedema.dme is True and np.isclose(oedema.p_dme, 1 / (1 + np.exp(-2.0)))
+    assert oedema.referable and oedema.referral_reason == "dme" and oedema.grade == 0
+    calm = decide_grade(healthy, 0.1, spec, dme_logit=-1.0)
+    assert calm.dme is False and not calm.referable and calm.referral_reason == "none"
+    # a referable grade is the reason whatever the oedema; a model without a DME output says nothing of it
+    assert decide_grade(np.log(np.array([0.05, 0.05, 0.8, 0.05, 0.05])), 2.0, spec, 2.0).referral_reason == "grade"
+    plain = decide_grade(healthy, 0.1, _spec(), dme_logit=2.0)
+    assert plain.p_dme is None and plain.dme is None

@@ -163,3 +163,55 @@ def test_dcmtk_reads_the_sr_without_complaint(graded_pair, tmp_path: Path) -> No
     assert "Comprehensive SR Document" in done.stdout
     assert "71490-7" in done.stdout and "Algorithm Name" in done.stdout
     assert not [line for line in done.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))], done.stderr
+
+
+def _risk_referred_eye_with_oedema() -> EyeFinding:
+    """A grade-1 eye referred for its risk at the balanced point, with macular oedema found."""
+    return EyeFinding(
+        "graded",
+        "L",
+        grade=1,
+        referable=True,
+        referral_reason="risk",
+        operating_point="balanced",
+        referable_threshold=0.35,
+        p_referable=0.41,
+        probabilities=(0.3, 0.45, 0.15, 0.05, 0.05),
+        p_dme=0.72,
+        dme=True,
+        quality_score=0.9,
+        gradable=True,
+        metadata=META,
+    )
+
+
+def test_fhir_words_a_risk_referral_names_its_point_and_reports_oedema_as_its_own_observation() -> None:
+    finding = _risk_referred_eye_with_oedema()
+    bundle = build_bundle([FhirItem("eye.dcm", finding, "PAT-9")], ALGORITHM)
+    validate(bundle)
+    severity, oedema = _resources(bundle, "Observation")
+    assert severity["valueCodeableConcept"]["coding"][0]["code"] == "LA18644-7"  # mild: the grade is not rewritten
+    assert _component(severity, "referral-reason")["valueCodeableConcept"]["coding"][0]["code"] == "refer-risk"
+    assert _component(severity, "op-point")["valueString"] == "balanced"
+    assert _component(severity, "risk-threshold")["valueQuantity"]["value"] == 0.35
+    notes = " ".join(n["text"] for n in severity["note"])
+    assert "Mild or no DR seen" in notes and "referred because the estimated risk of referable DR is 41%" in notes
+    assert oedema["code"]["coding"][0] == {
+        "system": "http://snomed.info/sct",
+        "code": "312912001",
+        "display": "Macular edema due to diabetes mellitus",
+    }
+    assert oedema["valueCodeableConcept"]["coding"][0]["code"] == "373066001"  # yes
+    assert _component(oedema, "p-dme")["valueQuantity"]["value"] == 0.72
+    assert oedema["bodySite"]["coding"][0]["code"] == "362503005"  # left eye
+
+
+def test_sr_carries_the_referral_reason_the_point_and_the_oedema_finding() -> None:
+    finding = _risk_referred_eye_with_oedema()
+    source = placeholder_source("1.2.3", "1.2.3.4", "1.2.3.4.5", META["SOPClassUID"])
+    data = sr_bytes(build_sr(source, finding, ALGORITHM))
+    text = str(pydicom.dcmread(io.BytesIO(data)))
+    for code in ("refer-risk", "balanced", "312912001", "p-dme", "risk-threshold"):
+        assert code in text, code
+    # the finding in words, as a PACS viewer shows it
+    assert b"referred because the estimated risk of referable DR is 41%" in data

@@ -38,6 +38,10 @@ from retinagrade.referral import TaggedOutcome, patient_referrals
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
 
 ExplainQuery = Annotated[bool, Query(description="Add a heatmap of the model's evidence (PNG, base64).")]
+EvidenceQuery = Annotated[
+    Literal["severity", "dme"],
+    Query(description="Whose evidence the heatmap shows: the severity head's, or the macular oedema head's (dme)."),
+]
 SiteHeader = Annotated[
     str | None,
     Header(
@@ -84,6 +88,7 @@ async def grade(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    evidence: EvidenceQuery = "severity",
     site: SiteHeader = None,
     operating_point: OperatingPointHeader = None,
 ) -> Any:
@@ -118,6 +123,7 @@ async def grade(
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
+                evidence=evidence,
                 render=None if wanted == "json" else render,
             )
     return response if rendered is None else rendered
@@ -138,6 +144,7 @@ async def grade_batch(
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
     explain: ExplainQuery = False,
+    evidence: EvidenceQuery = "severity",
     site: SiteHeader = None,
     operating_point: OperatingPointHeader = None,
 ) -> Any:
@@ -192,6 +199,7 @@ async def grade_batch(
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
+                evidence=evidence,
                 render=render_fhir if wanted == "fhir" else None,
             )
     if bundle is not None:

@@ -412,8 +412,20 @@
       return `Mild or no retinopathy seen; referred because the estimated risk of referable diabetic `
         + `retinopathy is ${percent(result.p_referable)}.`;
     }
+    if (result.referral_reason === "dme") {
+      return "Mild or no retinopathy seen; referred for signs of macular oedema.";
+    }
     if (result.referral_reason === "grade") return "Referred for the grade found.";
     return "";
+  }
+
+  // Macular oedema, from a model with an oedema output (absent otherwise).
+  function dmeSentence(result) {
+    if (typeof result.dme !== "boolean") return document.createDocumentFragment();
+    const text = result.dme
+      ? `Macular oedema: signs found (estimated probability ${percent(result.p_dme)}).`
+      : `Macular oedema: no signs found (estimated probability ${percent(result.p_dme)}).`;
+    return el("p", { className: "dme" }, text);
   }
 
   function pointSentence(result) {
@@ -512,6 +524,7 @@
         `Estimated risk of referable diabetic retinopathy: ${percent(result.p_referable)}`,
         ` · Probability of the grade shown: ${percent(result.confidence)}`),
       el("p", { className: "operating-point-used" }, pointSentence(result)),
+      dmeSentence(result),
       el("p", { className: "quality" }, `Image quality: good (${percent(result.quality.score)})`),
       reasonList(result.quality.reasons));
     if (entry.paired) {
