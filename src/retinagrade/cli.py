@@ -3,11 +3,13 @@
 Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 
 - 0: every file was graded (or refused by the quality gate, which is a result, not an error);
-- 1: the run finished, and some files could not be read or decoded (their rows have ``status=error``);
+- 1: the run finished, and some files could not be read or decoded (their rows have ``status=error``), or
+  (``--output-sr``) some DICOM files could not get an SR (no valid UIDs to reference; their rows are written);
 - 2: usage: bad arguments, no image files found, or the output file exists (``--overwrite``) or cannot be
   created; nothing was graded;
 - 3: the run itself failed: the model could not be loaded, or writing the output failed midway;
-- 130: interrupted (Ctrl-C); every row finished before it is in the output.
+- 130: interrupted (Ctrl-C, or SIGTERM from a scheduler or ``kill``); every row finished before it is in the
+  output, and the output is complete (a JSON array or FHIR Bundle closed).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO, cast
@@ -28,7 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from retinagrade.errors import RetinagradeError
+from retinagrade.errors import RetinagradeError, failure_summary
 from retinagrade.files import collect_images
 
 if TYPE_CHECKING:  # the pipeline (numpy, OpenCV, ONNX Runtime) loads only when a command needs it
@@ -101,7 +105,8 @@ SiteOption = Annotated[
 
 @app.command(
     epilog="Exit codes: 0 all graded; 1 some files had errors; 2 usage (bad arguments, no images, the output "
-    "exists or cannot be created); 3 the run failed (model, writing); 130 interrupted (finished rows are kept)."
+    "exists or cannot be created); 3 the run failed (model, writing, a defect); 130 interrupted (Ctrl-C, SIGTERM; "
+    "finished rows are kept)."
 )
 def grade(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
@@ -161,6 +166,7 @@ def grade(
         if site is not None:
             err.print("[red]--site is not supported with --engine ray yet; grade with the local engine.[/red]")
             raise typer.Exit(EXIT_USAGE)
+        _refuse_file_like_folder(output)
         from retinagrade.cluster import command
 
         settings: dict[str, object] = {"model": model, "address": address, "workers": workers or 1}
@@ -175,12 +181,56 @@ def grade(
         err.print("[red]No image files found.[/red]")
         raise typer.Exit(EXIT_USAGE)
     context = _run_context(model)
-    write_sr = _sr_writer(output_sr, context)
+    skipped_sr: list[str] = []
+    write_sr = _sr_writer(output_sr, context, skipped_sr)
     writer = _open_output(output, overwrite, context)
-    pipeline, profile = _decision_layer(
-        _load_pipeline(model, threads, writer, output), site, operating_point, writer, output, quiet
-    )
     records: list[ResultRecord] = []
+    with _on_sigterm(_interrupt):
+        code = _run_local(
+            files,
+            writer,
+            output,
+            records,
+            model=model,
+            threads=threads,
+            site=site,
+            operating_point=operating_point,
+            workers=workers,
+            quiet=quiet,
+            also=write_sr,
+            pair_eyes=pair_eyes,
+        )
+    code = _summarise(code, records, skipped_sr, table=not quiet or output is None, to=output, referrals=pair_eyes)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
+
+
+def _run_local(
+    files: list[Path],
+    writer: ResultWriter | None,
+    output: Path | None,
+    records: list[ResultRecord],
+    *,
+    model: Path | None,
+    threads: int,
+    site: Path | None,
+    operating_point: str | None,
+    workers: int,
+    quiet: bool,
+    also: Callable[[Path, ResultRecord], None] | None,
+    pair_eyes: bool,
+) -> int:
+    """Load the model (and the site profile and operating point), grade ``files`` into ``writer`` and ``records``,
+    close the output; returns the exit code so far. Ctrl-C or SIGTERM while the model loads closes the output as
+    an empty result."""
+    try:
+        pipeline, profile = _decision_layer(
+            _load_pipeline(model, threads, writer, output), site, operating_point, writer, output, quiet
+        )
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted before grading started.[/yellow]")
+        return _close_output(writer, EXIT_INTERRUPTED)
+    code = EXIT_RUN_FAILED
     try:
         code = _grade_into(
             pipeline,
@@ -189,23 +239,90 @@ def grade(
             records,
             workers=workers,
             quiet=quiet,
-            also=write_sr,
+            also=also,
             site=profile.name if profile else "",
             pair_eyes=pair_eyes,
         )
     finally:
-        if writer is not None:
+        code = _close_output(writer, code)
+    return code
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _on_sigterm(handler: Callable[[int, Any], object] | int) -> Iterator[None]:
+    """Handle SIGTERM with ``handler`` inside the block (main thread only; elsewhere signals cannot be set).
+
+    A scheduler's SIGTERM (or ``kill``) then ends a run as Ctrl-C does: every finished row is written and the
+    output closed (a JSON array, a FHIR Bundle), where the default action left a cut-off array or a 0-byte file.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _close_output(writer: ResultWriter | None, code: int) -> int:
+    """Close the output (a SIGTERM meanwhile is ignored: the file is being completed); the exit code after it."""
+    if writer is None:
+        return code
+    try:
+        with _on_sigterm(signal.SIG_IGN):
             writer.close()
-    if code == EXIT_OK and (not quiet or output is None):
-        _print_table(records, sys.stdout if output is None else sys.stderr)
-    if code == EXIT_OK and pair_eyes:
+    except OSError as exc:
+        err.print(f"[red]Finishing the results failed:[/red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        # A defect, not the input's fault: its type and place only (the message may quote a file's header).
+        err.print(f"[red]Finishing the results failed unexpectedly ({escape(failure_summary(exc))}).[/red]")
+        return EXIT_RUN_FAILED
+    return code
+
+
+def _summarise(
+    code: int, records: list[ResultRecord], skipped_sr: list[str], *, table: bool, to: Path | None, referrals: bool
+) -> int:
+    """Print the results table, the referrals and what went wrong after a finished run; returns the exit code."""
+    if code != EXIT_OK:
+        return code
+    if table:
+        _print_table(records, sys.stdout if to is None else sys.stderr)
+    if referrals:
         _print_referrals(records, sys.stdout)
     failed = sum(r.status == "error" for r in records)
-    if code == EXIT_OK and failed:
+    if failed:
         err.print(f"[yellow]{failed} of {len(records)} files could not be graded (status error).[/yellow]")
         code = EXIT_FILE_ERRORS
-    if code != EXIT_OK:
-        raise typer.Exit(code)
+    if skipped_sr:
+        err.print(f"[yellow]{len(skipped_sr)} DICOM files got no SR (their grades are in the results).[/yellow]")
+        code = EXIT_FILE_ERRORS
+    return code
+
+
+def _refuse_file_like_folder(output: Path) -> None:
+    """Refuse a Ray ``--output`` named like a results file (``results.csv``): it would become a folder of shards."""
+    from retinagrade.report import format_for
+
+    if output.is_dir():
+        return
+    try:
+        format_for(output)
+    except ValueError:
+        return  # not a results file's name: a folder it is
+    folder = output.parent / output.name.split(".")[0]
+    csv_file = folder / "results.csv"
+    err.print(
+        f"[red]--output {escape(str(output))} names a file; it must be a folder for the ray engine (it holds "
+        f"Parquet shards). Use --output {escape(str(folder))}/ --csv (the CSV is then {escape(str(csv_file))}).[/red]"
+    )
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _run_context(model: Path | None) -> RunContext:
@@ -222,12 +339,17 @@ def _run_context(model: Path | None) -> RunContext:
     return RunContext(spec.name, spec.version, spec.sha256, str(spec.raw.get("intended_use", "")))
 
 
-def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, ResultRecord], None] | None:
-    """A function writing the SR of a DICOM input into ``folder`` (``--output-sr``); None without a folder."""
+def _sr_writer(
+    folder: Path | None, context: RunContext, skipped: list[str]
+) -> Callable[[Path, ResultRecord], None] | None:
+    """A function writing the SR of a DICOM input into ``folder`` (``--output-sr``); None without a folder.
+
+    A file whose SR cannot be made is named on stderr and in ``skipped``; its grade row is written all the same.
+    """
     if folder is None:
         return None
     try:
-        from retinagrade.interop.dicom_sr import report_for_file, sr_bytes
+        from retinagrade.interop.dicom_sr import SourceNotReferenceableError, report_for_file, sr_bytes
         from retinagrade.interop.findings import AlgorithmInfo
     except ImportError:
         err.print("[red]--output-sr needs the [dicom] extra: pip install 'retinagrade[dicom]'[/red]")
@@ -241,7 +363,12 @@ def _sr_writer(folder: Path | None, context: RunContext) -> Callable[[Path, Resu
 
     def write(path: Path, record: ResultRecord) -> None:
         # The site profile that set the operating point is part of the algorithm's identity (TID 4019).
-        sr = report_for_file(path, record, dataclasses.replace(algorithm, site_profile=record.site))
+        try:
+            sr = report_for_file(path, record, dataclasses.replace(algorithm, site_profile=record.site))
+        except SourceNotReferenceableError as exc:
+            skipped.append(record.image)
+            err.print(f"[yellow]No SR for {escape(record.image)}: {escape(str(exc))}.[/yellow]")
+            return
         if sr is not None:
             # Named by the SR's UID, which is derived from the photo's: a re-run rewrites the same report.
             (folder / f"{sr.SOPInstanceUID}.dcm").write_bytes(sr_bytes(sr))
@@ -364,6 +491,10 @@ def _grade_into(
         return EXIT_INTERRUPTED
     except OSError as exc:
         err.print(f"[red]Writing the results failed after {len(records)} rows:[/red] {escape(str(exc))}")
+        return EXIT_RUN_FAILED
+    except Exception as exc:
+        # The documented exit code of a run that failed (3), not Python's 1; the rows written so far are kept.
+        err.print(f"[red]The run failed unexpectedly after {len(records)} rows ({escape(failure_summary(exc))}).[/red]")
         return EXIT_RUN_FAILED
     return EXIT_OK
 
@@ -1026,12 +1157,15 @@ def dicomweb(
     except ImportError as exc:
         err.print(f"[red]dicomweb needs the [dicom] extra (pip install 'retinagrade[dicom]'): {exc.name}[/red]")
         raise typer.Exit(2) from None
+    from retinagrade.api.logging import silence_identifying_loggers
     from retinagrade.pipeline import GradingPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The libraries log every request with its UIDs; retinagrade logs its own, shorter lines.
-    for noisy in ("dicomweb_client", "highdicom", "pydicom", "urllib3"):
+    # The libraries log every request with its UIDs; retinagrade logs its own, shorter lines. pydicom and
+    # highdicom quote header values (names, birth dates) even in their warnings: they are silenced.
+    for noisy in ("dicomweb_client", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_identifying_loggers()
     try:
         pipeline = GradingPipeline.load(model, threads=threads)
     except RetinagradeError as exc:

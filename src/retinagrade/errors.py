@@ -25,6 +25,30 @@ class RetinagradeError(Exception):
         self.message = message
 
 
+class PreparationFailedError(RetinagradeError):
+    """Preparing one image failed in a way no input check foresaw (a defect, logged where it happened).
+
+    Every batch door (the CLI's engines, ``/v1/grade/batch``) gives that image this error and grades the others.
+    """
+
+    code = "internal_error"
+    http_status = 500
+
+
+def failure_summary(exc: BaseException) -> str:
+    """An unforeseen exception as a log line may show it: its type and where it was raised, not its message.
+
+    A third-party reader's message may quote the file it read (a patient's name, a birth date, a UID).
+    """
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_next is not None:
+        frames = frames.tb_next
+    if frames is None:
+        return type(exc).__name__
+    code = frames.tb_frame.f_code
+    return f"{type(exc).__name__} in {code.co_name} ({'/'.join(code.co_filename.split('/')[-2:])}:{frames.tb_lineno})"
+
+
 class InputError(RetinagradeError):
     """The client sent something that cannot be graded as an image."""
 

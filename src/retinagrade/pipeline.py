@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Mapping
@@ -23,7 +24,13 @@ import numpy as np
 
 from retinagrade.constants import Status
 from retinagrade.cpus import available_cpus
-from retinagrade.errors import ModelError, RetinagradeError, UnknownEvidenceError
+from retinagrade.errors import (
+    ModelError,
+    PreparationFailedError,
+    RetinagradeError,
+    UnknownEvidenceError,
+    failure_summary,
+)
 from retinagrade.explain.heatmap import evidence_map
 from retinagrade.eyes import RawOutputs
 from retinagrade.inference.grader import ModelOutputs, OnnxGrader
@@ -39,6 +46,8 @@ from retinagrade.preprocessing.quality import (
     outrank_with_referable,
 )
 from retinagrade.referral import Recommendation, recommend
+
+logger = logging.getLogger("retinagrade.pipeline")
 
 DEFAULT_MODEL_FILE = "retinagrade-dr.json"
 #: The evidence maps an explanation can show: the severity (regression) head's, or the macular oedema head's.
@@ -311,6 +320,11 @@ class GradingPipeline:
             return self.prepare(read_image_file(source) if isinstance(source, Path) else source)
         except RetinagradeError as exc:
             return exc
+        except Exception as exc:
+            # One file that trips a failure no input check foresaw must not end a run of thousands: it gets an
+            # error row, as in the cluster engine. Type and place only: the message may quote the file.
+            logger.error("preparing an image failed unexpectedly: %s", failure_summary(exc))
+            return PreparationFailedError("Preparing this image failed unexpectedly; the log says where.")
 
     def _run(
         self,

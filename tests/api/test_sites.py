@@ -179,3 +179,40 @@ def test_the_fhir_answer_names_the_site_profile_in_its_device(two_sites: Setting
 
     assert device_site(single) == ["refer-all"]
     assert device_site(batch) == ["refer-none"]
+
+
+def test_explain_grades_with_the_site_asked_for(two_sites: Settings, fundus_jpeg: bytes) -> None:
+    photo = {"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")}
+    with TestClient(create_app(two_sites)) as client:
+        explained = {
+            site: client.post("/v1/explain", files=photo, headers={"X-Retinagrade-Site": site})
+            for site in ("refer-all", "refer-none")
+        }
+        graded = {
+            site: client.post("/v1/grade", files=photo, headers={"X-Retinagrade-Site": site}).json()
+            for site in ("refer-all", "refer-none")
+        }
+        by_field = client.post("/v1/explain", files=photo, data={"site": "refer-all"})
+    for site, answer in explained.items():
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Retinagrade-Site"] == site
+        # The decision in the headers is the site's, as /v1/grade gives it for that site.
+        assert answer.headers["X-Retinagrade-Referable"] == str(graded[site]["referable"]).lower()
+        assert answer.headers["X-Retinagrade-Grade"] == str(graded[site]["grade"])
+    assert explained["refer-all"].headers["X-Retinagrade-Referable"] == "true"
+    assert by_field.headers["X-Retinagrade-Site"] == "refer-all"
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [("X-Retinagrade-Site", "unknown_site"), ("X-Retinagrade-Operating-Point", "unknown_operating_point")],
+)
+def test_explain_refuses_a_site_or_point_it_does_not_have(
+    two_sites: Settings, synthetic_jpeg: bytes, header: str, code: str
+) -> None:
+    with TestClient(create_app(two_sites)) as client:
+        answer = client.post(
+            "/v1/explain", content=synthetic_jpeg, headers={"Content-Type": "image/jpeg", header: "nowhere"}
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from retinagrade.cli import EXIT_FILE_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
+from retinagrade.cli import EXIT_FILE_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, app
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -157,3 +158,121 @@ def test_ctrl_c_keeps_the_rows_that_finished(tmp_path: Path, photo: bytes, model
     assert seen <= len(rows) < 1501
     assert all(r["status"] in ("graded", "ungradable", "not_fundus") and r["quality"] for r in rows)
     assert b"Interrupted" in stderr
+
+
+def test_an_unforeseen_failure_on_one_file_is_its_error_row_not_the_end_of_the_run(
+    tmp_path: Path, photo: bytes, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the cluster engine: a file that trips a failure no input check foresaw gets an error row."""
+    from retinagrade.pipeline import GradingPipeline
+
+    prepare = GradingPipeline.prepare
+
+    def tripping(self: GradingPipeline, data: bytes) -> object:
+        if data.endswith(b"TRIP"):
+            raise RecursionError("maximum recursion depth exceeded (PatientName Doe^John)")
+        return prepare(self, data)
+
+    monkeypatch.setattr(GradingPipeline, "prepare", tripping)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo)
+    (folder / "b.jpg").write_bytes(photo + b"TRIP")
+    (folder / "c.jpg").write_bytes(photo)
+    out = tmp_path / "r.csv"
+    code, output = _grade(folder, "-o", out, model=model_path)
+    assert code == EXIT_FILE_ERRORS, output
+    rows = {Path(r["image"]).name: r for r in _rows(out)}
+    assert set(rows) == {"a.jpg", "b.jpg", "c.jpg"}
+    assert rows["b.jpg"]["status"] == "error" and rows["b.jpg"]["error_code"] == "internal_error"
+    assert rows["a.jpg"]["status"] != "error" and rows["c.jpg"]["status"] != "error"
+    assert "Doe^John" not in output  # the exception's message is not echoed (it may quote the file)
+
+
+@pytest.mark.parametrize("when", ["grading", "loading"])
+@pytest.mark.parametrize("suffix", ["json", "fhir.json"])
+def test_sigterm_keeps_a_complete_output_like_ctrl_c(
+    tmp_path: Path, photo: bytes, model_path: Path, suffix: str, when: str
+) -> None:
+    """A scheduler's SIGTERM (or `kill`) ends the run as Ctrl-C does: the JSON array and the FHIR Bundle are
+    closed, with every finished row, instead of a cut-off array or a 0-byte file; while the model loads too."""
+    if suffix == "fhir.json":
+        pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.resources)")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "source.jpg").write_bytes(photo)
+    for i in range(200):
+        (folder / f"img{i:03d}.jpg").symlink_to(folder / "source.jpg")
+    out = tmp_path / f"r.{suffix}"
+    # The process sends itself SIGTERM when the tenth row is written, or as the model starts loading: no
+    # timing to guess from outside.
+    driver = (
+        "import os, signal, sys\n"
+        "from retinagrade import pipeline, report\n"
+        "cls = report.FhirBundleWriter if sys.argv[1].endswith('.fhir.json') else report.JsonWriter\n"
+        "write, seen, load = cls.write, [], pipeline.GradingPipeline.load.__func__\n"
+        "def counting(self, record):\n"
+        "    write(self, record)\n"
+        "    seen.append(record)\n"
+        "    if len(seen) == 10:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "def loading(cls, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return load(cls, *args, **kwargs)\n"
+        "cls.write = counting\n"
+        f"if {when!r} == 'loading':\n"
+        "    pipeline.GradingPipeline.load = classmethod(loading)\n"
+        "from retinagrade.cli import app\n"
+        "sys.argv = ['retinagrade', 'grade', *sys.argv[2:], '-o', sys.argv[1]]\n"
+        "app()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", driver, str(out), str(folder), "--model", str(model_path), "-q"],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == EXIT_INTERRUPTED, done.stderr[-2000:]
+    assert b"Interrupted" in done.stderr
+    document = json.loads(out.read_text())
+    if suffix == "json":
+        rows = len(document)
+    else:
+        rows = len([e for e in document["entry"] if e["resource"]["resourceType"] == "Observation"])
+    assert (10 <= rows < 201) if when == "grading" else rows == 0
+
+
+def test_a_crash_mid_run_exits_3_and_keeps_the_rows_written(
+    tmp_path: Path, photo: bytes, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagrade import report
+
+    write = report.CsvWriter.write
+    seen: list[object] = []
+
+    def failing(self: report.CsvWriter, record: report.ResultRecord) -> None:
+        if len(seen) == 2:
+            raise RuntimeError("a defect in a writer")
+        write(self, record)
+        seen.append(record)
+
+    monkeypatch.setattr(report.CsvWriter, "write", failing)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"img{i}.jpg").write_bytes(photo)
+    out = tmp_path / "r.csv"
+    code, output = _grade(folder, "-o", out, model=model_path)
+    assert code == EXIT_RUN_FAILED, output
+    assert "RuntimeError" in output and len(_rows(out)) == 2
+
+
+@pytest.mark.parametrize("name", ["results.csv", "results.json", "out.fhir.json", "results.parquet"])
+def test_the_ray_engine_refuses_an_output_that_names_a_file(tmp_path: Path, photo: bytes, name: str) -> None:
+    (tmp_path / "eye.jpg").write_bytes(photo)
+    target = tmp_path / name
+    result = runner.invoke(app, ["grade", str(tmp_path / "eye.jpg"), "--engine", "ray", "--output", str(target)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert not target.exists()  # no folder named like a file
+    stem = name.split(".")[0]
+    assert f"--output{tmp_path / stem}/--csv" in "".join(result.output.split())  # whatever the terminal width

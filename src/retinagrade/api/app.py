@@ -23,7 +23,7 @@ from retinagrade.api.middleware import RequestContextMiddleware
 from retinagrade.api.routes import docs, explain, grade, health, model, ui
 from retinagrade.api.service import GradingService, warm_up
 from retinagrade.api.settings import Settings
-from retinagrade.api.sites import OPERATING_POINT_HEADER, SiteRegistry
+from retinagrade.api.sites import OPERATING_POINT_HEADER, SITE_HEADER, SiteRegistry
 from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.errors import ModelError, UnknownOperatingPointError
 from retinagrade.pipeline import GradingPipeline
@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID", OPERATING_POINT_HEADER],
+            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID", SITE_HEADER, OPERATING_POINT_HEADER],
             expose_headers=["X-Request-ID", "X-Client-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)

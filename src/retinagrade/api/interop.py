@@ -206,10 +206,12 @@ def require_dicom(data: bytes) -> None:
 
 
 def sr_response(data: bytes, outcome: Any, algorithm: Any) -> Response:
-    """The Comprehensive SR for one DICOM upload (``outcome``: its GradeResult or RetinagradeError).
+    """The Comprehensive SR for one DICOM upload (``outcome``: its GradeResult or RetinagradeError), built from
+    what its header has (invalid patient and study attributes are left empty).
 
     Raises:
-        NotAcceptableError: the upload is not DICOM, so there is no image for an SR to reference.
+        NotAcceptableError: the upload is not DICOM, or its header cannot be read or has no valid UIDs to
+            reference, so there is no image for an SR to reference.
     """
     require_dicom(data)
     dicom_sr, _, findings = _interop()
@@ -219,7 +221,13 @@ def sr_response(data: bytes, outcome: Any, algorithm: Any) -> Response:
         header = read_dataset(data, stop_before_pixels=True)
     except RetinagradeError:
         raise NotAcceptableError("The DICOM header cannot be read, so no SR can reference it.") from None
-    sr = dicom_sr.build_sr(header, findings.finding_from(outcome), algorithm)
+    try:
+        sr = dicom_sr.build_sr(header, findings.finding_from(outcome), algorithm)
+    except dicom_sr.SourceNotReferenceableError:
+        raise NotAcceptableError(
+            "The DICOM header has no valid Study, Series and SOP Instance UIDs, so no SR can reference the photo; "
+            "accept application/json or application/fhir+json."
+        ) from None
     return Response(dicom_sr.sr_bytes(sr), media_type=DICOM)
 
 

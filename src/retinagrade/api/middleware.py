@@ -13,7 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retinagrade.api.telemetry import ServiceMetrics
+from retinagrade.api.telemetry import HTTP_METHODS, ServiceMetrics
 
 access_log = logging.getLogger("retinagrade.api.access")
 #: A client's X-Request-ID is kept (as ``client_request_id``, never as the audit key) only if it is 1-64 of
@@ -74,15 +74,13 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             latency = time.perf_counter() - started
-            labels = (template, scope["method"], str(status))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.request_latency.labels(*labels).observe(latency)
+            self.metrics.observe_request(template, scope["method"], status, latency)
             access_log.info(
                 "request",
                 extra={
                     "request_id": request_id,
                     "client_request_id": client_id,
-                    "method": scope["method"],
+                    "method": scope["method"] if scope["method"] in HTTP_METHODS else "other",
                     "route": template,
                     "status": status,
                     "latency_ms": round(latency * 1000.0, 2),

@@ -16,11 +16,12 @@ import base64
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,7 +34,14 @@ from retinagrade.api.settings import Settings
 from retinagrade.api.sites import Site, SiteRegistry
 from retinagrade.api.telemetry import ServiceMetrics
 from retinagrade.constants import NUM_GRADES
-from retinagrade.errors import ImageTooLargeError, InputError, ModelError
+from retinagrade.errors import (
+    ImageTooLargeError,
+    InputError,
+    ModelError,
+    PreparationFailedError,
+    RetinagradeError,
+    failure_summary,
+)
 from retinagrade.explain.heatmap import encode_png, overlay
 from retinagrade.monitoring.drift import Observation
 from retinagrade.pipeline import GradeResult, GradingPipeline, PreparedRequest
@@ -68,6 +76,10 @@ def render_explanation(result: GradeResult, opacity: float) -> bytes:
     assert result.heatmap is not None and result.crop is not None
     return encode_png(overlay(result.crop, result.heatmap, opacity))
 
+
+#: One image's answer in a batch: its pipeline result and response, or why it was not graded.
+BatchAnswer = tuple[GradeResult, GradeResponse] | RetinagradeError
+Rendered = TypeVar("Rendered")
 
 _MIB = 1024 * 1024
 _AUDIT_FAILED = "The result could not be written to the audit trail, so it is not returned; retry shortly."
@@ -201,12 +213,17 @@ class GradingService:
         finally:
             self.batcher.preparing -= 1
 
-    async def _prepare_or_error(self, data: bytes) -> PreparedRequest | InputError:
+    async def _prepare_or_error(self, data: bytes) -> PreparedRequest | RetinagradeError:
         try:
             return await self._prepare(data)
         except InputError as exc:
             self.metrics.input_errors.labels(exc.code).inc()
             return exc
+        except Exception as exc:
+            # One image of a batch that trips a failure no input check foresaw is that image's error (as in the
+            # CLI and the cluster engine); the others are still graded and returned.
+            logger.error("preparing an image failed unexpectedly: %s", failure_summary(exc), exc_info=exc)
+            return PreparationFailedError("Preparing this image failed unexpectedly; the server log says where.")
 
     async def _respond(
         self,
@@ -285,7 +302,7 @@ class GradingService:
                 loaded site profile, or ``operating_point`` no point of the model or the site.
             AuditUnavailableError: the result could not be audited (and is withheld).
         """
-        _, response, png = await self.grade_result(
+        _, response, png, _ = await self.grade_result(
             data,
             request_id=request_id,
             started=started,
@@ -308,8 +325,15 @@ class GradingService:
         site: str | None = None,
         operating_point: str | None = None,
         evidence: str = "severity",
-    ) -> tuple[GradeResult, GradeResponse, bytes | None]:
-        """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers)."""
+        render: Callable[[GradeResult, GradeResponse], Rendered] | None = None,
+    ) -> tuple[GradeResult, GradeResponse, bytes | None, Rendered | None]:
+        """As :meth:`grade`, with the pipeline's result too (its metadata, for FHIR and SR answers).
+
+        Args:
+            render: makes the representation the client asked for (a FHIR Bundle, a DICOM SR) from the answer,
+                in a worker thread, before the answer is audited: an answer whose rendering fails (the error
+                propagates) is neither delivered nor recorded. Its value is returned last.
+        """
         chosen = self.sites.resolve(site, operating_point, evidence)
         try:
             request = await self._prepare(data)
@@ -320,8 +344,11 @@ class GradingService:
         result, response, png = await self._respond(
             request, outputs, request_id, started, explain, chosen, client_request_id
         )
+        rendered = None
+        if render is not None:
+            rendered = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, render, result, response)
         await self._record([(result, response)])
-        return result, response, png
+        return result, response, png, rendered
 
     async def grade_many_results(
         self,
@@ -334,19 +361,20 @@ class GradingService:
         site: str | None = None,
         operating_point: str | None = None,
         evidence: str = "severity",
-    ) -> list[tuple[GradeResult, GradeResponse] | InputError]:
+        render: Callable[[list[BatchAnswer]], Rendered] | None = None,
+    ) -> tuple[list[BatchAnswer], Rendered | None]:
         """Grade several images, each answer its pipeline result and response; an unreadable one yields its error
-        and never fails the others."""
+        and never fails the others. ``render`` as for :meth:`grade_result`, with all the answers."""
         chosen = self.sites.resolve(site, operating_point, evidence)
         prepared = await asyncio.gather(
             *(self._prepare_or_error(item) if isinstance(item, bytes) else _done(item) for item in images)
         )
         good = [p for p in prepared if isinstance(p, PreparedRequest)]
         outputs = iter(await self.batcher.infer(good))
-        answers: list[tuple[GradeResult, GradeResponse] | InputError] = []
+        answers: list[BatchAnswer] = []
         pairs: list[tuple[GradeResult, GradeResponse]] = []
         for index, item in enumerate(prepared):
-            if isinstance(item, InputError):
+            if isinstance(item, RetinagradeError):
                 answers.append(item)
                 continue
             result, response, _ = await self._respond(
@@ -354,8 +382,11 @@ class GradingService:
             )
             pairs.append((result, response))
             answers.append((result, response))
+        rendered = None
+        if render is not None:
+            rendered = await asyncio.get_running_loop().run_in_executor(self._prepare_pool, render, answers)
         await self._record(pairs)
-        return answers
+        return answers, rendered
 
     def to_response(
         self,
@@ -424,5 +455,5 @@ def _served_status(record: ResultRecord) -> ResultStatus:
     return record.status
 
 
-async def _done(error: InputError) -> InputError:
+async def _done(error: RetinagradeError) -> RetinagradeError:
     return error

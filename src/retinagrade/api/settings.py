@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retinagrade.cpus import available_cpus
@@ -129,8 +129,13 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "cors_origins", "site_profiles", mode="before")
     @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        return _split_commas(value)
+    def _comma_separated(cls, value: object, info: ValidationInfo) -> object:
+        items = _split_commas(value)
+        # Empty API keys mean no authentication, on purpose. Only commas and spaces is a mistake (a template left
+        # unfilled, a secret that expanded to nothing) that would turn authentication off without a word.
+        if info.field_name == "api_keys" and isinstance(value, str) and value and not items:
+            raise ValueError("holds only commas or spaces, no key: give the keys, or leave it empty to turn keys off")
+        return items
 
     @model_validator(mode="after")
     def _budgets_fit_one_request(self) -> Settings:

@@ -8,6 +8,9 @@ from retinagrade.constants import GRADE_NAMES
 from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.monitoring.drift import DriftMonitor
 
+#: HTTP methods that get a metric label of their own; any other method string (a client may send anything, before
+#: authentication) is counted as ``other``, so no client can add series at will.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -85,6 +88,12 @@ class ServiceMetrics:
             self.results.labels(status)
         for grade, name in enumerate(GRADE_NAMES):
             self.grades.labels(str(grade), name)
+
+    def observe_request(self, route: str, method: str, status: int, latency_s: float) -> None:
+        """Count and time one answered request (``route`` is its template, never its URL)."""
+        labels = (route, method if method in HTTP_METHODS else "other", str(status))
+        self.requests.labels(*labels).inc()
+        self.request_latency.labels(*labels).observe(latency_s)
 
     def set_model(self, spec: ModelSpec) -> None:
         self.model_info.labels(spec.name, spec.version, spec.sha256).set(1)

@@ -38,7 +38,7 @@ from retinagrade.cluster.command import RAY_MISSING
 from retinagrade.cluster.inputs import collect_inputs, read_source
 from retinagrade.cluster.records import item_key, rows_table, to_row
 from retinagrade.cluster.shards import OutputFolder, new_run_id, summarize
-from retinagrade.errors import ModelError, RetinagradeError
+from retinagrade.errors import ModelError, PreparationFailedError, RetinagradeError
 from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS
 from retinagrade.report import to_record
 
@@ -65,13 +65,6 @@ PREPARE_TASK_MEMORY = 512 * 1024**2
 #: Memory Ray reserves for one model actor: its ONNX Runtime session, its arena and the batches queued to it
 #: (the peak is measured by benchmarks/bench_ray.py and reported in docs/cluster.md).
 ACTOR_MEMORY = 1024**3
-
-
-class PreparationFailedError(RetinagradeError):
-    """Preparing one image failed in a way no input check foresaw; the worker log holds the traceback."""
-
-    code = "internal_error"
-    http_status = 500
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,31 @@ grade (LOINC), referable yes/no, gradable yes/no, P(referable) and the gate's qu
 that could not be graded gets a report too, coding why (the gate's reasons or the error code) and saying it
 in words, so the PACS shows that the photo was seen and a person must look at it.
 
-Patient and study attributes are copied from the source by highdicom, so the SR joins the photo's study. The
-SR's SOP Instance UID is derived from the source's, so storing it twice stores one object: this is what makes
-``retinagrade dicomweb`` restart-safe.
+Patient and study attributes are copied from the source, so the SR joins the photo's study: each one only if
+its value is valid for its VR, else it is left empty (they are Type 2), because cameras and anonymisers leave
+them out or write them loosely (``1960-03-17``, ``male``, ``25:99``) and a report must not fail for that. Text
+is re-encoded as UTF-8 whatever the source's character set. A source without valid Study, Series and SOP
+Instance UIDs cannot be referenced: :class:`SourceNotReferenceableError`. The SR's SOP Instance UID is derived
+from the source's, so storing it twice stores one object: this is what makes ``retinagrade dicomweb``
+restart-safe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import highdicom as hd
-from pydicom import uid
+from highdicom._standard_utils import get_sop_class_iod_map
+from pydicom import config, uid
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM, validate_value
 
 from retinagrade.errors import InputError
 from retinagrade.interop.findings import (
@@ -55,7 +63,7 @@ from retinagrade.interop.findings import (
     reason_concept,
 )
 from retinagrade.preprocessing.decode import is_dicom
-from retinagrade.preprocessing.dicom import dicom_metadata, read_dataset
+from retinagrade.preprocessing.dicom import dicom_metadata, is_valid_uid, read_dataset
 
 #: Series Description of every SR retinagrade writes: how it (and a person) recognises its own reports.
 SR_SERIES_DESCRIPTION: Final = "retinagrade DR grading"
@@ -63,6 +71,85 @@ SR_SERIES_NUMBER: Final = 9701
 _UID_PREFIX: Final = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as used by pydicom.uid.generate_uid
 _UNITLESS: Final = hd.sr.CodedConcept("1", "UCUM", "no units")
 _ENTIRE_EYE: Final = hd.sr.CodedConcept("81745001", "SCT", "Eye")
+
+
+#: Attributes of the photograph the SR carries (highdicom reads them from its evidence), by the VR their value must
+#: satisfy. Patient and study ones are always present (empty when missing or invalid); equipment ones when valid.
+_PATIENT_AND_STUDY: Final[dict[str, str]] = {
+    "PatientID": "LO",
+    "PatientName": "PN",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "StudyID": "SH",
+    "AccessionNumber": "SH",
+    "ReferringPhysicianName": "PN",
+}
+_EQUIPMENT: Final[dict[str, str]] = {
+    "Manufacturer": "LO",
+    "ManufacturerModelName": "LO",
+    "DeviceSerialNumber": "LO",
+    "InstitutionName": "LO",
+    "StationName": "SH",
+}
+_SEXES: Final = frozenset({"M", "F", "O"})
+_REFERENCED_UIDS: Final = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+class SourceNotReferenceableError(ValueError):
+    """The photograph's header has no valid Study, Series or SOP Instance UID (or an unknown SOP class), so no SR
+    can reference it."""
+
+
+def _valid_value(value: object, vr: str) -> str:
+    """``value`` as one string if it is valid for ``vr`` (a real date or time for DA / TM); else empty."""
+    if value is None or isinstance(value, MultiValue | list | tuple | bytes):
+        return ""
+    text = str(value)
+    # Control characters other than ESC (ISO 2022 escapes were decoded already) have no place in these names.
+    if any(ord(char) < 32 for char in text):
+        return ""
+    try:
+        validate_value(vr, text, config.RAISE)
+        if vr == "DA":
+            DA(text)
+        elif vr == "TM":
+            TM(text)
+    except (ValueError, TypeError, OverflowError):
+        return ""
+    return text
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """The source's identity for highdicom: its UIDs, and its patient, study and equipment attributes made valid.
+
+    Raises:
+        SourceNotReferenceableError: a UID the reference needs is missing or invalid, or the SOP class is unknown.
+    """
+    evidence = Dataset()
+    for keyword in _REFERENCED_UIDS:
+        value = str(source.get(keyword, "") or "")
+        if not is_valid_uid(value):
+            raise SourceNotReferenceableError(f"the photograph has no valid {keyword}")
+        setattr(evidence, keyword, value)
+    meta = getattr(source, "file_meta", None)
+    sop_class = str(source.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if sop_class not in get_sop_class_iod_map():
+        raise SourceNotReferenceableError("the photograph's SOP class is missing or unknown")
+    evidence.SOPClassUID = sop_class
+    for keyword, vr in _PATIENT_AND_STUDY.items():
+        value = _valid_value(source.get(keyword), vr)
+        setattr(evidence, keyword, value if keyword != "PatientSex" or value in _SEXES else "")
+    for keyword, vr in _EQUIPMENT.items():
+        value = _valid_value(source.get(keyword), vr)
+        if value:
+            setattr(evidence, keyword, value)
+    # Values were decoded with the source's character set when read. The SR never inherits that set (a lone
+    # "ISO 2022 IR 87", a misspelt one, cannot encode them): ASCII needs none, anything else is written as UTF-8.
+    if not all(str(element.value).isascii() for element in evidence):
+        evidence.SpecificCharacterSet = "ISO_IR 192"
+    return evidence
 
 
 def _coded(concept: Concept) -> hd.sr.CodedConcept:
@@ -171,11 +258,26 @@ def build_sr(
     """The Comprehensive SR for ``finding`` on the photograph ``source`` (its header is enough).
 
     Args:
-        source: the source instance (pixel data not needed): patient, study and references are taken from it.
+        source: the source instance (pixel data not needed): patient, study and references are taken from it,
+            each attribute only if valid (else left empty).
         finding: the outcome for that photograph.
         algorithm: the model that produced it.
         instance_number: Instance Number of the SR in its series.
+
+    Raises:
+        SourceNotReferenceableError: the source has no valid Study, Series or SOP Instance UID, or an unknown
+            SOP class.
     """
+    source = _evidence(source)
+    # highdicom warns with the patient's name when it has one component ("John Doe"); nothing of it is logged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _build_sr(source, finding, algorithm, instance_number)
+
+
+def _build_sr(
+    source: Dataset, finding: EyeFinding, algorithm: AlgorithmInfo, instance_number: int
+) -> hd.sr.ComprehensiveSR:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uid.generate_uid(_UID_PREFIX, entropy_srcs=["retinagrade-device", algorithm.model_sha256]),
         name=algorithm.name,
@@ -255,6 +357,9 @@ def report_for_file(path: Path, record: RecordLike, algorithm: AlgorithmInfo) ->
     """The SR for one graded file, when the file is DICOM with a readable header; None otherwise.
 
     Also for a DICOM file that could not be graded (several frames, an unsupported syntax): its SR says why.
+
+    Raises:
+        SourceNotReferenceableError: the header has no valid Study, Series or SOP Instance UID to reference.
     """
     try:
         with path.open("rb") as fh:
@@ -263,8 +368,6 @@ def report_for_file(path: Path, record: RecordLike, algorithm: AlgorithmInfo) ->
             return None
         header = read_dataset(path.read_bytes(), stop_before_pixels=True)
     except (OSError, InputError):
-        return None
-    if "SOPInstanceUID" not in header or "StudyInstanceUID" not in header:
         return None
     finding = finding_from_record(record)
     if not finding.metadata:

@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from retinagrade.errors import CorruptImageError, InputError
-from retinagrade.interop.dicom_sr import build_sr, placeholder_source, sr_series_uid
+from retinagrade.interop.dicom_sr import SourceNotReferenceableError, build_sr, placeholder_source, sr_series_uid
 from retinagrade.interop.findings import AlgorithmInfo, EyeFinding, finding_from
 from retinagrade.preprocessing.dicom import (
     OPHTHALMIC_PHOTOGRAPHY_8BIT,
@@ -275,6 +275,10 @@ class PacsGrader:
             except requests.HTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 0
                 logger.warning("instance %s: the PACS answered %d; left for the next pass", ref.tag, status)
+                summary.failed += 1
+                continue
+            except SourceNotReferenceableError as exc:
+                logger.warning("instance %s: %s, so no report can reference it", ref.tag, exc)
                 summary.failed += 1
                 continue
             done_by_study[ref.study].add(sr_instance_uid(ref.sop))

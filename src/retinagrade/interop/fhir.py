@@ -14,12 +14,16 @@ Shape (codes in :mod:`retinagrade.interop.findings`, sources in docs/integration
 - a ``Patient`` (identifier only) and an ``ImagingStudy`` (study, series and SOP instance UIDs) when the input
   was DICOM, so the report links to the images in the PACS.
 
-Every resource is checked with fhir.resources (R4B models, which R4 resources of this shape satisfy) before
-the Bundle is returned, so a malformed Bundle is a bug caught here and never sent.
+Values from a DICOM header or a file name are made valid first: a UID that is not a DICOM UID (FHIR's ``id``
+and ``urn:oid:`` need one) is left out with what it names, a Modality that is no defined term is ``OP``, odd
+whitespace in text becomes a space. Every resource is then checked with fhir.resources (R4B models, which R4
+resources of this shape satisfy) before the Bundle is returned, so a malformed Bundle is a bug caught here and
+never sent.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -63,6 +67,31 @@ MODEL_SHA256_SYSTEM: Final = "urn:retinagrade:model-sha256"
 DATA_ABSENT: Final = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation-category"
 UCUM: Final = "http://unitsofmeasure.org"
+
+
+#: A DICOM UID (PS3.5 9.1): what FHIR's ``id`` and ``urn:oid:`` values may carry from a header.
+_DICOM_UID: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: A DICOM modality defined term (CID 29: ``OP``, ``XC``, ``OT``...), the shape FHIR's ``code`` gets here.
+_MODALITY: Final = re.compile(r"[A-Z0-9_]{1,16}")
+#: Whitespace FHIR's ``string`` does not allow (it allows space, CR, LF and tab).
+_ODD_WHITESPACE: Final = re.compile(r"[^\S \r\n\t]")
+
+
+def _uid(value: str | None) -> str | None:
+    """A header's UID if it is a valid DICOM UID; None (the field is left out) otherwise."""
+    return value if value and len(value) <= 64 and _DICOM_UID.fullmatch(value) else None
+
+
+def _text(value: str | None) -> str | None:
+    """A header's or file's text as a FHIR ``string``: odd whitespace (vertical tab...) as spaces; None if empty."""
+    text = _ODD_WHITESPACE.sub(" ", value or "").strip()
+    return text or None
+
+
+def _modality(value: str | None) -> str:
+    """The header's Modality as a DICOM defined term; ``OP`` when it is missing or no such term."""
+    code = (value or "").strip().upper()
+    return code if _MODALITY.fullmatch(code) else "OP"
 
 
 @dataclass(frozen=True)
@@ -150,9 +179,9 @@ def _observation(
         "issued": now,
         "device": {"reference": device_ref},
         "component": _components(finding),
-        "note": [{"text": f"Image: {item.name}"}],
+        "note": [{"text": f"Image: {_text(item.name) or 'unnamed'}"}],
     }
-    sop_uid = finding.metadata.get("SOPInstanceUID")
+    sop_uid = _uid(finding.metadata.get("SOPInstanceUID"))
     if sop_uid:
         obs["identifier"] = [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sop_uid}"}]
     if patient_ref is not None:
@@ -212,7 +241,8 @@ def _imaging_study(items: list[FhirItem], study_uid: str, patient_ref: str) -> d
     series: dict[str, dict[str, Any]] = {}
     for item in items:
         meta = item.finding.metadata
-        series_uid, sop_uid = meta.get("SeriesInstanceUID"), meta.get("SOPInstanceUID")
+        # A UID that breaks FHIR's id pattern is left out with what it names, never sent to fail validation.
+        series_uid, sop_uid = _uid(meta.get("SeriesInstanceUID")), _uid(meta.get("SOPInstanceUID"))
         if not series_uid or not sop_uid:
             continue
         entry = series.setdefault(
@@ -221,15 +251,14 @@ def _imaging_study(items: list[FhirItem], study_uid: str, patient_ref: str) -> d
                 "uid": series_uid,
                 "modality": {
                     "system": "http://dicom.nema.org/resources/ontology/DCM",
-                    "code": meta.get("Modality", "OP") or "OP",
+                    "code": _modality(meta.get("Modality")),
                 },
                 "instance": [],
             },
         )
+        sop_class = _uid(meta.get("SOPClassUID")) or "1.2.840.10008"
         entry["instance"].append(
-            {"uid": sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{meta['SOPClassUID']}"}}
-            if meta.get("SOPClassUID")
-            else {"uid": sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008"}}
+            {"uid": sop_uid, "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{sop_class}"}}
         )
     study: dict[str, Any] = {
         "resourceType": "ImagingStudy",
@@ -260,7 +289,7 @@ def build_bundle(items: Iterable[FhirItem], algorithm: AlgorithmInfo) -> dict[st
     groups: dict[tuple[str, str] | int, list[FhirItem]] = {}
     for index, item in enumerate(items):
         meta = item.finding.metadata
-        patient = item.patient_id or meta.get("PatientID") or ""
+        patient = _text(item.patient_id or meta.get("PatientID")) or ""
         study = meta.get("StudyInstanceUID", "")
         # Untagged photos (plain image files) each get a report of their own: never mix two people.
         key: tuple[str, str] | int = (patient, study) if patient or study else index
@@ -276,7 +305,7 @@ def build_bundle(items: Iterable[FhirItem], algorithm: AlgorithmInfo) -> dict[st
                     {"resourceType": "Patient", "identifier": [{"system": PATIENT_ID_SYSTEM, "value": patient_id}]}
                 )
             patient_ref = patients[patient_id]
-        study_ref = add(_imaging_study(members, study_uid, patient_ref)) if study_uid and patient_ref else None
+        study_ref = add(_imaging_study(members, study_uid, patient_ref)) if _uid(study_uid) and patient_ref else None
         observation_refs = [add(_observation(m, device_ref, patient_ref, study_ref, now)) for m in members]
         for member in members:
             oedema = _dme_observation(member, device_ref, patient_ref, study_ref, now)

@@ -150,3 +150,15 @@ def test_a_pacs_that_stays_down_is_reported_after_the_last_retry(pacs, grading_p
     pacs.outages = 4
     summaries = list(grader.watch(30.0, passes=2))
     assert len(summaries) == 1 and summaries[0].found == 3
+
+
+def test_an_instance_without_valid_uids_to_reference_does_not_end_the_pass(pacs, grading_pipeline, caplog) -> None:
+    """Its SR cannot reference it; it is counted as failed (tried again next pass) and the others get theirs."""
+    odd = pixels_to_dicom(np.zeros((32, 32, 3), np.uint8), PhotoIdentity(PATIENT, "Secret^Name", "R"))
+    odd.SeriesInstanceUID = "abc.def_ghi"
+    pacs.instances[str(odd.SOPInstanceUID)] = odd
+    caplog.set_level(logging.INFO)
+    summary = _grader(pacs, grading_pipeline, []).run_once()
+    assert (summary.found, summary.failed) == (4, 1)
+    assert len(pacs.stored) == 3
+    assert "Secret^Name" not in caplog.text and PATIENT not in caplog.text

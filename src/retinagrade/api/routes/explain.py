@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.errors import NotExplainableError
-from retinagrade.api.routes.grade import ERRORS
-from retinagrade.api.uploads import SINGLE_IMAGE_BODY, read_image
+from retinagrade.api.routes.grade import ERRORS, OperatingPointHeader, SiteHeader
+from retinagrade.api.uploads import SINGLE_IMAGE_BODY, form_field, read_image
 
 router = APIRouter(prefix="/v1", tags=["explanations"])
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["explanations"])
     responses={
         200: {
             "content": {"image/png": {}},
-            "description": "The heatmap over the cropped fundus; grade in X-Retinagrade-* headers.",
+            "description": "The heatmap over the cropped fundus; grade (and site) in X-Retinagrade-* headers.",
         },
         **ERRORS,
         422: {
@@ -36,13 +36,23 @@ async def explain(
     request_id: RequestIdDep,
     client_request_id: ClientRequestIdDep,
     started: StartedDep,
+    site: SiteHeader = None,
+    operating_point: OperatingPointHeader = None,
 ) -> Response:
+    """The site and operating point decide the grade in the headers, as for ``/v1/grade`` (header or form
+    field)."""
     await service.check_audit()
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
         with service.admit(1):
             answer, png = await service.grade(
-                data, request_id=request_id, started=started, explain=True, client_request_id=client_request_id
+                data,
+                request_id=request_id,
+                started=started,
+                explain=True,
+                client_request_id=client_request_id,
+                site=site or await form_field(body, "site"),
+                operating_point=operating_point or await form_field(body, "operating_point"),
             )
     if png is None:
         raise NotExplainableError(
@@ -54,4 +64,6 @@ async def explain(
         "X-Retinagrade-Grade": str(answer.grade),
         "X-Retinagrade-Referable": str(answer.referable).lower(),
     }
+    if answer.site:
+        headers["X-Retinagrade-Site"] = answer.site
     return Response(png, media_type="image/png", headers=headers)

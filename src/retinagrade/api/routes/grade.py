@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.interop import (
@@ -26,10 +27,12 @@ from retinagrade.api.schemas import (
     PairedAnswer,
     PatientReferral,
 )
+from retinagrade.api.service import BatchAnswer
 from retinagrade.api.sites import OPERATING_POINT_HEADER
 from retinagrade.api.uploads import BATCH_BODY, SINGLE_IMAGE_BODY, form_field, read_batch, read_image
-from retinagrade.errors import InputError
+from retinagrade.errors import RetinagradeError
 from retinagrade.eyes import paired_answers
+from retinagrade.pipeline import GradeResult
 from retinagrade.referral import TaggedOutcome, patient_referrals
 
 router = APIRouter(prefix="/v1/grade", tags=["grading"])
@@ -98,12 +101,21 @@ async def grade(
     """
     wanted = negotiate(request)
     await service.check_audit()
+    intended_use = str(service.pipeline.spec.raw.get("intended_use", ""))
+
+    def render(result: GradeResult, response: GradeResponse) -> Response:
+        # Before the audit record: an answer that cannot be rendered is neither delivered nor recorded.
+        algorithm = algorithm_of(service.model_ref, intended_use, site=response.site or "")
+        if wanted == "fhir":
+            return fhir_response([(request_id, result, None)], algorithm)
+        return sr_response(data, result, algorithm)
+
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
         if wanted == "dicom":
             require_dicom(data)
         with service.admit(1):
-            result, response, _ = await service.grade_result(
+            _, response, _, rendered = await service.grade_result(
                 data,
                 request_id=request_id,
                 started=started,
@@ -112,15 +124,9 @@ async def grade(
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
                 evidence=evidence,
+                render=None if wanted == "json" else render,
             )
-    if wanted == "json":
-        return response
-    algorithm = algorithm_of(
-        service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")), site=response.site or ""
-    )
-    if wanted == "fhir":
-        return fhir_response([(request_id, result, None)], algorithm)
-    return sr_response(data, result, algorithm)
+    return response if rendered is None else rendered
 
 
 @router.post(
@@ -151,10 +157,41 @@ async def grade_batch(
     """
     wanted = negotiate(request, dicom_offered=False)
     await service.check_audit()
+    intended_use = str(service.pipeline.spec.raw.get("intended_use", ""))
+
+    def tags(answers: list[BatchAnswer]) -> list[tuple[Literal["left", "right"] | None, str | None]]:
+        # The client's tags first; a DICOM file's own Image Laterality and Patient ID where it sent none.
+        return [
+            eye_and_patient(
+                answer.metadata if isinstance(answer, RetinagradeError) else answer[0].metadata,
+                upload.eyes[index],
+                upload.patient_ids[index],
+            )
+            for index, answer in enumerate(answers)
+        ]
+
+    def render_fhir(answers: list[BatchAnswer]) -> Response:
+        # Before the audit records: a Bundle that cannot be rendered is neither delivered nor recorded.
+        used = sorted({a[1].site for a in answers if not isinstance(a, RetinagradeError) and a[1].site})
+        algorithm = algorithm_of(service.model_ref, intended_use, site=", ".join(used))
+        tagged = tags(answers)
+        return fhir_response(
+            [
+                (
+                    upload.filenames[index] or f"{request_id}.{index}",
+                    answer if isinstance(answer, RetinagradeError) else answer[0],
+                    tagged[index][1],
+                )
+                for index, answer in enumerate(answers)
+            ],
+            algorithm,
+            eyes=[eye for eye, _ in tagged],
+        )
+
     with service.intake.guard(request, settings.max_batch_request_bytes) as body:
         upload = await read_batch(body, settings.max_image_bytes, settings.max_batch_images)
         with service.admit(len(upload.images)):
-            answers = await service.grade_many_results(
+            answers, bundle = await service.grade_many_results(
                 upload.images,
                 request_id=request_id,
                 started=started,
@@ -163,24 +200,21 @@ async def grade_batch(
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
                 evidence=evidence,
+                render=render_fhir if wanted == "fhir" else None,
             )
+    if bundle is not None:
+        return bundle
     items = []
     outcomes = []
-    for index, answer in enumerate(answers):
-        # The client's tags first; a DICOM file's own Image Laterality and Patient ID where it sent none.
-        eye, patient = eye_and_patient(
-            answer.metadata if isinstance(answer, InputError) else answer[0].metadata,
-            upload.eyes[index],
-            upload.patient_ids[index],
-        )
+    for index, (answer, (eye, patient)) in enumerate(zip(answers, tags(answers), strict=True)):
         item = BatchItem(index=index, filename=upload.filenames[index], eye=eye, patient_id=patient)
-        if isinstance(answer, InputError):
+        if isinstance(answer, RetinagradeError):
             item.error = ErrorBody(code=answer.code, message=answer.message, request_id=f"{request_id}.{index}")
         else:
             item.result = answer[1]
         items.append(item)
         if patient is not None:
-            graded = None if isinstance(answer, InputError) else answer[1]
+            graded = None if isinstance(answer, RetinagradeError) else answer[1]
             referable = graded.referable if graded else None
             urgency = graded.urgency if graded and graded.status == "graded" else None
             outcomes.append(TaggedOutcome(index, patient, eye, referable, urgency))
@@ -188,7 +222,7 @@ async def grade_batch(
         (
             item.index,
             (item.patient_id, item.eye) if item.patient_id is not None and item.eye is not None else None,
-            None if isinstance(answer, InputError) else answer[0].raw,
+            None if isinstance(answer, RetinagradeError) else answer[0].raw,
         )
         for item, answer in zip(items, answers, strict=True)
     ]
@@ -201,23 +235,6 @@ async def grade_batch(
             p_referable=decision.p_referable,
             probabilities=list(decision.probabilities),
             fellow_images=[cast(int, k) for k in paired.fellows],
-        )
-    if wanted == "fhir":
-        used = sorted({answer[1].site for answer in answers if not isinstance(answer, InputError) and answer[1].site})
-        algorithm = algorithm_of(
-            service.model_ref, str(service.pipeline.spec.raw.get("intended_use", "")), site=", ".join(used)
-        )
-        return fhir_response(
-            [
-                (
-                    upload.filenames[index] or f"{request_id}.{index}",
-                    answer if isinstance(answer, InputError) else answer[0],
-                    items[index].patient_id,
-                )
-                for index, answer in enumerate(answers)
-            ],
-            algorithm,
-            eyes=[item.eye for item in items],
         )
     patients = [
         PatientReferral(
