@@ -66,3 +66,20 @@ def test_the_service_default_point_comes_from_its_setting_and_a_wrong_one_stops_
         TestClient(create_app(make_settings(model=pointed_model, operating_point="lenient"))),
     ):
         pass
+
+
+def test_an_explanation_names_its_decision_and_a_head_the_model_lacks_is_a_400(
+    make_settings: Callable[..., Settings], pointed_model: Path, fundus_jpeg: bytes
+) -> None:
+    files = {"file": ("eye.jpeg", fundus_jpeg, "image/jpeg")}
+    with TestClient(create_app(make_settings(model=pointed_model))) as client:
+        png = client.post("/v1/explain", files=files, headers={"X-Retinagrade-Operating-Point": "sensitive"})
+        no_head = client.post("/v1/explain?evidence=dme", files=files)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["X-Retinagrade-Operating-Point"] == "sensitive"
+    assert png.headers["X-Retinagrade-Referral-Reason"] in {"grade", "risk", "none"}
+    assert png.headers["X-Retinagrade-Evidence"] == "severity"
+    if "dme" in json.loads(pointed_model.read_text()).get("cam_channels", []):
+        assert no_head.status_code == 200 and no_head.headers["X-Retinagrade-Evidence"] == "dme"
+    else:  # a model without a macular-oedema head (0.2.0): asking for its evidence is the client's error
+        assert no_head.status_code == 400 and no_head.json()["code"] == "unknown_evidence"

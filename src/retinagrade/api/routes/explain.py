@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from retinagrade.api.dependencies import ClientRequestIdDep, RequestIdDep, ServiceDep, SettingsDep, StartedDep
 from retinagrade.api.errors import NotExplainableError
-from retinagrade.api.routes.grade import ERRORS, OperatingPointHeader, SiteHeader
+from retinagrade.api.routes.grade import ERRORS, EvidenceQuery, OperatingPointHeader, SiteHeader
 from retinagrade.api.uploads import SINGLE_IMAGE_BODY, form_field, read_image
 
 router = APIRouter(prefix="/v1", tags=["explanations"])
@@ -38,9 +38,10 @@ async def explain(
     started: StartedDep,
     site: SiteHeader = None,
     operating_point: OperatingPointHeader = None,
+    evidence: EvidenceQuery = "severity",
 ) -> Response:
     """The site and operating point decide the grade in the headers, as for ``/v1/grade`` (header or form
-    field)."""
+    field); ``evidence=dme`` shows the macular-oedema head's evidence instead of the severity head's."""
     await service.check_audit()
     with service.intake.guard(request, settings.max_request_bytes) as body:
         data = await read_image(body, settings.max_image_bytes)
@@ -53,6 +54,7 @@ async def explain(
                 client_request_id=client_request_id,
                 site=site or await form_field(body, "site"),
                 operating_point=operating_point or await form_field(body, "operating_point"),
+                evidence=evidence,
             )
     if png is None:
         raise NotExplainableError(
@@ -63,6 +65,9 @@ async def explain(
         "X-Retinagrade-Status": answer.status,
         "X-Retinagrade-Grade": str(answer.grade),
         "X-Retinagrade-Referable": str(answer.referable).lower(),
+        "X-Retinagrade-Referral-Reason": str(answer.referral_reason),
+        "X-Retinagrade-Operating-Point": str(answer.operating_point),
+        "X-Retinagrade-Evidence": evidence,
     }
     if answer.site:
         headers["X-Retinagrade-Site"] = answer.site
