@@ -6,6 +6,12 @@
     absent, as in a fresh clone. Mark such tests ``@pytest.mark.shared_data`` too, so ``-m "not shared_data"``
     deselects them.
 
+Terminal width
+    During the session every process sees ``COLUMNS=``:data:`TERMINAL_COLUMNS`, so Rich, in the tests'
+    process and in the CLI subprocesses they start, prints a message that names a temporary path on one
+    line, whatever terminal pytest runs in and however deep the checkout lies. pytest's own report keeps
+    the terminal's real width.
+
 ``synthetic_fundus``
     Factory drawing a fundus-like RGB uint8 image with a known field of view: an orange-red disc on black
     with darker vessel-like lines, optionally stretched, cut by the frame or carrying a camera's rim notch.
@@ -40,6 +46,37 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(SHARED_DATA_REASON)
     return path
+
+
+#: The terminal width the tests and their subprocesses see: wider than any message a test reads.
+TERMINAL_COLUMNS = 1000
+_columns_before: list[str | None] = []
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter has measured the real terminal
+def pytest_configure(config: pytest.Config) -> None:
+    """Announce a terminal :data:`TERMINAL_COLUMNS` wide to everything but pytest's own report.
+
+    Rich wraps at $COLUMNS, else at the width of the terminal on stdin, stdout or stderr, else at 80, and
+    folds a word longer than a line: a CLI message naming a temporary path would otherwise break at a
+    different place on every machine and in every checkout.
+    """
+    if config.pluginmanager.get_plugin("terminalreporter") is not None:
+        writer = config.get_terminal_writer()
+        writer.fullwidth = writer.fullwidth  # pinned: pytest's lines stay as wide as the real terminal
+    _columns_before.append(os.environ.get("COLUMNS"))
+    os.environ["COLUMNS"] = str(TERMINAL_COLUMNS)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give $COLUMNS back (pytest may run again in this process)."""
+    del config  # part of the hook's signature
+    if _columns_before:
+        before = _columns_before.pop()
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
 
 
 def draw_synthetic_fundus(
