@@ -62,8 +62,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 class SamplePhotos:
     """Photographs for the end-to-end tests, by what the shipped quality gate says of each."""
 
-    #: Where they come from, for messages.
-    origin: str
     #: Graded photos of real fundi, a right eye first and a left eye second; file names say the eye.
     graded: tuple[Path, ...]
     #: A real fundus too dark to grade: status ``ungradable``, reason ``too_dark``.
@@ -81,9 +79,9 @@ def sample_photos() -> SamplePhotos:
     names = ("16_right", "373_left", "605_left", "116_right", "9575_left")
     if raw.is_dir() and cat.is_file():
         graded = tuple(raw / f"{name}.jpeg" for name in names)
-        return SamplePhotos("../shared/data", graded, raw / "6834_left.jpeg", cat, camera=graded[0])
+        return SamplePhotos(graded, raw / "6834_left.jpeg", cat, camera=graded[0])
     graded = (FIXTURES / "retina_right.jpg", FIXTURES / "retina_left.jpg")
-    return SamplePhotos("tests/fixtures", graded, FIXTURES / "retina_dark_left.jpg", FIXTURES / "chelsea.jpg", None)
+    return SamplePhotos(graded, FIXTURES / "retina_dark_left.jpg", FIXTURES / "chelsea.jpg", camera=None)
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,10 @@ def test_every_fixture_is_small_and_its_source_and_licence_are_stated() -> None:
     for photo in photos:
         assert photo.stat().st_size < 64_000, photo.name
         assert "CC0" in rows[photo.name], f"README.md must state the source and licence of {photo.name}"
+
+
+def test_the_camera_sized_photo_is_graded(grading_pipeline, camera_jpeg: bytes) -> None:
+    from retinagrade.preprocessing.decode import decode_image
+
+    assert decode_image(camera_jpeg, min_side=1).original_size[0] >= 2592
+    assert grading_pipeline.grade(camera_jpeg).status == "graded"
