@@ -76,7 +76,7 @@ def sample_photos() -> SamplePhotos:
     """The shared data's raw camera JPEGs when ``../shared/data`` is present, else ``tests/fixtures``."""
     raw = shared_data_dir() / "raw-fundus-samples" / "images"
     cat = shared_data_dir() / "non-fundus" / "images" / "chelsea.png"
-    names = ("16_right", "373_left", "605_left", "116_right", "9575_left")
+    names = ("16_right", "373_left", "116_right", "605_left", "9575_left")
     if raw.is_dir() and cat.is_file():
         graded = tuple(raw / f"{name}.jpeg" for name in names)
         return SamplePhotos(graded, raw / "6834_left.jpeg", cat, camera=graded[0])

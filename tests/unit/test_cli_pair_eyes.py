@@ -23,7 +23,9 @@ def test_pair_eyes_adds_fellow_eye_answers_and_keeps_single_answers(
     tmp_path: Path, fundus_photos: list[Path], dark_fundus_photo: Path, paired_model: Path
 ) -> None:
     right, left, *others = fundus_photos
-    spare_left, spare_right = [*others, left, right][:2]  # other eyes where there are any, else the same again
+    # Other patients' eyes where there are any, else the same photos again.
+    spare_left = next((photo for photo in others if "left" in photo.name), left)
+    spare_right = next((photo for photo in others if "right" in photo.name), right)
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copy(left, folder / "16_OS.jpeg")
