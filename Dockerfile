@@ -23,8 +23,10 @@ COPY models/ models/
 # the image. The serving dependencies only (no extra: no PyTorch, no scikit-learn), at the exact versions of
 # constraints.txt, then the package itself, whose wheel carries the shipped model as package data. The
 # venv's own pip and setuptools go at the end: the runtime never installs anything. Also left out, for size
-# (the image budget is 500 MB): test suites, OpenCV's Haar cascades and ONNX Runtime's model-optimisation
-# tooling, which inference never imports.
+# (the image budget is 500 MB, deploy/container/container-test.sh): test suites, OpenCV's Haar cascades, ONNX
+# Runtime's model-optimisation tooling, which inference never imports, and its C/C++ API library
+# (libonnxruntime.so, 35 MB), which the Python binding does not link (it carries the runtime itself;
+# tests/deploy/test_container.py checks that it serves the model without that library).
 RUN --mount=type=secret,id=ca_bundle \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
@@ -38,7 +40,8 @@ RUN --mount=type=secret,id=ca_bundle \
     && find /opt/venv -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} + \
     && site=/opt/venv/lib/python3.11/site-packages \
     && rm -rf "$site/cv2/data" "$site/onnxruntime/transformers" "$site/onnxruntime/quantization" \
-              "$site/onnxruntime/tools" \
+              "$site/onnxruntime/tools" "$site"/onnxruntime/capi/libonnxruntime.so* \
+    && /opt/venv/bin/python -c "from retinagrade.pipeline import GradingPipeline; GradingPipeline.load(threads=1)" \
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib > /dev/null
 
 FROM ${BASE_IMAGE} AS runtime

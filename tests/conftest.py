@@ -6,6 +6,18 @@
     absent, as in a fresh clone. Mark such tests ``@pytest.mark.shared_data`` too, so ``-m "not shared_data"``
     deselects them.
 
+Photographs (``fundus_photos``, ``right_eye_photo``, ``left_eye_photo``, ``dark_fundus_photo``, ...)
+    Real photographs for the end-to-end tests (service, screening page, CLI, DICOM, PACS, Ray), each
+    chosen for what the shipped quality gate says of it: the raw camera JPEGs of ``../shared/data`` when it
+    is present, else the small CC0 photos of ``tests/fixtures`` (README.md there), so that a fresh clone
+    runs those tests too. Tests that measure accuracy or train need the shared data itself.
+
+Terminal width
+    During the session every process sees ``COLUMNS=``:data:`TERMINAL_COLUMNS`, so Rich, in the tests'
+    process and in the CLI subprocesses they start, prints a message that names a temporary path on one
+    line, whatever terminal pytest runs in and however deep the checkout lies. pytest's own report keeps
+    the terminal's real width.
+
 ``synthetic_fundus``
     Factory drawing a fundus-like RGB uint8 image with a known field of view: an orange-red disc on black
     with darker vessel-like lines, optionally stretched, cut by the frame or carrying a camera's rim notch.
@@ -16,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -40,6 +53,120 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(SHARED_DATA_REASON)
     return path
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@dataclass(frozen=True)
+class SamplePhotos:
+    """Photographs for the end-to-end tests, by what the shipped quality gate says of each."""
+
+    #: Graded photos of real fundi, a right eye first and a left eye second; file names say the eye.
+    graded: tuple[Path, ...]
+    #: A real fundus too dark to grade: status ``ungradable``, reason ``too_dark``.
+    dark: Path
+    #: A photograph of a cat: status ``not_fundus``.
+    not_fundus: Path
+    #: A full-size camera JPEG (3888 x 2592 or so); None where one must be made from ``graded[0]``.
+    camera: Path | None
+
+
+def sample_photos() -> SamplePhotos:
+    """The shared data's raw camera JPEGs when ``../shared/data`` is present, else ``tests/fixtures``."""
+    raw = shared_data_dir() / "raw-fundus-samples" / "images"
+    cat = shared_data_dir() / "non-fundus" / "images" / "chelsea.png"
+    names = ("16_right", "373_left", "116_right", "605_left", "9575_left")
+    if raw.is_dir() and cat.is_file():
+        graded = tuple(raw / f"{name}.jpeg" for name in names)
+        return SamplePhotos(graded, raw / "6834_left.jpeg", cat, camera=graded[0])
+    graded = (FIXTURES / "retina_right.jpg", FIXTURES / "retina_left.jpg")
+    return SamplePhotos(graded, FIXTURES / "retina_dark_left.jpg", FIXTURES / "chelsea.jpg", camera=None)
+
+
+@pytest.fixture(scope="session")
+def fundus_photos() -> list[Path]:
+    """Photos of real fundi that the gate grades, at least two: a right eye, a left eye, then any others."""
+    return list(sample_photos().graded)
+
+
+@pytest.fixture(scope="session")
+def right_eye_photo(fundus_photos: list[Path]) -> Path:
+    """A graded right eye (``16_right.jpeg`` or ``retina_right.jpg``)."""
+    return fundus_photos[0]
+
+
+@pytest.fixture(scope="session")
+def left_eye_photo(fundus_photos: list[Path]) -> Path:
+    """A graded left eye (``373_left.jpeg`` or ``retina_left.jpg``)."""
+    return fundus_photos[1]
+
+
+@pytest.fixture(scope="session")
+def dark_fundus_photo() -> Path:
+    """A real left fundus the gate refuses as too dark (``6834_left.jpeg`` or ``retina_dark_left.jpg``)."""
+    return sample_photos().dark
+
+
+@pytest.fixture(scope="session")
+def not_fundus_photo() -> Path:
+    """A cat (scikit-image's ``chelsea``): never a fundus."""
+    return sample_photos().not_fundus
+
+
+@pytest.fixture(scope="session")
+def camera_jpeg() -> bytes:
+    """A full-size camera JPEG of a graded right eye: a raw sample, or the right-eye fixture enlarged into a
+    3888 x 2592 frame as EyePACS's cameras write it (what makes the decoder read it at a quarter scale)."""
+    photos = sample_photos()
+    if photos.camera is not None:
+        return photos.camera.read_bytes()
+    small = cv2.imread(str(photos.graded[0]), cv2.IMREAD_COLOR)
+    height, width, side = 2592, 3888, 2500
+    frame = np.zeros((height, width, 3), np.uint8)
+    top, left = (height - side) // 2, (width - side) // 2
+    frame[top : top + side, left : left + side] = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
+    ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+#: The terminal width the tests and their subprocesses see: wider than any message a test reads.
+TERMINAL_COLUMNS = 1000
+_columns_before: list[str | None] = []
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter has measured the real terminal
+def pytest_configure(config: pytest.Config) -> None:
+    """Announce a terminal :data:`TERMINAL_COLUMNS` wide to everything but pytest's own report.
+
+    Rich wraps at $COLUMNS, else at the width of the terminal on stdin, stdout or stderr, else at 80, and
+    folds a word longer than a line: a CLI message naming a temporary path would otherwise break at a
+    different place on every machine and in every checkout.
+    """
+    if config.pluginmanager.get_plugin("terminalreporter") is not None:
+        writer = config.get_terminal_writer()
+        writer.fullwidth = writer.fullwidth  # pinned: pytest's lines stay as wide as the real terminal
+    _columns_before.append(os.environ.get("COLUMNS"))
+    os.environ["COLUMNS"] = str(TERMINAL_COLUMNS)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give $COLUMNS back (pytest may run again in this process)."""
+    del config  # part of the hook's signature
+    if _columns_before:
+        before = _columns_before.pop()
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
+
+
+@pytest.fixture(scope="session")
+def shared_data_if_present() -> Path | None:
+    """The shared data folder, or None in a fresh clone: for tests that run either way, on more data with it."""
+    path = shared_data_dir()
+    return path if path.is_dir() else None
 
 
 def draw_synthetic_fundus(

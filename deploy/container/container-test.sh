@@ -10,7 +10,9 @@
 #   IMAGE             tag to build (default localhost/retinagrade:test)
 #   MODEL_DIR         folder with retinagrade-dr.onnx/.json + gate.json when models/ is still empty
 #                     (default cache/dev-model, the development model)
-#   SAMPLE_IMAGE      photo to grade (default ../shared/data/raw-fundus-samples/images/16_right.jpeg)
+#   SAMPLE_IMAGE      photo to grade (default ../shared/data/raw-fundus-samples/images/16_right.jpeg, else
+#                     tests/fixtures/retina_right.jpg in a clone without ../shared)
+#   IMAGE_BUDGET_MB   largest acceptable image (default 500): a bigger image FAILs the test
 #   CA_BUNDLE         CA bundle pip must trust during the build (default /etc/ssl/certs/ca-certificates.crt)
 #   KEEP_IMAGE=1      leave the image in local storage (default: kept; set KEEP_IMAGE=0 to remove it)
 set -euo pipefail
@@ -23,6 +25,8 @@ base="${BASE_IMAGE:-docker.io/library/python:3.11-slim-bookworm}"
 local_base="localhost/retinagrade-base:bookworm-py311"
 ca_bundle="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 sample="${SAMPLE_IMAGE:-$repo/../shared/data/raw-fundus-samples/images/16_right.jpeg}"
+[[ -n "${SAMPLE_IMAGE:-}" || -f "$sample" ]] || sample="$repo/tests/fixtures/retina_right.jpg"
+budget_mb="${IMAGE_BUDGET_MB:-500}"
 labels="$(dirname "$(dirname "$sample")")/labels.csv"
 say() { echo "container-test: $*"; }
 
@@ -75,10 +79,14 @@ start=$(date +%s)
 build_s=$(( $(date +%s) - start ))
 size_bytes="$("$engine" image inspect --format '{{.Size}}' "$image")"
 size_mb=$(( size_bytes / 1000000 ))
-say "built in ${build_s}s, ${size_mb} MB"
+say "built in ${build_s}s, ${size_mb} MB (budget ${budget_mb} MB)"
+if (( size_bytes > budget_mb * 1000000 )); then
+    say "FAIL image=$image size=${size_mb}MB is over the ${budget_mb} MB budget; build=${build_s}s"
+    exit 1
+fi
 
 if [[ ! -f "$sample" ]]; then
-    say "SKIP run: no sample photo at $sample (../shared/data is absent); image=$image size=${size_mb}MB build=${build_s}s"
+    say "SKIP run: no sample photo at $sample; image=$image size=${size_mb}MB build=${build_s}s"
     exit 0
 fi
 

@@ -80,17 +80,9 @@ def client(model_spec_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="session")
-def raw_fundus_paths(shared_data: Path) -> list[Path]:
-    paths = sorted((shared_data / "raw-fundus-samples" / "images").glob("*.jpeg"))
-    if not paths:
-        pytest.skip("no raw fundus samples in the shared data")
-    return paths
-
-
-@pytest.fixture(scope="session")
-def fundus_jpeg(raw_fundus_paths: list[Path]) -> bytes:
-    """A full-size camera JPEG of a real fundus."""
-    return raw_fundus_paths[0].read_bytes()
+def fundus_jpeg(right_eye_photo: Path) -> bytes:
+    """A JPEG of a real fundus that the gate grades (a raw camera JPEG where ``../shared/data`` is present)."""
+    return right_eye_photo.read_bytes()
 
 
 def encode(rgb: np.ndarray, fmt: str = "JPEG", **params: Any) -> bytes:

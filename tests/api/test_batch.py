@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from retinagrade.referral import TaggedOutcome, patient_referrals
 
 
-@pytest.mark.shared_data
 def test_one_bad_file_never_fails_the_others(client: TestClient, fundus_jpeg: bytes, black_png: bytes) -> None:
     files = [
         ("files", ("left.jpeg", fundus_jpeg, "image/jpeg")),
@@ -42,7 +41,6 @@ def test_one_bad_file_never_fails_the_others(client: TestClient, fundus_jpeg: by
     assert items[3]["result"]["urgency"] == "retake"
 
 
-@pytest.mark.shared_data
 def test_batch_explanations(client: TestClient, fundus_jpeg: bytes) -> None:
     files = [("files", ("a.jpeg", fundus_jpeg, "image/jpeg"))]
     body = client.post("/v1/grade/batch", files=files, params={"explain": "true"}).json()
@@ -106,13 +104,12 @@ def test_referrals_are_per_patient() -> None:
     assert [(r.patient_id, r.decision) for r in referrals] == [("a", "refer"), ("b", "no_refer")]
 
 
-@pytest.mark.shared_data
 def test_batch_pairs_the_eyes_of_a_patient_without_changing_single_answers(
-    make_settings: Any, paired_model: Path, raw_fundus_paths: list[Path]
+    make_settings: Any, paired_model: Path, left_eye_photo: Path, right_eye_photo: Path, fundus_photos: list[Path]
 ) -> None:
     from retinagrade.api.app import create_app
 
-    left, right, other = (p.read_bytes() for p in raw_fundus_paths[:3])
+    left, right, other = (p.read_bytes() for p in (left_eye_photo, right_eye_photo, fundus_photos[-1]))
     files = [
         ("files", ("a.jpeg", left, "image/jpeg")),
         ("files", ("b.jpeg", right, "image/jpeg")),

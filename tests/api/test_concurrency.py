@@ -20,11 +20,10 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.shared_data
 def test_concurrent_requests_are_all_answered_and_batched(
-    make_settings: Callable[..., Settings], raw_fundus_paths: list[Path], metrics_text: Callable[[TestClient], str]
+    make_settings: Callable[..., Settings], fundus_photos: list[Path], metrics_text: Callable[[TestClient], str]
 ) -> None:
-    images = [p.read_bytes() for p in raw_fundus_paths[:4]] * 3
+    images = [p.read_bytes() for p in fundus_photos[:4]] * 3
     settings = make_settings(batching=True, max_batch_size=8, max_batch_wait_ms=100.0)
     with TestClient(create_app(settings)) as client:
 
@@ -61,7 +60,6 @@ def test_overload_answers_503_with_retry_after(
         assert "retinagrade_overload_rejections_total 1.0" in metrics_text(client)
 
 
-@pytest.mark.shared_data
 def test_unbatched_mode_answers_the_same(make_settings: Callable[..., Settings], fundus_jpeg: bytes) -> None:
     with TestClient(create_app(make_settings(batching=False))) as client:
         response = client.post("/v1/grade", content=fundus_jpeg, headers={"Content-Type": "image/jpeg"})

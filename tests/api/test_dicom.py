@@ -22,17 +22,15 @@ from pydicom.data import get_testdata_file
 from retinagrade.api.interop import FHIR_EXAMPLE
 from retinagrade.interop.photo import PhotoIdentity, pixels_to_dicom, to_bytes, wrap_jpeg
 
-pytestmark = pytest.mark.shared_data
 PATIENT = "PAT-API-2024"
 
 
 @pytest.fixture(scope="module")
-def pair(raw_fundus_paths: list[Path]) -> dict[str, tuple[bytes, pydicom.Dataset]]:
-    """One patient's right and left eye: camera JPEGs and the OP instances wrapping them."""
+def pair(right_eye_photo: Path, left_eye_photo: Path) -> dict[str, tuple[bytes, pydicom.Dataset]]:
+    """One patient's right and left eye: JPEGs and the OP instances wrapping them, as a camera stores them."""
     study = uid.generate_uid()
     out = {}
-    for side, name in (("R", "16_right.jpeg"), ("L", "373_left.jpeg")):
-        (path,) = [p for p in raw_fundus_paths if p.name == name]
+    for side, path in (("R", right_eye_photo), ("L", left_eye_photo)):
         jpeg = path.read_bytes()
         out[side] = (jpeg, wrap_jpeg(jpeg, PhotoIdentity(PATIENT, "Api^Patient", side, study)))  # type: ignore[arg-type]
     return out

@@ -11,8 +11,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-pytestmark = pytest.mark.shared_data
-
 
 def _post(client: TestClient, data: bytes, **params: str) -> dict:
     response = client.post("/v1/grade", files={"file": ("eye.jpeg", data, "image/jpeg")}, params=params)
@@ -20,8 +18,8 @@ def _post(client: TestClient, data: bytes, **params: str) -> dict:
     return response.json()
 
 
-def test_real_fundus_photographs_are_graded(client: TestClient, raw_fundus_paths: list[Path]) -> None:
-    for path in raw_fundus_paths[:3]:
+def test_real_fundus_photographs_are_graded(client: TestClient, fundus_photos: list[Path]) -> None:
+    for path in fundus_photos[:3]:
         body = _post(client, path.read_bytes())
         assert body["status"] == "graded", (path.name, body["quality"])
         assert len(body["probabilities"]) == 5
@@ -47,11 +45,12 @@ def test_raw_image_body_gives_the_same_answer_as_multipart(client: TestClient, f
     assert raw.json()["image"]["sha256"] == multipart["image"]["sha256"]
 
 
-def test_cat_is_not_a_fundus(client: TestClient, shared_data: Path, gate_is_placeholder: bool) -> None:
+def test_cat_is_not_a_fundus(client: TestClient, not_fundus_photo: Path, gate_is_placeholder: bool) -> None:
     if gate_is_placeholder:
         pytest.skip("the development model's quality gate is a placeholder (meta.dev); the shipped one is real")
-    cat = (shared_data / "non-fundus" / "images" / "chelsea.png").read_bytes()
-    response = client.post("/v1/grade", files={"file": ("cat.png", cat, "image/png")})
+    cat = not_fundus_photo.read_bytes()
+    kind = "image/png" if not_fundus_photo.suffix == ".png" else "image/jpeg"
+    response = client.post("/v1/grade", files={"file": (not_fundus_photo.name, cat, kind)})
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "not_fundus"
@@ -73,9 +72,9 @@ def _png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_explanation_is_a_heatmap_over_the_crop_that_varies(client: TestClient, raw_fundus_paths: list[Path]) -> None:
+def test_explanation_is_a_heatmap_over_the_crop_that_varies(client: TestClient, fundus_photos: list[Path]) -> None:
     overlays = []
-    for path in raw_fundus_paths[:2]:
+    for path in fundus_photos[:2]:
         body = _post(client, path.read_bytes(), explain="true")
         explanation = body["explanation"]
         assert explanation["method"] == "cam-severity"

@@ -25,23 +25,6 @@ ACTION_WORDS = (
 SUMMARY_WORDS = ("Not referable", "Referable", "Urgent referral", "No decision yet")
 
 
-@pytest.fixture(scope="module")
-def fundus(shared_data: Path) -> dict[str, Path]:
-    folder = shared_data / "raw-fundus-samples" / "images"
-    paths = {p.name: p for p in folder.glob("*.jpeg")}
-    if not {"16_right.jpeg", "373_left.jpeg", "6834_left.jpeg"} <= paths.keys():
-        pytest.skip("the raw fundus samples 16_right, 373_left and 6834_left are not in the shared data")
-    return paths
-
-
-@pytest.fixture(scope="module")
-def cat(shared_data: Path) -> Path:
-    path = shared_data / "non-fundus" / "images" / "chelsea.png"
-    if not path.is_file():
-        pytest.skip("the non-fundus sample chelsea.png is not in the shared data")
-    return path
-
-
 def grade(page: Any, files: list[Path], patient: str = "") -> dict[str, Any]:
     """Pick ``files``, grade them, wait for the results; returns the service's JSON answer."""
     page.fill("#patient-ref", patient)
@@ -60,13 +43,12 @@ def card_for(page: Any, filename: str) -> Any:
     return page.locator("article.result", has_text=filename)
 
 
-@pytest.mark.shared_data
 def test_grades_a_pair_of_eyes_with_heatmaps_and_a_patient_summary(
-    open_page: Callable[..., Any], fundus: dict[str, Path], screenshot_dir: Path
+    open_page: Callable[..., Any], right_eye_photo: Path, left_eye_photo: Path, screenshot_dir: Path
 ) -> None:
     page = open_page()
     page.fill("#patient-ref", "DEMO-0001")
-    page.set_input_files("#file-input", [str(fundus["16_right.jpeg"]), str(fundus["373_left.jpeg"])])
+    page.set_input_files("#file-input", [str(right_eye_photo), str(left_eye_photo)])
     # The eye is read from the file names.
     assert page.locator("#queue .eye-select").evaluate_all("els => els.map(e => e.value)") == [
         "right",
@@ -86,7 +68,12 @@ def test_grades_a_pair_of_eyes_with_heatmaps_and_a_patient_summary(
         assert f"Grade {result['grade']}" in text
         assert result["grade_name"] in text
         assert any(words in text for words in ACTION_WORDS)
-        assert f"Confidence in the referral decision: {round(result['confidence'] * 100)}%" in text
+        # The risk that decides the referral, the grade's own probability, and the point that made the decision.
+        assert f"Estimated risk of referable diabetic retinopathy: {round(result['p_referable'] * 100)}%" in text
+        assert f"Probability of the grade shown: {round(result['confidence'] * 100)}%" in text
+        assert f"Operating point: {result['operating_point']}" in text
+        if result["referral_reason"] == "risk":
+            assert "Mild or no retinopathy seen; referred because the estimated risk" in text
         heatmap = card.locator("img.heatmap")
         heatmap.wait_for()
         assert heatmap.evaluate("img => img.complete && img.naturalWidth") == result["explanation"]["width"]
@@ -94,9 +81,9 @@ def test_grades_a_pair_of_eyes_with_heatmaps_and_a_patient_summary(
         assert photo.evaluate("img => img.complete && img.naturalWidth") > 0
 
     # The opacity control fades the heatmap and says so to screen readers.
-    slider = card_for(page, "16_right.jpeg").locator("input[type=range]")
+    slider = card_for(page, right_eye_photo.name).locator("input[type=range]")
     slider.fill("40")
-    assert card_for(page, "16_right.jpeg").locator("img.heatmap").evaluate("i => i.style.opacity") == "0.4"
+    assert card_for(page, right_eye_photo.name).locator("img.heatmap").evaluate("i => i.style.opacity") == "0.4"
     assert slider.get_attribute("aria-valuetext") == "40%"
     assert "Warmer colours (yellow, red) = more evidence of disease" in page.inner_text("#heatmap-legend")
 
@@ -123,31 +110,30 @@ def test_grades_a_pair_of_eyes_with_heatmaps_and_a_patient_summary(
     page.screenshot(path=str(screenshot_dir / "report-print.png"), full_page=True)
 
 
-@pytest.mark.shared_data
 def test_refuses_a_cat_and_says_what_to_do_for_each_photo_not_graded(
     open_page: Callable[..., Any],
     served_model: Any,
-    fundus: dict[str, Path],
-    cat: Path,
+    dark_fundus_photo: Path,
+    not_fundus_photo: Path,
     screenshot_dir: Path,
 ) -> None:
     if not served_model.real_gate:
         pytest.skip("the served model's quality gate is the development placeholder (grades anything)")
     page = open_page()
-    answer = grade(page, [cat, fundus["6834_left.jpeg"]])
+    answer = grade(page, [not_fundus_photo, dark_fundus_photo])
     assert answer["items"][0]["result"]["status"] == "not_fundus"
 
-    refused = card_for(page, "chelsea.png").inner_text()
+    refused = card_for(page, not_fundus_photo.name).inner_text()
     assert "Not graded" in refused
     assert "This is not a retinal photograph." in refused
     assert "Check the file" in refused
     assert not GRADE_LINE.search(refused)
-    assert card_for(page, "chelsea.png").locator("img.heatmap").count() == 0
+    assert card_for(page, not_fundus_photo.name).locator("img.heatmap").count() == 0
     assert "not_fundus" not in page.inner_text("body")
 
     # Whatever the gate decided about the dark photo, the page shows that decision, in words.
     other = answer["items"][1]["result"]
-    text = card_for(page, "6834_left.jpeg").inner_text()
+    text = card_for(page, dark_fundus_photo.name).inner_text()
     if other["status"] == "ungradable":
         assert "Retake the photo" in text
         assert not GRADE_LINE.search(text)
@@ -156,7 +142,7 @@ def test_refuses_a_cat_and_says_what_to_do_for_each_photo_not_graded(
     else:
         assert f"Grade {other['grade']}" in text
     assert "No decision yet" in page.inner_text("#patient-summary") or other["referable"]
-    assert "Check the file chelsea.png" in page.inner_text("#patient-summary")
+    assert f"Check the file {not_fundus_photo.name}" in page.inner_text("#patient-summary")
     page.screenshot(path=str(screenshot_dir / "not-graded.png"), full_page=True)
 
 
@@ -171,16 +157,15 @@ def test_a_file_that_is_not_an_image_is_explained_in_words(open_page: Callable[.
     assert "unsupported_format" not in page.inner_text("body")
 
 
-@pytest.mark.shared_data
 def test_keyboard_alone_reaches_every_step_with_visible_focus(
-    open_page: Callable[..., Any], fundus: dict[str, Path]
+    open_page: Callable[..., Any], right_eye_photo: Path
 ) -> None:
     page = open_page()
     # Intercept file choosers from the start: Playwright turns interception on asynchronously, and a chooser
     # opened by Enter (on key down) can otherwise beat it.
     page.on("filechooser", lambda chooser: None)
     page.evaluate("0")  # a round trip, so the interception is in place
-    photo = fundus["16_right.jpeg"]
+    photo = right_eye_photo
     focus_visible = """() => {
         const a = document.activeElement;
         const shown = a.id === 'file-input' ? a.nextElementSibling : a;
@@ -218,14 +203,13 @@ def test_keyboard_alone_reaches_every_step_with_visible_focus(
     assert page.evaluate("window.__printed") == 1
 
 
-@pytest.mark.shared_data
 def test_tablet_portrait_shows_results_without_sideways_scrolling(
-    open_page: Callable[..., Any], fundus: dict[str, Path], screenshot_dir: Path
+    open_page: Callable[..., Any], right_eye_photo: Path, screenshot_dir: Path
 ) -> None:
     page = open_page(768, 1024)
-    grade(page, [fundus["16_right.jpeg"]], "DEMO-0002")
+    grade(page, [right_eye_photo], "DEMO-0002")
     assert page.evaluate("document.documentElement.scrollWidth") <= 768
-    card = card_for(page, "16_right.jpeg")
+    card = card_for(page, right_eye_photo.name)
     media = card.locator(".media").bounding_box()
     words = card.locator(".result-body").bounding_box()
     assert words["y"] >= media["y"] + media["height"] - 1, "images and words should stack on a tablet"
@@ -236,10 +220,11 @@ def test_tablet_portrait_shows_results_without_sideways_scrolling(
     page.screenshot(path=str(screenshot_dir / "results-tablet.png"), full_page=True)
 
 
-@pytest.mark.shared_data
-def test_rendered_text_passes_wcag_aa_contrast(open_page: Callable[..., Any], fundus: dict[str, Path]) -> None:
+def test_rendered_text_passes_wcag_aa_contrast(
+    open_page: Callable[..., Any], right_eye_photo: Path, left_eye_photo: Path
+) -> None:
     page = open_page()
-    grade(page, [fundus["16_right.jpeg"], fundus["373_left.jpeg"]])
+    grade(page, [right_eye_photo, left_eye_photo])
     failures = page.evaluate(CONTRAST_SCRIPT)
     assert failures == [], failures
 
@@ -264,15 +249,17 @@ def test_eye_is_guessed_from_the_file_name(open_page: Callable[..., Any]) -> Non
 
 
 @pytest.fixture(scope="module")
-def keyed_url(make_settings: Callable[..., Any], start_service: Callable[..., Any]) -> Iterator[str]:
-    """A service that wants an API key and takes small files only."""
-    with start_service(make_settings(api_keys=["test-key-123"], max_image_bytes=200_000)) as url:
+def keyed_url(
+    make_settings: Callable[..., Any], start_service: Callable[..., Any], right_eye_photo: Path
+) -> Iterator[str]:
+    """A service that wants an API key and takes files of half the right-eye photo's size at most."""
+    limit = right_eye_photo.stat().st_size // 2
+    with start_service(make_settings(api_keys=["test-key-123"], max_image_bytes=limit)) as url:
         yield url
 
 
-@pytest.mark.shared_data
 def test_api_key_is_asked_for_kept_in_the_tab_and_sent(
-    open_page: Callable[..., Any], keyed_url: str, fundus: dict[str, Path]
+    open_page: Callable[..., Any], keyed_url: str, right_eye_photo: Path
 ) -> None:
     page = open_page(url=keyed_url)
     page.wait_for_selector("#api-key-form:not([hidden])")
@@ -287,9 +274,9 @@ def test_api_key_is_asked_for_kept_in_the_tab_and_sent(
     assert page.evaluate("localStorage.length") == 0
 
     # A photo over the service's size limit is explained, not graded.
-    answer = grade(page, [fundus["16_right.jpeg"]])
+    answer = grade(page, [right_eye_photo])
     assert answer["items"][0]["error"]["code"] == "image_too_large"
-    assert "The photo is too large for the service" in card_for(page, "16_right.jpeg").inner_text()
+    assert "The photo is too large for the service" in card_for(page, right_eye_photo.name).inner_text()
 
 
 CONTRAST_SCRIPT = """() => {
@@ -354,19 +341,18 @@ def lenient_url(
         yield url
 
 
-@pytest.mark.shared_data
 def test_a_photo_graded_despite_its_quality_says_so_in_words(
-    open_page: Callable[..., Any], lenient_url: str, fundus: dict[str, Path]
+    open_page: Callable[..., Any], lenient_url: str, right_eye_photo: Path
 ) -> None:
     page = open_page(url=lenient_url)
-    answer = grade(page, [fundus["16_right.jpeg"]])
+    answer = grade(page, [right_eye_photo])
     result = answer["items"][0]["result"]
     assert result["status"] == "graded" and result["quality"]["warning"] is True
-    text = card_for(page, "16_right.jpeg").inner_text()
+    text = card_for(page, right_eye_photo.name).inner_text()
     assert f"Grade {result['grade']}" in text
     assert "Image quality: poor" in text and "Graded anyway" in text
     assert "Image quality: good" not in text
     reasons = result["quality"]["reasons"]
-    assert reasons and card_for(page, "16_right.jpeg").locator(".quality-warning li").count() == len(reasons)
+    assert reasons and card_for(page, right_eye_photo.name).locator(".quality-warning li").count() == len(reasons)
     assert not any("_" in code and code in text for code in reasons), "reasons are shown in words"
     assert page.evaluate(CONTRAST_SCRIPT) == []

@@ -31,5 +31,5 @@ def test_page_names_the_site_and_its_operating_point(
         operating_point = page.locator("#operating-point").inner_text()
         report_model = page.locator("#report-model").inner_text()
     assert "this site's operating point (profile clinic-a, fitted on 150 local photos)" in operating_point
-    assert "at least 0.27" in operating_point
+    assert "risk at least 27%" in operating_point
     assert "site profile clinic-a" in report_model

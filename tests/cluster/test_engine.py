@@ -85,20 +85,47 @@ def ray_address(s3_endpoint: str | None) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """38 files: camera photos of three sources, two raw camera JPEGs (one ungradable), two non-fundus
-    images and three broken files, in nested folders."""
+def camera_photos(
+    tmp_path_factory: pytest.TempPathFactory, shared_data_if_present: Path | None, fundus_photos: list[Path]
+) -> list[Path]:
+    """At least 25 distinct photos of real fundi: EyePACS's 768 px copies, or in a fresh clone the right and
+    left eye of ``tests/fixtures`` re-encoded at 13 sizes each."""
+    if shared_data_if_present is not None:
+        return sorted((shared_data_if_present / "eyepacs-768/images").glob("*.jpg"))
+    import cv2
+
+    folder = tmp_path_factory.mktemp("camera-photos")
+    made = []
+    for side in range(512, 304, -16):
+        for photo in fundus_photos[:2]:
+            image = cv2.resize(cv2.imread(str(photo)), (side, side), interpolation=cv2.INTER_AREA)
+            made.append(folder / f"{photo.stem}-{side}.jpg")
+            cv2.imwrite(str(made[-1]), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return made
+
+
+@pytest.fixture(scope="module")
+def photos(
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_data_if_present: Path | None,
+    camera_photos: list[Path],
+    right_eye_photo: Path,
+    dark_fundus_photo: Path,
+    not_fundus_photo: Path,
+) -> Path:
+    """Camera photos (of three sources where ../shared/data is present), a graded and an ungradable raw
+    camera JPEG, non-fundus images and three broken files, in nested folders."""
     folder = tmp_path_factory.mktemp("archive") / "photos"
     picks = {
-        "eyepacs": sorted((shared_data / "eyepacs-768/images").glob("*.jpg"))[:20],
-        "aptos": sorted((shared_data / "aptos2019-224/images").iterdir())[:6],
-        "mexico": sorted((shared_data / "mexico-512/images").iterdir())[:5],
-        "raw": [shared_data / "raw-fundus-samples/images" / n for n in ("16_right.jpeg", "6834_left.jpeg")],
-        "other": [
-            shared_data / "non-fundus/images/chelsea.png",
-            sorted((shared_data / "non-fundus-2/images").iterdir())[0],
-        ],
+        "eyepacs": camera_photos[:20],
+        "raw": [right_eye_photo, dark_fundus_photo],
+        "other": [not_fundus_photo],
     }
+    shared = shared_data_if_present
+    if shared is not None:
+        picks["aptos"] = sorted((shared / "aptos2019-224/images").iterdir())[:6]
+        picks["mexico"] = sorted((shared / "mexico-512/images").iterdir())[:5]
+        picks["other"].append(sorted((shared / "non-fundus-2/images").iterdir())[0])
     for sub, files in picks.items():
         (folder / sub).mkdir(parents=True)
         for src in files:
@@ -217,13 +244,13 @@ def test_killed_run_restarts_without_a_duplicate_or_a_missing_row(
 
 
 def test_a_finished_run_grades_only_what_is_new_or_changed(
-    ray_address: str, shared_data: Path, tmp_path: Path, model_path: Path
+    ray_address: str, camera_photos: list[Path], tmp_path: Path, model_path: Path
 ) -> None:
     from retinagrade.cluster.engine import grade_archive
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    images = sorted((shared_data / "eyepacs-768/images").glob("*.jpg"))
+    images = camera_photos
     for src in images[:3]:
         shutil.copyfile(src, folder / src.name)
     out = tmp_path / "out"
@@ -251,7 +278,7 @@ def test_a_finished_run_grades_only_what_is_new_or_changed(
 
 
 def test_an_archive_on_s3_is_graded_like_the_same_files_on_disk(
-    s3_endpoint: str | None, ray_address: str, shared_data: Path, tmp_path: Path, model_path: Path
+    s3_endpoint: str | None, ray_address: str, camera_photos: list[Path], tmp_path: Path, model_path: Path
 ) -> None:
     if s3_endpoint is None:
         pytest.skip("needs moto's S3 server (the [deploy] extra) to serve an s3:// archive on 127.0.0.1")
@@ -261,7 +288,7 @@ def test_an_archive_on_s3_is_graded_like_the_same_files_on_disk(
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    for src in sorted((shared_data / "eyepacs-768/images").glob("*.jpg"))[20:25]:
+    for src in camera_photos[20:25]:
         shutil.copyfile(src, folder / src.name)
     (folder / "broken.jpg").write_bytes(b"%PDF-1.4")
     client = boto3.client("s3")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -64,12 +67,46 @@ def test_image_leaves_out_only_what_serving_never_imports() -> None:
     assert not offenders, f"serving code imports a dependency the image leaves out: {offenders}"
 
 
+def test_onnx_runtime_grades_without_the_c_api_library_the_image_drops(
+    tmp_path: Path, grading_pipeline, right_eye_photo: Path
+) -> None:
+    """The Dockerfile deletes onnxruntime/capi/libonnxruntime.so* (35 MB): the Python binding must not need it."""
+    import onnxruntime
+
+    site = tmp_path / "site"
+    # A copy, not links: the binding finds its libraries through $ORIGIN, which a link would resolve to the venv.
+    shutil.copytree(
+        Path(onnxruntime.__file__).parent,
+        site / "onnxruntime",
+        ignore=lambda folder, names: [n for n in names if n.startswith("libonnxruntime.so")],
+    )
+    assert not list(site.rglob("libonnxruntime.so*"))
+    script = (
+        "import json, sys, onnxruntime\n"
+        "from retinagrade.pipeline import GradingPipeline\n"
+        "result = GradingPipeline.load(threads=1).grade(open(sys.argv[1], 'rb').read())\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(json.dumps([onnxruntime.__file__, 'libonnxruntime.so' in maps, result.decision.probabilities]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(right_eye_photo)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, loaded, probabilities = json.loads(done.stdout.strip().splitlines()[-1])
+    assert module.startswith(str(site)) and not loaded
+    expected = grading_pipeline.grade(right_eye_photo.read_bytes()).decision.probabilities
+    assert probabilities == pytest.approx(list(expected), abs=1e-6)
+
+
 @pytest.mark.skipif(
     os.environ.get("RETINAGRADE_CONTAINER_TEST") != "1",
     reason="builds and runs the image (about 2 min, root, podman, debootstrap, network to PyPI and "
     "Debian): set RETINAGRADE_CONTAINER_TEST=1 or run `make container-test`",
 )
 def test_make_container_test_grades_a_photo_through_the_image() -> None:
+    """Builds the image, refuses it over its 500 MB budget, grades a photo through it (a fixture's in a clone
+    without ../shared)."""
     for tool, package in (("podman", "podman runc"), ("debootstrap", "debootstrap")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (apt-get install {package})")

@@ -1,10 +1,10 @@
 """End to end against a real PACS: Debian's Orthanc with its DICOMweb plugin, started here on loopback.
 
-Camera JPEGs from ../shared/data are wrapped as OP instances (encapsulated JPEG baseline, the camera's bytes)
-and uploaded; ``retinagrade dicomweb`` is started, killed once it has stored its first report, and started
-again. Afterwards the PACS must hold exactly one SR per photograph, each referencing its photograph and
-carrying the grade the JPEG file gets; an instance that cannot be graded has an SR that says why; the
-command's log never names a patient.
+Camera JPEGs (the raw samples of ../shared/data, else the photos of tests/fixtures) are wrapped as OP
+instances (encapsulated JPEG baseline, the camera's bytes) and uploaded; ``retinagrade dicomweb`` is
+started, killed once it has stored its first report, and started again. Afterwards the PACS must hold
+exactly one SR per photograph, each referencing its photograph and carrying the grade the JPEG file gets;
+an instance that cannot be graded has an SR that says why; the command's log never names a patient.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 ORTHANC_REASON = "needs Debian's orthanc and orthanc-dicomweb packages (apt-get install orthanc orthanc-dicomweb)"
 USER, PASSWORD = "grader", "s3cret-pw"
 PATIENT_NAMES = {"PAT-RT-0001": "Roundtrip^Alice", "PAT-RT-0002": "Roundtrip^Bob", "PAT-RT-0003": "Roundtrip^Carol"}
-
-pytestmark = pytest.mark.shared_data
 
 
 def _plugin() -> Path | None:
@@ -156,11 +154,10 @@ def _referenced_sop(report: pydicom.Dataset) -> str:
 
 
 def test_round_trip_grades_each_photo_once_and_survives_a_kill(
-    orthanc: str, shared_data: Path, grading_pipeline, tmp_path: Path
+    orthanc: str, fundus_photos: list[Path], dark_fundus_photo: Path, grading_pipeline, tmp_path: Path
 ) -> None:
     client = _client(orthanc)
-    photos = sorted((shared_data / "raw-fundus-samples" / "images").glob("*.jpeg"))
-    assert len(photos) >= 4
+    photos = [*fundus_photos, dark_fundus_photo]  # graded eyes and one that is too dark to grade
     expected: dict[str, tuple[str, int | None]] = {}  # SOP instance UID -> (status, grade) of the JPEG file
     uploads = []
     for index, path in enumerate(photos):

@@ -1,4 +1,4 @@
-"""The whole pipeline with the model under test, on real photographs."""
+"""The whole pipeline with the model under test, on real photographs (some need ../shared/data)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,8 @@ def test_non_fundus_images_get_no_grade(grading_pipeline, shared_data: Path) -> 
             assert result.decision is None
 
 
-def test_heatmap_is_an_explanation_not_a_constant(grading_pipeline, shared_data: Path) -> None:
-    result = grading_pipeline.grade(
-        (shared_data / "raw-fundus-samples/images/16_right.jpeg").read_bytes(), explain=True
-    )
+def test_heatmap_is_an_explanation_not_a_constant(grading_pipeline, right_eye_photo: Path) -> None:
+    result = grading_pipeline.grade(right_eye_photo.read_bytes(), explain=True)
     heat = result.heatmap
     size = grading_pipeline.spec.preprocess.input_size
     assert heat is not None and heat.shape == (size, size)
@@ -102,11 +100,11 @@ def test_bad_bytes_raise_input_errors(grading_pipeline, data: bytes, error: type
         grading_pipeline.grade(data)
 
 
-def test_truncated_and_oversized(grading_pipeline, shared_data: Path) -> None:
+def test_truncated_and_oversized(grading_pipeline, left_eye_photo: Path) -> None:
     import struct
     import zlib
 
-    good = (shared_data / "raw-fundus-samples/images/605_left.jpeg").read_bytes()
+    good = left_eye_photo.read_bytes()
     with pytest.raises(CorruptImageError):
         grading_pipeline.grade(good[: len(good) // 2])
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
@@ -117,8 +115,8 @@ def test_truncated_and_oversized(grading_pipeline, shared_data: Path) -> None:
         grading_pipeline.grade(b"\x89PNG\r\n\x1a\n" + chunk + idat_chunk)
 
 
-def test_batch_keeps_good_results_beside_bad_ones(grading_pipeline, shared_data: Path) -> None:
-    good = (shared_data / "eyepacs-768/images/1000_left.jpg").read_bytes()
+def test_batch_keeps_good_results_beside_bad_ones(grading_pipeline, left_eye_photo: Path) -> None:
+    good = left_eye_photo.read_bytes()
     results = grading_pipeline.grade_batch([good, b"", good])
     assert isinstance(results[1], EmptyImageError)
     assert results[0].status == results[2].status

@@ -16,7 +16,6 @@ from retinagrade.cli import app
 from retinagrade.monitoring.drift import PSI_ALERT, DriftMonitor, build_reference
 from retinagrade.training.validate_report import observation
 
-pytestmark = pytest.mark.shared_data
 runner = CliRunner()
 
 
@@ -153,11 +152,13 @@ def test_calibrate_then_validate_and_grade_with_the_site_profile(
         assert {row["site"] for row in csv.DictReader(fh)} == {"clinic-a"}
 
 
-def test_grade_refuses_a_profile_made_for_another_model(tmp_path: Path, shared_data: Path, model_path: Path) -> None:
+def test_grade_refuses_a_profile_made_for_another_model(
+    tmp_path: Path, right_eye_photo: Path, model_path: Path
+) -> None:
     from retinagrade.inference.site_profile import SiteProfile
 
     site = SiteProfile("old", "0" * 64, "2026-01-01", 1.0, 0.3).save(tmp_path / "old.json")
-    photo = shared_data / "raw-fundus-samples/images/16_right.jpeg"
+    photo = right_eye_photo
     result = runner.invoke(app, ["grade", str(photo), "--site", str(site), "--model", str(model_path)])
     assert result.exit_code == 3
     assert "fitted for model" in result.output

@@ -27,7 +27,7 @@ from retinagrade.inference.model_spec import CAM_CHANNELS, OUTPUT_NAMES, ModelSp
 from retinagrade.preprocessing.decode import load_image
 from retinagrade.preprocessing.pipeline import batch_tensor, prepare_fundus
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.train]
+pytestmark = [pytest.mark.train]
 
 
 @pytest.fixture

@@ -17,15 +17,17 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def mixed_folder(tmp_path: Path, shared_data: Path) -> Path:
+def mixed_folder(
+    tmp_path: Path, right_eye_photo: Path, left_eye_photo: Path, dark_fundus_photo: Path, not_fundus_photo: Path
+) -> Path:
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
-    shutil.copy(shared_data / "raw-fundus-samples/images/16_right.jpeg", folder / "16_right.jpeg")
-    shutil.copy(shared_data / "raw-fundus-samples/images/6834_left.jpeg", folder / "nested/6834_left.jpeg")
-    shutil.copy(shared_data / "non-fundus/images/chelsea.png", folder / "cat.png")
+    shutil.copy(right_eye_photo, folder / "16_right.jpeg")
+    shutil.copy(dark_fundus_photo, folder / "nested/6834_left.jpeg")
+    shutil.copy(not_fundus_photo, folder / f"cat{not_fundus_photo.suffix}")
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "fake.jpg").write_bytes(b"%PDF-1.4\n% not an image\n")
-    good = (shared_data / "raw-fundus-samples/images/605_left.jpeg").read_bytes()
+    good = left_eye_photo.read_bytes()
     (folder / "nested/truncated.jpg").write_bytes(good[: len(good) // 2])
     (folder / "notes.txt").write_text("ignored: not an image suffix")
     return folder
@@ -41,7 +43,8 @@ def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path
         reader = csv.DictReader(fh)
         assert reader.fieldnames == list(CSV_COLUMNS)
         rows = {Path(r["image"]).name: r for r in reader}
-    assert set(rows) == {"16_right.jpeg", "6834_left.jpeg", "cat.png", "empty.jpg", "fake.jpg", "truncated.jpg"}
+    cat = next(name for name in rows if name.startswith("cat."))
+    assert set(rows) == {"16_right.jpeg", "6834_left.jpeg", cat, "empty.jpg", "fake.jpg", "truncated.jpg"}
     graded = rows["16_right.jpeg"]
     assert graded["status"] == "graded"
     assert graded["grade"] in {"0", "1", "2", "3", "4"} and graded["referable"] in {"true", "false"}
@@ -49,7 +52,7 @@ def test_grade_folder_to_csv_goes_on_past_bad_files(mixed_folder: Path, tmp_path
     assert 0.0 <= float(graded["quality"]) <= 1.0
     assert rows["6834_left.jpeg"]["status"] == "ungradable"
     assert rows["6834_left.jpeg"]["grade"] == "" and rows["6834_left.jpeg"]["p0"] == ""
-    assert rows["cat.png"]["status"] == "not_fundus" and rows["cat.png"]["grade"] == ""
+    assert rows[cat]["status"] == "not_fundus" and rows[cat]["grade"] == ""
     for name in ("empty.jpg", "fake.jpg", "truncated.jpg"):
         assert rows[name]["status"] == "error" and rows[name]["quality"] == ""
 
@@ -75,13 +78,13 @@ def test_grade_json_output_records_error_codes(mixed_folder: Path, tmp_path: Pat
     assert rows[1]["status"] == "graded"
 
 
-def test_all_good_files_exit_zero(shared_data: Path, tmp_path: Path, model_path: Path) -> None:
+def test_all_good_files_exit_zero(left_eye_photo: Path, tmp_path: Path, model_path: Path) -> None:
     out = tmp_path / "r.csv"
     result = runner.invoke(
         app,
         [
             "grade",
-            str(shared_data / "raw-fundus-samples/images/373_left.jpeg"),
+            str(left_eye_photo),
             "-o",
             str(out),
             "--model",
@@ -92,13 +95,11 @@ def test_all_good_files_exit_zero(shared_data: Path, tmp_path: Path, model_path:
     assert result.exit_code == 0, result.output
 
 
-def test_missing_model_is_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
-    result = runner.invoke(
-        app, ["grade", str(shared_data / "non-fundus/images/retina.jpg"), "--model", str(tmp_path / "nope.json")]
-    )
+def test_missing_model_is_a_clear_error(tmp_path: Path, left_eye_photo: Path) -> None:
+    missing = tmp_path / "nope.json"
+    result = runner.invoke(app, ["grade", str(left_eye_photo), "--model", str(missing)])
     assert result.exit_code == 3
-    output = " ".join(result.output.split())  # the console wraps long paths at any space
-    assert "does not exist" in output
+    assert "does not exist" in result.output and str(missing) in result.output
 
 
 def test_no_images_found(tmp_path: Path) -> None:

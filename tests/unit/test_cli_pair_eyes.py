@@ -20,16 +20,19 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_pair_eyes_adds_fellow_eye_answers_and_keeps_single_answers(
-    tmp_path: Path, shared_data: Path, paired_model: Path
+    tmp_path: Path, fundus_photos: list[Path], dark_fundus_photo: Path, paired_model: Path
 ) -> None:
-    raw = shared_data / "raw-fundus-samples/images"
+    right, left, *others = fundus_photos
+    # Other patients' eyes where there are any, else the same photos again.
+    spare_left = next((photo for photo in others if "left" in photo.name), left)
+    spare_right = next((photo for photo in others if "right" in photo.name), right)
     folder = tmp_path / "photos"
     folder.mkdir()
-    shutil.copy(raw / "373_left.jpeg", folder / "16_OS.jpeg")
-    shutil.copy(raw / "16_right.jpeg", folder / "16_OD.jpeg")
-    shutil.copy(raw / "605_left.jpeg", folder / "605_left.jpeg")  # no fellow eye in the run
-    shutil.copy(raw / "6834_left.jpeg", folder / "6834_L.jpeg")  # ungradable: no paired answer for anyone
-    shutil.copy(raw / "116_right.jpeg", folder / "6834_R.jpeg")
+    shutil.copy(left, folder / "16_OS.jpeg")
+    shutil.copy(right, folder / "16_OD.jpeg")
+    shutil.copy(spare_left, folder / "605_left.jpeg")  # no fellow eye in the run
+    shutil.copy(dark_fundus_photo, folder / "6834_L.jpeg")  # ungradable: no paired answer for anyone
+    shutil.copy(spare_right, folder / "6834_R.jpeg")
     plain, paired = tmp_path / "plain.csv", tmp_path / "paired.csv"
     for out, extra in ((plain, []), (paired, ["--pair-eyes"])):
         result = runner.invoke(

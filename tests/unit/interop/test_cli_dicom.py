@@ -25,14 +25,17 @@ PHOTOS = ("16_right.jpeg", "373_left.jpeg", "6834_left.jpeg")
 
 
 @pytest.fixture
-def exported(tmp_path: Path, shared_data: Path) -> tuple[Path, Path, dict[str, pydicom.Dataset]]:
+def exported(
+    tmp_path: Path, right_eye_photo: Path, left_eye_photo: Path, dark_fundus_photo: Path
+) -> tuple[Path, Path, dict[str, pydicom.Dataset]]:
     """The camera JPEGs, and the same photos as a PACS export (one .dcm, the others without a suffix)."""
     jpegs, pacs = tmp_path / "jpegs", tmp_path / "pacs"
     jpegs.mkdir()
     (pacs / "sub").mkdir(parents=True)
     instances = {}
+    sources = dict(zip(PHOTOS, (right_eye_photo, left_eye_photo, dark_fundus_photo), strict=True))
     for index, name in enumerate(PHOTOS):
-        data = (shared_data / "raw-fundus-samples" / "images" / name).read_bytes()
+        data = sources[name].read_bytes()
         (jpegs / name).write_bytes(data)
         side = "L" if "left" in name else "R"
         ds = wrap_jpeg(data, PhotoIdentity(f"PAT-{name.split('_')[0]}", "Test^Patient", side))  # type: ignore[arg-type]
@@ -52,7 +55,6 @@ def _rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
-@pytest.mark.shared_data
 def test_dicom_exports_grade_exactly_as_their_jpegs(exported, tmp_path: Path, model_path: Path) -> None:
     jpegs, pacs, instances = exported
     args = ["--model", str(model_path), "--quiet"]
@@ -96,14 +98,14 @@ def test_dicom_exports_grade_exactly_as_their_jpegs(exported, tmp_path: Path, mo
     assert kinds.count("Patient") == len({ds.PatientID for ds in instances.values()})
 
 
-@pytest.mark.shared_data
-def test_pair_eyes_uses_dicom_patient_and_laterality(tmp_path: Path, shared_data: Path, model_path: Path) -> None:
-    images = shared_data / "raw-fundus-samples" / "images"
+def test_pair_eyes_uses_dicom_patient_and_laterality(
+    tmp_path: Path, right_eye_photo: Path, left_eye_photo: Path, model_path: Path
+) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
-    for index, (name, side) in enumerate((("16_right.jpeg", "R"), ("373_left.jpeg", "L"))):
+    for index, (photo, side) in enumerate(((right_eye_photo, "R"), (left_eye_photo, "L"))):
         # Names that say nothing: only the DICOM header knows whose eye it is.
-        ds = wrap_jpeg((images / name).read_bytes(), PhotoIdentity("PAIRED-77", "", side))  # type: ignore[arg-type]
+        ds = wrap_jpeg(photo.read_bytes(), PhotoIdentity("PAIRED-77", "", side))  # type: ignore[arg-type]
         (folder / f"IM{index:04d}").write_bytes(to_bytes(ds))
     done = runner.invoke(
         app, ["grade", str(folder), "--pair-eyes", "--model", str(model_path), "--quiet", "-o", str(tmp_path / "r.csv")]
@@ -115,7 +117,6 @@ def test_pair_eyes_uses_dicom_patient_and_laterality(tmp_path: Path, shared_data
     assert "refer" in rows[0] or "no_refer" in rows[0]
 
 
-@pytest.mark.shared_data
 def test_an_sr_written_under_a_site_profile_names_it(exported, tmp_path: Path, model_path: Path) -> None:
     from retinagrade.inference.model_spec import ModelSpec
     from retinagrade.inference.site_profile import SiteProfile

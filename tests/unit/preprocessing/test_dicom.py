@@ -25,20 +25,13 @@ from retinagrade.interop.photo import PhotoIdentity, pixels_to_dicom, to_bytes, 
 from retinagrade.preprocessing.decode import decode_image, is_dicom  # noqa: E402
 from retinagrade.preprocessing.dicom import decode_dicom  # noqa: E402
 
-RAW = "raw-fundus-samples/images"
 DCMTK_REASON = "needs DCMTK's dcmcjpeg (Debian package dcmtk) to encode JPEG lossless / extended fixtures"
 
 
 @pytest.fixture(scope="module")
-def camera_jpeg(shared_data: Path) -> bytes:
-    return (shared_data / RAW / "16_right.jpeg").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def photo(shared_data: Path) -> np.ndarray:
-    """A real 768 px camera photo (EyePACS), as RGB."""
-    path = sorted((shared_data / "eyepacs-768" / "images").iterdir())[0]
-    return decode_image(path.read_bytes()).rgb
+def photo(left_eye_photo: Path) -> np.ndarray:
+    """A real fundus photo as RGB, a few hundred pixels across (a camera JPEG is read at reduced scale)."""
+    return decode_image(left_eye_photo.read_bytes(), min_side=640).rgb
 
 
 def _identity(**kwargs: object) -> PhotoIdentity:
@@ -53,7 +46,6 @@ def _code(data: bytes, **kwargs: int) -> tuple[str, int]:
     return caught.value.code, caught.value.http_status
 
 
-@pytest.mark.shared_data
 def test_camera_jpeg_in_op_decodes_exactly_like_the_jpeg_file(camera_jpeg: bytes) -> None:
     data = to_bytes(wrap_jpeg(camera_jpeg, _identity(laterality="R")))
     assert is_dicom(data)
@@ -67,7 +59,6 @@ def test_camera_jpeg_in_op_decodes_exactly_like_the_jpeg_file(camera_jpeg: bytes
     assert decode_image(data, min_side=640).rgb.shape[1] < from_jpeg.original_size[0]
 
 
-@pytest.mark.shared_data
 def test_identifiers_travel_as_metadata(camera_jpeg: bytes) -> None:
     ds = wrap_jpeg(camera_jpeg, _identity(laterality="R"))
     decoded = decode_dicom(to_bytes(ds))
@@ -96,7 +87,6 @@ LOSSLESS = [
 ]
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda s: uid.UID(s).keyword)
 def test_lossless_syntaxes_give_back_the_photo(photo: np.ndarray, syntax: str, bits: int) -> None:
@@ -108,7 +98,6 @@ def test_lossless_syntaxes_give_back_the_photo(photo: np.ndarray, syntax: str, b
     assert decoded.original_size == (photo.shape[1], photo.shape[0])
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize(
     ("syntax", "options"),
     [(uid.JPEGLSNearLossless, {"jls_error": 3}), (uid.JPEG2000, {"j2k_cr": [20]})],
@@ -122,7 +111,6 @@ def test_lossy_syntaxes_stay_close(photo: np.ndarray, syntax: str, options: dict
     assert np.abs(decoded.rgb.astype(int) - photo).mean() < 3.0
 
 
-@pytest.mark.shared_data
 def test_planar_configuration_and_ybr(photo: np.ndarray) -> None:
     planar = pixels_to_dicom(photo, _identity(), planar=True)
     assert planar.PlanarConfiguration == 1
@@ -134,7 +122,6 @@ def test_planar_configuration_and_ybr(photo: np.ndarray) -> None:
     assert np.abs(decode_image(to_bytes(ybr)).rgb.astype(int) - photo).max() <= 2
 
 
-@pytest.mark.shared_data
 def test_monochrome_photo_is_grey_rgb(photo: np.ndarray) -> None:
     ds = pixels_to_dicom(photo, _identity())
     grey = photo[:, :, 1].copy()
@@ -148,7 +135,6 @@ def test_monochrome_photo_is_grey_rgb(photo: np.ndarray) -> None:
     assert np.array_equal(decode_image(to_bytes(ds)).rgb[:, :, 1], 255 - grey)
 
 
-@pytest.mark.shared_data
 @pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason=DCMTK_REASON)
 @pytest.mark.parametrize(
     ("flags", "syntax", "tolerance"),
@@ -249,7 +235,6 @@ def test_without_pydicom_a_dicom_file_says_how_to_enable_it(synthetic_fundus, mo
     assert "retinagrade[dicom]" in caught.value.message
 
 
-@pytest.mark.shared_data
 def test_decode_cost_is_estimated_from_the_header(camera_jpeg: bytes, photo: np.ndarray) -> None:
     from retinagrade.preprocessing.dicom import decoded_bytes_dicom
 
