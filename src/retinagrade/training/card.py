@@ -199,6 +199,8 @@ def render_card(
         "",
         *operating_points_section(spec),
     ]
+    if spec.get("dme"):
+        parts += ["", dme_section(spec["dme"])]
     if spec.get("fellow_eye"):
         parts += ["", fellow_eye_section(spec["fellow_eye"])]
     if "loso" in metrics:
@@ -248,6 +250,44 @@ def operating_points_section(spec: dict[str, Any]) -> list[str]:
         )
     lines += ["", "Per-source sensitivity and specificity of each point: the leave-one-source-out tables above."]
     return lines
+
+
+def dme_section(rule: dict[str, Any]) -> str:
+    """The card's macular-oedema section, from the DME rule fitted on held-out predictions."""
+    fit = rule.get("fit_on", {})
+    auc = fit.get("auc") or {}
+
+    def num(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
+
+    lines = [
+        "## Diabetic macular oedema (DME)",
+        "A second head on the same network gives a DME logit; `p_dme` is its Platt-scaled probability (scale "
+        f"{rule['calibration']['scale']:.3f}, bias {rule['calibration']['bias']:.3f}, fitted on the held-out "
+        f"photos of {fit.get('source', 'n/a')}), and `dme` is true at p_dme >= **{rule['threshold']:.4f}**: "
+        f"{rule.get('rule', '')}. An eye whose grade and risk do not refer it is referred for oedema alone "
+        "(`referral_reason: dme`).",
+        "",
+        f"Held out ({fit.get('source', 'n/a')}: every image of its patients and photo groups left out of training; "
+        f"{fit.get('positives', 'n/a')} photos with DME, {fit.get('negatives', 'n/a')} without): AUC "
+        f"{num(auc.get('value'))} (95% CI {num(auc.get('ci_low'))}-{num(auc.get('ci_high'))}, patient-grouped "
+        f"bootstrap), sensitivity {num(fit.get('sensitivity'))}, specificity {num(fit.get('specificity'))} at "
+        "the threshold.",
+        "",
+        "| held-out source | grade 0-1 eyes without a DME label flagged as DME |",
+        "|---|---|",
+    ]
+    for source, rate in rule.get("flag_rate_grade_0_1", {}).items():
+        lines.append(f"| {source} | {rate:.3f} |")
+    lines += [
+        "",
+        "Only the Mexican photos carry DME labels, and they follow a collection batch: almost every photo of the "
+        "first batch (patients 0001-1220) is DME, and darker. Training therefore also takes the grade-0 photos "
+        "of the other sources as no-DME (oedema without retinopathy is rare), and the DME numbers above come from "
+        "the one batch-homogeneous labelled set held out. The file names carry no institute, so no split by "
+        "institute was possible.",
+    ]
+    return "\n".join(lines)
 
 
 def fellow_eye_section(rule: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ from retinagrade.inference.model_spec import (
     DME_OUTPUT,
     OUTPUT_NAMES,
     Decision,
+    DmeRule,
     FellowEyeRule,
     ModelSpec,
     OperatingPoint,
@@ -1397,6 +1398,9 @@ def build_spec(
     fellow = summary.get("fellow_eye")
     if fellow:
         raw["fellow_eye"] = fellow
+    dme = (summary.get("loso") or {}).get("dme") if cfg.dme_head else None
+    if dme:
+        raw["dme"] = dme
     return ModelSpec(
         name=cfg.name,
         version=__version__,
@@ -1421,6 +1425,11 @@ def build_spec(
         cam_channels=(*CAM_CHANNELS, DME_OUTPUT) if cfg.dme_head else CAM_CHANNELS,
         raw=raw,
         fellow_eye=(FellowEyeRule(float(fellow["weight"]), float(fellow["referable_threshold"])) if fellow else None),
+        dme=(
+            DmeRule(float(dme["calibration"]["scale"]), float(dme["calibration"]["bias"]), float(dme["threshold"]))
+            if dme
+            else None
+        ),
     )
 
 
