@@ -28,8 +28,10 @@ class OnnxGrader:
         import onnxruntime as ort
 
         self.spec = spec
+        #: ONNX Runtime's intra-op threads (1: the session starts no thread of its own).
+        self.threads = threads or min(4, available_cpus())
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, available_cpus())
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
