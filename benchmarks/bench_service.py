@@ -123,12 +123,16 @@ def run(url: str, images: list[bytes], requests: int, concurrency: int, multipar
 
 
 def floor(folder: Path, *options: str) -> tuple[dict[str, float], float, float]:
-    """``floor.py`` as a whole process: its JSON line, its wall seconds and its CPU seconds."""
+    """``floor.py`` as a whole process: its JSON line, its wall seconds and its CPU seconds.
+
+    It runs the model the server serves: ``RETINAGRADE_MODEL`` when that names a spec, else the shipped one.
+    """
+    served = os.environ.get("RETINAGRADE_MODEL", "")
+    model = ["--model", served] if served.endswith(".json") else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(HERE / "floor.py"), str(folder), *options], capture_output=True, text=True, check=True
-    )
+    command = [sys.executable, str(HERE / "floor.py"), str(folder), *model, *options]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
