@@ -1,18 +1,29 @@
-"""Benchmark the grading service over HTTP on loopback: latency, throughput and memory.
+"""The grading service over HTTP on loopback against the floor, interleaved, on full-size camera JPEGs.
 
-Starts ``uvicorn retinagrade.api.app:create_app`` on 127.0.0.1 (or targets ``--url``, which must be a
-loopback address), uploads full-size camera JPEGs and a 4288x2848 JPEG made by upscaling a raw sample
-(Pillow, quality 95), and prints p50/p95 latency and images/s at each concurrency, then the server's RSS
-before and after ``--memory-requests`` requests.
+Starts ``uvicorn retinagrade.api.app:create_app`` on 127.0.0.1 (or targets ``--url``, which must be a loopback
+address) and uploads the same 4288x2848 photos as ``bench_grade_cli.py`` (``camera_photos.py``). Each round
+times, one after the other:
 
-    RETINAGRADE_MODEL=cache/dev-model/retinagrade-dr.json .venv/bin/python benchmarks/bench_service.py
+* the floor's throughput (``floor.py``: the shipped model after a Pillow-draft decode and a plain resize, 2
+  worker processes, start-up included) and the service at concurrency 8: service images/s as a share of the
+  floor's;
+* the floor's latency (``floor.py --latency``: one process, 2 threads, one image at a time) and the service
+  at concurrency 1: floor p95 / service p95, the service's speed as a share of the floor's.
+
+While the service runs, nothing else of this benchmark does (its clients wait on the network). ``cpu`` is
+the server's user + system seconds per image against the floor's (less sensitive than wall time to other
+load on the machine). Then, with ``--memory-requests``, the server's RSS after each quarter of that many
+requests, to show a leak (it keeps climbing) from allocator warm-up (it levels off).
+
+    python benchmarks/bench_service.py [--rounds 3] [--requests 60] [--memory-requests 0]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -23,17 +34,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image
+from camera_photos import camera_photos
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "raw-fundus-samples" / "images"
-
-
-def big_jpeg(sample: Path) -> bytes:
-    """A 4288 x 2848 camera-sized JPEG (quality 95) upscaled from a raw sample."""
-    buffer = io.BytesIO()
-    Image.open(sample).convert("RGB").resize((4288, 2848), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
+HERE = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
@@ -47,6 +50,14 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system seconds of a process and its reaped children (NaN when unknown)."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(port: int, env_overrides: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -111,23 +122,42 @@ def run(url: str, images: list[bytes], requests: int, concurrency: int, multipar
     }
 
 
+def floor(folder: Path, *options: str) -> tuple[dict[str, float], float, float]:
+    """``floor.py`` as a whole process: its JSON line, its wall seconds and its CPU seconds.
+
+    It runs the model the server serves: ``RETINAGRADE_MODEL`` when that names a spec, else the shipped one.
+    """
+    served = os.environ.get("RETINAGRADE_MODEL", "")
+    model = ["--model", served] if served.endswith(".json") else []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    command = [sys.executable, str(HERE / "floor.py"), str(folder), *model, *options]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(done.stdout.strip().splitlines()[-1]), wall, cpu
+
+
+def summary(name: str, values: list[float]) -> str:
+    return f"{name}: median {statistics.median(values):.3g} (min {min(values):.3g}, max {max(values):.3g})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="Target a running server (loopback only) instead of starting one.")
-    parser.add_argument("--pid", type=int, help="With --url: the server's pid, to report its RSS.")
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of camera JPEGs.")
-    parser.add_argument("--requests", type=int, default=100, help="Requests per latency run.")
-    parser.add_argument("--concurrency", default="1,8", help="Comma-separated client counts.")
-    parser.add_argument("--memory-requests", type=int, default=2000, help="Requests for the memory check.")
+    parser.add_argument("--pid", type=int, help="With --url: the server's pid, for its CPU time and RSS.")
+    parser.add_argument("--photos", type=int, default=60, help="Full-size photos (camera_photos.py).")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of floor and service.")
+    parser.add_argument("--requests", type=int, default=60, help="Requests per service run (one per photo).")
+    parser.add_argument("--memory-requests", type=int, default=0, help="Requests for the memory check.")
     parser.add_argument("--multipart", action="store_true", help="Upload as multipart (default: raw body).")
     parser.add_argument("--batching", choices=["on", "off"], help="Set RETINAGRADE_BATCHING for the server.")
     args = parser.parse_args()
 
-    samples = sorted(args.images.glob("*.jp*g"))
-    if not samples:
-        raise SystemExit(f"no JPEGs in {args.images}")
-    camera = [p.read_bytes() for p in samples]
-    big = [big_jpeg(samples[0])]
+    paths = camera_photos(args.photos)
+    folder = paths[0].parent
+    images = [p.read_bytes() for p in paths]
     server = None
     if args.url:
         if urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -140,32 +170,54 @@ def main() -> None:
             env["RETINAGRADE_BATCHING"] = "true" if args.batching == "on" else "false"
         server = start_server(port, env)
         url, pid = f"http://127.0.0.1:{port}", server.pid
+    figures: dict[str, list[float]] = {}
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
             model = client.get("/health/ready").json().get("model", {})
-            for data in camera + big:  # warm the code paths once
+            for data in dict.fromkeys(images):  # warm the code paths once per distinct photo
                 client.post("/v1/grade", content=data, headers={"Content-Type": "image/jpeg"})
         print(
             f"server {url}  model {model.get('name')} {model.get('version')}  cpus {os.cpu_count()}  "
             f"load {os.getloadavg()[0]:.1f}  batching {args.batching or 'default'}  "
-            f"upload {'multipart' if args.multipart else 'raw'}"
+            f"upload {'multipart' if args.multipart else 'raw'}; {len(images)} photos 4288x2848 in {folder}"
         )
-        print(f"4288x2848 JPEG: {len(big[0]) / 1e6:.1f} MB; camera JPEGs: {len(camera)} files")
-        for name, images in (("4288x2848", big), ("camera", camera)):
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                stats = run(url, images, args.requests, concurrency, args.multipart)
-                print(
-                    f"{name:>9}  c={concurrency:<2}  p50 {stats['p50_ms']:6.1f} ms  "
-                    f"p95 {stats['p95_ms']:6.1f} ms  {stats['images_per_s']:5.1f} images/s  "
-                    f"errors {stats['errors']:.0f}"
-                )
+        for round_ in range(1, args.rounds + 1):
+            got, floor_wall, floor_cpu = floor(folder)
+            floor_rate = got["images"] / floor_wall
+            cpu_before = cpu_seconds(pid)
+            c8 = run(url, images, args.requests, 8, args.multipart)
+            server_cpu = (cpu_seconds(pid) - cpu_before) / args.requests
+            latency, _, _ = floor(folder, "--latency")
+            c1 = run(url, images, args.requests, 1, args.multipart)
+            values = {
+                "c=8 share": c8["images_per_s"] / floor_rate,
+                "c=8 cpu share": (floor_cpu / got["images"]) / server_cpu,
+                "c=1 p95 share": latency["p95_ms"] / c1["p95_ms"],
+                "c=8 images/s": c8["images_per_s"],
+                "floor images/s": floor_rate,
+                "c=1 p95 ms": c1["p95_ms"],
+                "floor p95 ms": latency["p95_ms"],
+            }
+            for key, value in values.items():
+                figures.setdefault(key, []).append(value)
+            print(
+                f"round {round_}: c=8 {c8['images_per_s']:.1f} images/s vs floor {floor_rate:.1f} "
+                f"-> {values['c=8 share']:.0%} (cpu/image {1000 * server_cpu:.0f} ms vs "
+                f"{1000 * floor_cpu / got['images']:.0f} ms -> {values['c=8 cpu share']:.0%}); "
+                f"c=1 p95 {c1['p95_ms']:.0f} ms (p50 {c1['p50_ms']:.0f}) vs floor p95 {latency['p95_ms']:.0f} ms "
+                f"-> {values['c=1 p95 share']:.0%}; errors {c8['errors'] + c1['errors']:.0f}",
+                flush=True,
+            )
+        print(f"load {os.getloadavg()[0]:.1f} at the end")
+        for key, values in figures.items():
+            scale = 100.0 if "share" in key else 1.0
+            print(summary(key + (" %" if "share" in key else ""), [scale * v for v in values]))
         if pid is not None and args.memory_requests > 0:
-            # RSS after each quarter: a leak keeps climbing, allocator warm-up levels off.
             readings = [rss_mib(pid)]
             quarter = max(1, args.memory_requests // 4)
             errors = 0.0
             for _ in range(4):
-                errors += run(url, camera + big, quarter, 8, args.multipart)["errors"]
+                errors += run(url, images, quarter, 8, args.multipart)["errors"]
                 readings.append(rss_mib(pid))
             steps = " -> ".join(f"{r:.0f}" for r in readings)
             print(f"memory: RSS MiB every {quarter} requests at c=8: {steps}  (errors {errors:.0f})")

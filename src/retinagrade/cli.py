@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO, cast
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from retinagrade.cpus import available_cpus
 from retinagrade.errors import RetinagradeError, failure_summary
 from retinagrade.files import collect_images
 
@@ -125,9 +125,12 @@ def grade(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
     model: ModelOption = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Threads reading and preparing images (2); ray: model actors (1).")
+        int | None,
+        typer.Option(min=1, help="Processes reading and grading images (2; 1: threads); ray: model actors (1)."),
     ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (2); ray: per actor (1).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime threads per worker (CPUs / workers); ray: per actor (1).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
     pair_eyes: Annotated[
         bool,
@@ -175,7 +178,8 @@ def grade(
         settings.update(cpus_per_worker=cpus_per_worker, shard_rows=shard_rows, block_size=block_size)
         raise typer.Exit(command.run(paths, output, quiet=quiet, console=err, write_csv=write_csv, **settings))
     workers = workers or 2
-    threads = threads or 2
+    # Workers x model threads = the CPUs: more threads than cores only queue for them.
+    threads = threads or max(1, available_cpus() // workers)
     files = collect_images(paths)
     if not files:
         err.print("[red]No image files found.[/red]")
@@ -458,7 +462,6 @@ def _grade_into(
     """
     from retinagrade.report import to_record
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     pairing = _Pairing(pipeline, files) if pair_eyes else None
 
     def emit(path: Path, record: ResultRecord) -> None:
@@ -470,10 +473,12 @@ def _grade_into(
 
     try:
         try:
-            with Progress(*columns, console=err, disable=quiet) as progress:
+            with _progress(quiet) as progress:
                 task = progress.add_task("grading", total=len(files))
-                # closing(): an interrupt stops the engine's worker threads here, not at interpreter exit.
-                with contextlib.closing(pipeline.grade_paths(files, workers=workers)) as outcomes:
+                # Worker processes pay for their fork from the second image each; fewer are graded in threads.
+                outcomes = pipeline.grade_paths(files, workers=workers, processes=len(files) >= 2 * workers)
+                # closing(): an interrupt stops the engine's workers here, not at interpreter exit.
+                with contextlib.closing(outcomes):
                     for path, outcome in outcomes:
                         record = to_record(path, outcome, site=site)
                         if pairing is None:
@@ -489,14 +494,45 @@ def _grade_into(
     except KeyboardInterrupt:
         err.print(f"[yellow]Interrupted after {len(records)} of {len(files)} files.[/yellow]")
         return EXIT_INTERRUPTED
-    except OSError as exc:
-        err.print(f"[red]Writing the results failed after {len(records)} rows:[/red] {escape(str(exc))}")
-        return EXIT_RUN_FAILED
     except Exception as exc:
         # The documented exit code of a run that failed (3), not Python's 1; the rows written so far are kept.
-        err.print(f"[red]The run failed unexpectedly after {len(records)} rows ({escape(failure_summary(exc))}).[/red]")
+        _say_why_the_run_failed(exc, len(records))
         return EXIT_RUN_FAILED
     return EXIT_OK
+
+
+def _say_why_the_run_failed(exc: Exception, rows: int) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(exc, BrokenProcessPool):
+        err.print(
+            f"[red]A worker process stopped without an answer (killed, or out of memory) after {rows} rows;"
+            " the rows written are kept.[/red] Grade the rest again, with fewer --workers if memory is short."
+        )
+    elif isinstance(exc, OSError):
+        err.print(f"[red]Writing the results failed after {rows} rows:[/red] {escape(str(exc))}")
+    else:
+        err.print(f"[red]The run failed unexpectedly after {rows} rows ({escape(failure_summary(exc))}).[/red]")
+
+
+class _NoProgress:
+    """What ``--quiet`` shows: nothing (and rich's progress module, 50 ms of start-up, is never imported)."""
+
+    def add_task(self, *_: object, **__: object) -> None:
+        return None
+
+    def advance(self, *_: object) -> None:
+        return None
+
+
+def _progress(quiet: bool) -> contextlib.AbstractContextManager[Any]:
+    """A progress bar on stderr (a rich ``Progress``), or nothing with ``--quiet``."""
+    if quiet:
+        return contextlib.nullcontext(_NoProgress())
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=err)
 
 
 class _Pairing:
@@ -906,8 +942,7 @@ def _grade_sample(pipeline: GradingPipeline, samples: list[Any], workers: int) -
 
     start = time.perf_counter()
     outcomes: list[Any] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err) as progress:
+    with _progress(quiet=False) as progress:
         task = progress.add_task("grading", total=len(samples))
         for _, outcome in pipeline.grade_paths([s.path for s in samples], workers=workers):
             outcomes.append(outcome)

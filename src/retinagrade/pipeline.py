@@ -3,14 +3,18 @@
 Front doors (CLI, HTTP service, evaluation) call :class:`GradingPipeline`. Its stages are separate methods so
 that a server can run the CPU-bound preparation of many requests in parallel and batch the model calls (the
 service schedules them itself); everyone else grades many images through the one batch engine,
-:meth:`GradingPipeline.grade_items` / :meth:`GradingPipeline.grade_paths`.
+:meth:`GradingPipeline.grade_items` / :meth:`GradingPipeline.grade_paths`, in worker threads or, for a
+long run on Linux, in worker processes (``processes=True``) that each grade whole images.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Mapping
@@ -18,8 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from types import MappingProxyType
+from typing import Any, TypeVar
 
+import cv2
 import numpy as np
 
 from retinagrade.constants import Status
@@ -294,24 +300,33 @@ class GradingPipeline:
 
     # -- the batch engine -------------------------------------------------------------------------------
     def grade_paths(
-        self, paths: Iterable[Path], *, workers: int | None = None, explain: bool = False
+        self, paths: Iterable[Path], *, workers: int | None = None, explain: bool = False, processes: bool = False
     ) -> Generator[tuple[Path, Outcome], None, None]:
         """Grade image files, in order; a file that cannot be read yields its error (a code, never a crash).
 
-        Files are read in the worker threads (:func:`~retinagrade.preprocessing.decode.read_image_file`,
-        which never blocks on a FIFO), so slow storage overlaps with the model too.
+        Files are read in the workers (:func:`~retinagrade.preprocessing.decode.read_image_file`, which never
+        blocks on a FIFO), so slow storage overlaps with the model too. ``processes``: see :meth:`grade_items`.
         """
-        return self._run(((path, path) for path in paths), workers=workers, explain=explain)
+        return self._run(((path, path) for path in paths), workers=workers, explain=explain, processes=processes)
 
     def grade_items(
         self,
-        items: Iterable[tuple[K, bytes | RetinagradeError]],
+        items: Iterable[tuple[K, Source]],
         *,
         workers: int | None = None,
         explain: bool = False,
+        processes: bool = False,
     ) -> Generator[tuple[K, Outcome], None, None]:
-        """Grade encoded images tagged with any key, in order; an error passed in comes out unchanged."""
-        return self._run(items, workers=workers, explain=explain)
+        """Grade encoded images (or files) tagged with any key, in order; an error passed in comes out unchanged.
+
+        With ``processes`` (and more than one worker, on Linux) each worker is a process forked from this one,
+        with this pipeline already loaded, that grades whole images: no lock between the workers' Python code,
+        and each keeps its core busy the whole time, where threads queue on the interpreter lock and on one
+        model call. The answers are the same (the model's outputs for an image do not depend on the other
+        images of its batch: ``tests/model/test_pipeline_real.py``). Worth it for a run of many images: forking
+        costs a few milliseconds per worker.
+        """
+        return self._run(items, workers=workers, explain=explain, processes=processes)
 
     def _prepare_source(self, source: Source) -> PreparedRequest | RetinagradeError:
         if isinstance(source, RetinagradeError):
@@ -332,7 +347,16 @@ class GradingPipeline:
         *,
         workers: int | None,
         explain: bool,
+        processes: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Generator[tuple[K, Outcome], None, None]:
+        workers = max(1, workers if workers is not None else min(4, available_cpus()))
+        if processes and workers > 1 and sys.platform == "linux":
+            return self._run_in_processes(items, workers=workers, explain=explain)
+        return self._run_in_threads(items, workers=workers, explain=explain, batch_size=batch_size)
+
+    def _run_in_threads(
+        self, items: Iterable[tuple[K, Source]], *, workers: int, explain: bool, batch_size: int
     ) -> Generator[tuple[K, Outcome], None, None]:
         """Prepare in threads, run the model in batches, yield in input order.
 
@@ -340,7 +364,6 @@ class GradingPipeline:
         bounded however many images come in, and each result is yielded as soon as its batch is done, so a
         caller that writes as it goes loses nothing when the run stops.
         """
-        workers = max(1, workers if workers is not None else min(4, available_cpus()))
         window = max(2 * batch_size, workers)
         pending: deque[tuple[K, Future[PreparedRequest | RetinagradeError]]] = deque()
         source = iter(items)
@@ -369,3 +392,96 @@ class GradingPipeline:
         finally:
             # A caller that stops early (Ctrl-C, a closed generator) must not wait for the whole window.
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_in_processes(
+        self, items: Iterable[tuple[K, Source]], *, workers: int, explain: bool
+    ) -> Generator[tuple[K, Outcome], None, None]:
+        """Grade whole images in forked worker processes, a few per worker in flight, yielding in input order."""
+        # Imported here: multiprocessing costs every other use of the pipeline (the service) its start-up time.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        window = 4 * workers
+        pending: deque[tuple[K, Future[Outcome] | RetinagradeError]] = deque()
+        source = iter(items)
+        # Forked, not spawned: the workers start with this pipeline loaded (its model checked and its sessions
+        # made once, here), so a worker costs milliseconds, not a second of imports and loading.
+        context = multiprocessing.get_context("fork")
+        # One process per core: OpenCV's own thread pool in each worker would only make them fight over the
+        # cores. Set here, before the fork: a forked child that reconfigures the pool it inherited (whose
+        # threads stayed in the parent) can wait forever for them. This process gets its own back at the end.
+        opencv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(self,))
+        try:
+
+            def top_up() -> None:
+                while len(pending) < window:
+                    item = next(source, None)
+                    if item is None:
+                        return
+                    key, data = item
+                    # An error known before reading needs no worker.
+                    job = data if isinstance(data, RetinagradeError) else pool.submit(_grade_in_worker, data, explain)
+                    pending.append((key, job))
+
+            top_up()
+            while pending:
+                key, job = pending.popleft()
+                top_up()
+                yield key, job if isinstance(job, RetinagradeError) else _restored(job.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            cv2.setNumThreads(opencv_threads)
+
+
+# -- worker processes of the batch engine ------------------------------------------------------------------
+
+#: The pipeline of this worker process (set when the worker starts; None in every other process).
+_WORKER: GradingPipeline | None = None
+#: Sessions a worker inherited but cannot use; never released (see :func:`_start_worker`).
+_INHERITED: list[Any] = []
+
+
+def _start_worker(pipeline: GradingPipeline) -> None:
+    """Set up a forked worker of :meth:`GradingPipeline.grade_items` (``processes=True``)."""
+    global _WORKER
+    # Ctrl-C in a terminal reaches the whole process group; the parent stops the run and its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pipeline.grader.threads > 1:
+        # A session with intra-op threads lost them in the fork; this worker makes its own. The inherited one
+        # is kept: releasing it would join threads that do not exist in this process.
+        _INHERITED.append(pipeline.grader)
+        pipeline = copy.copy(pipeline)
+        pipeline.grader = OnnxGrader(pipeline.spec, threads=pipeline.grader.threads)
+    _WORKER = pipeline
+
+
+def _grade_in_worker(source: bytes | Path, explain: bool) -> Outcome:
+    """One image graded in a worker process, made picklable for the way back."""
+    pipeline = _WORKER
+    assert pipeline is not None, "called outside a worker started by _start_worker"
+    prepared = pipeline._prepare_source(source)
+    if isinstance(prepared, RetinagradeError):
+        outcome: Outcome = prepared
+    else:
+        outcome = pipeline.finish(prepared, pipeline.infer([prepared])[0], explain=explain)
+    return _portable(outcome)
+
+
+def _portable(outcome: Outcome) -> Outcome:
+    """The outcome with its read-only metadata mapping (which pickle refuses) as a plain dict."""
+    if isinstance(outcome, GradeResult):
+        return dataclasses.replace(outcome, metadata=dict(outcome.metadata))
+    if "metadata" in vars(outcome):
+        outcome.metadata = dict(outcome.metadata)
+    return outcome
+
+
+def _restored(outcome: Outcome) -> Outcome:
+    """The outcome as the worker had it: its metadata read-only again."""
+    if isinstance(outcome, GradeResult):
+        return dataclasses.replace(outcome, metadata=MappingProxyType(dict(outcome.metadata)))
+    if "metadata" in vars(outcome):
+        outcome.metadata = MappingProxyType(dict(outcome.metadata))
+    return outcome

@@ -121,3 +121,21 @@ def test_batch_keeps_good_results_beside_bad_ones(grading_pipeline, left_eye_pho
     assert isinstance(results[1], EmptyImageError)
     assert results[0].status == results[2].status
     assert results[0].decision == results[2].decision
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_model_answers_for_an_image_do_not_depend_on_its_batch(grading_pipeline, shared_data: Path, threads) -> None:
+    # The batch engine's worker processes run the model one image at a time on one thread, its threads in
+    # batches of 8: both must give the same bits, or the CLI's answers would depend on how it was run. (The
+    # class-activation maps of a session with 2 threads may differ in the last bits; they are no answer.)
+    from retinagrade.inference.grader import OnnxGrader
+    from retinagrade.preprocessing.pipeline import batch_tensor
+
+    grader = OnnxGrader(grading_pipeline.spec, threads=threads)
+    photos = sorted((shared_data / "raw-fundus-samples/images").glob("*.jpeg"))
+    images = [grading_pipeline.prepare(p.read_bytes()).prepared.model_image for p in photos]
+    together = grader.run(batch_tensor(images, grading_pipeline.spec.preprocess))
+    for i, image in enumerate(images):
+        alone = grader.run(batch_tensor([image], grading_pipeline.spec.preprocess))
+        assert np.array_equal(alone.logits[0], together.logits[i]), photos[i].name
+        assert np.array_equal(alone.regression, together.regression[i : i + 1]), photos[i].name

@@ -276,3 +276,31 @@ def test_the_ray_engine_refuses_an_output_that_names_a_file(tmp_path: Path, phot
     assert not target.exists()  # no folder named like a file
     stem = name.split(".")[0]
     assert f"--output{tmp_path / stem}/--csv" in "".join(result.output.split())  # whatever the terminal width
+
+
+def test_a_worker_process_that_dies_fails_the_run_and_keeps_the_rows(
+    tmp_path: Path, photo: bytes, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinagrade.pipeline import GradingPipeline, PreparedRequest
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"a{i}.jpg").write_bytes(photo)
+    (folder / "z.jpg").write_bytes(b"die")  # sorted last: the rows before it finish first
+    prepare = GradingPipeline.prepare
+
+    def dying(self: GradingPipeline, data: bytes) -> PreparedRequest:
+        if data == b"die":
+            os._exit(70)  # as the kernel's out-of-memory killer ends a process
+        return prepare(self, data)
+
+    monkeypatch.setattr(GradingPipeline, "prepare", dying)
+    out = tmp_path / "r.csv"
+    code, output = _grade(folder, "-o", out, "--workers", "2", model=model_path)
+    assert code == EXIT_RUN_FAILED, output
+    assert "worker process stopped" in " ".join(output.split())
+    # The images in flight when the worker died are lost with it; every row before them stays, in order.
+    written = [r["image"] for r in _rows(out)]
+    assert written == [str(folder / f"a{i}.jpg") for i in range(len(written))]
+    assert all(r["status"] in ("graded", "ungradable", "not_fundus") for r in _rows(out))

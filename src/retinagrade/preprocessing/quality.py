@@ -37,7 +37,7 @@ from retinagrade.errors import ModelError
 from retinagrade.preprocessing.decode import DecodedImage
 from retinagrade.preprocessing.pipeline import PreparedImage
 from retinagrade.preprocessing.quality_detector import DetectorBackbone, DetectorParams, FundusDetector
-from retinagrade.preprocessing.quality_features import FEATURE_NAMES, compute_quality_features
+from retinagrade.preprocessing.quality_features import FEATURE_NAMES, SURROUND_SIDE, compute_quality_features, overview
 
 __all__ = ["FEATURE_NAMES", "compute_quality_features"]
 
@@ -441,5 +441,7 @@ def assess_quality(
     """
     if params.detector is not None and detector is None:
         raise ValueError("this gate has a fundus detector: open it with open_detector(params)")
-    fundus_score = detector.probability(decoded.rgb) if detector is not None else None
-    return decide(compute_quality_features(decoded, prepared), params, fundus_score)
+    # One thumbnail for the surround features and, when it has the same side, the detector (the same pixels).
+    surround = overview(decoded.rgb, SURROUND_SIDE)
+    fundus_score = detector.probability(decoded.rgb, surround) if detector is not None else None
+    return decide(compute_quality_features(decoded, prepared, surround), params, fundus_score)

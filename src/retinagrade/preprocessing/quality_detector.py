@@ -25,17 +25,23 @@ _MEAN: Final[float] = 127.5
 _STD: Final[float] = 127.5
 
 
-def detector_thumbnail(rgb: np.ndarray, side: int) -> np.ndarray:
+def detector_thumbnail(rgb: np.ndarray, side: int, shrunk: np.ndarray | None = None) -> np.ndarray:
     """The whole image letterboxed on black into ``side`` x ``side`` (uint8 RGB), aspect ratio kept.
 
     Black padding, because a camera's surround is black: padding adds nothing a fundus photo lacks, so a
     wide or tall non-fundus image does not gain a cue the network could mistake for a camera's field stop.
+    ``shrunk`` is ``rgb`` already area-averaged to a longer side of ``side``
+    (:func:`~retinagrade.preprocessing.quality_features.overview`), which the quality features also use; it
+    is taken only where this function would have made exactly that array.
     """
     h, w = rgb.shape[:2]
     scale = side / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    small = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=interp)
+    if shrunk is not None and scale < 1.0 and shrunk.shape[:2] == (nh, nw):
+        small = shrunk
+    else:
+        interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+        small = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=interp)
     out = np.zeros((side, side, 3), np.uint8)
     y0, x0 = (side - nh) // 2, (side - nw) // 2
     out[y0 : y0 + nh, x0 : x0 + nw] = small
@@ -135,6 +141,7 @@ class FundusDetector:
         self.params = params
         self.backbone = backbone
 
-    def probability(self, rgb: np.ndarray) -> float:
-        thumb = detector_thumbnail(rgb, self.params.input_side)
+    def probability(self, rgb: np.ndarray, shrunk: np.ndarray | None = None) -> float:
+        """P(colour fundus photo) of ``rgb``; ``shrunk`` as :func:`detector_thumbnail` takes it."""
+        thumb = detector_thumbnail(rgb, self.params.input_side, shrunk)
         return float(self.params.probability(self.backbone.features([thumb]))[0])

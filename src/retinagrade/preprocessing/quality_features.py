@@ -15,12 +15,13 @@ import cv2
 import numpy as np
 
 from retinagrade.preprocessing.decode import DecodedImage
+from retinagrade.preprocessing.fundus import brightest_channel
 from retinagrade.preprocessing.pipeline import PreparedImage
 
 #: Side of the square crop all crop features are measured on.
 FEATURE_SIDE: Final[int] = 224
 #: Longest side of the thumbnail the surround (outside the field of view) is measured on.
-_SURROUND_SIDE: Final[int] = 128
+SURROUND_SIDE: Final[int] = 128
 #: A pixel whose brightest channel is below this (0-255) counts as black surround / underexposed.
 _DARK_LEVEL: Final[float] = 25.0
 #: A pixel whose brightest channel reaches this counts as saturated.
@@ -62,16 +63,31 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
 )
 
 
+def overview(rgb: np.ndarray, side: int) -> np.ndarray:
+    """The whole image area-averaged down to a longer side of ``side`` pixels; ``rgb`` itself when not longer.
+
+    The surround features and the gate's detector both start from this thumbnail: computed once, it serves both.
+    """
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    if scale >= 1.0:
+        return rgb
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 def _masked_std(values: np.ndarray, mask: np.ndarray) -> float:
     selected = values[mask]
     return float(selected.std()) if selected.size else 0.0
 
 
-def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> dict[str, float]:
+def compute_quality_features(
+    decoded: DecodedImage, prepared: PreparedImage, surround: np.ndarray | None = None
+) -> dict[str, float]:
     """Hand-crafted image-quality and fundus-likeness features (a few ms for a 224-448 px crop).
 
     Intensities are on a 0-1 scale. Crop features are measured inside the disc mask of the raw-colour crop
-    resized to :data:`FEATURE_SIDE`; surround features on a thumbnail of the decoded image.
+    resized to :data:`FEATURE_SIDE`; surround features on a thumbnail of the decoded image, ``surround`` when
+    the caller already made it (``overview(decoded.rgb, SURROUND_SIDE)``).
 
     Returns:
         One float per name in :data:`FEATURE_NAMES`.
@@ -92,8 +108,8 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
     pixels = image[inner].astype(np.float32) / 255.0  # N x 3, the disc only
     r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
     lum_in = 0.299 * r + 0.587 * g + 0.114 * b
-    vmax = pixels.max(axis=1)
-    vmin = pixels.min(axis=1)
+    vmax = np.maximum(np.maximum(r, g), b)
+    vmin = np.minimum(np.minimum(r, g), b)
     p05, p50, p95 = (float(v) for v in np.percentile(lum_in, (5, 50, 95)))
     lum_mean = float(lum_in.mean())
     mean_r, mean_g, mean_b = float(r.mean()), float(g.mean()), float(b.mean())
@@ -150,24 +166,23 @@ def compute_quality_features(decoded: DecodedImage, prepared: PreparedImage) -> 
             min(2.0 * min(geometry.rx, geometry.ry), float(min(decoded.rgb.shape[:2]))) / max(decoded.scale, _EPS)
         ),
     }
-    features.update(_surround_features(decoded.rgb, prepared, 255.0 * float(np.median(vmax))))
+    small = surround if surround is not None else overview(decoded.rgb, SURROUND_SIDE)
+    features.update(_surround_features(decoded.rgb, small, prepared, 255.0 * float(np.median(vmax))))
     return features
 
 
-def _surround_features(rgb: np.ndarray, prepared: PreparedImage, disc_level: float) -> dict[str, float]:
+def _surround_features(
+    rgb: np.ndarray, small: np.ndarray, prepared: PreparedImage, disc_level: float
+) -> dict[str, float]:
     """How dark the frame is outside the field of view and in its four corners (a camera's black surround).
 
-    A pixel counts as dark when its brightest channel is below ``max(25, 0.35 x disc_level)`` (0-255):
-    relative, because EyeQ's equalisation lifts the black surround to a noisy dark purple.
+    ``small`` is the thumbnail of ``rgb`` it is measured on. A pixel counts as dark when its brightest channel is
+    below ``max(25, 0.35 x disc_level)`` (0-255): relative, because EyeQ's equalisation lifts the black
+    surround to a noisy dark purple.
     """
     geometry = prepared.geometry
     h, w = rgb.shape[:2]
-    scale = min(1.0, _SURROUND_SIDE / max(h, w))
-    if scale < 1.0:
-        small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    else:
-        small = rgb
-    value = small.max(axis=2).astype(np.float32)
+    value = brightest_channel(small).astype(np.float32)
     dark = value < max(_DARK_LEVEL, _RELATIVE_DARK * disc_level)
     sh, sw = value.shape
     # Corners: a circular field of view on a rectangular sensor leaves them black, also when the disc is

@@ -142,6 +142,18 @@ def test_to_tensor_layout_and_normalisation():
     assert np.all(batch[1] == 0)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_to_tensor_gives_the_bits_of_stack_convert_normalise_transpose(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    images = [(rng.random((16, 16, 3)) * 255).astype(dtype) for _ in range(3)]
+    images.append(images[0][:, ::-1])  # a flipped view, as training's augmentation makes
+    mean, std = (128.0, 120.5, 131.25), (128.0, 60.3, 77.7)
+    plain = np.stack(images).astype(np.float32)
+    plain -= np.asarray(mean, np.float32)
+    plain /= np.asarray(std, np.float32)
+    assert np.array_equal(to_tensor(images, mean, std), plain.transpose(0, 3, 1, 2))
+
+
 # -- Real photographs --------------------------------------------------------------------------------------
 
 

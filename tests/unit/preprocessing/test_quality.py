@@ -38,6 +38,7 @@ from retinagrade.preprocessing.quality import (
     outrank_with_referable,
 )
 from retinagrade.preprocessing.quality_detector import FundusDetector, detector_thumbnail
+from retinagrade.preprocessing.quality_features import SURROUND_SIDE, overview
 
 GATE_FILE = Path(__file__).resolve().parents[3] / "models" / "gate.json"
 
@@ -227,6 +228,15 @@ def test_detector_thumbnail_letterboxes_on_black() -> None:
     assert thumb.shape == (128, 128, 3) and thumb.dtype == np.uint8
     assert thumb[:40].max() == 0 and thumb[-40:].max() == 0  # padding above and below the 128 x 32 image
     assert thumb[64, 10:118].min() == 200
+
+
+@pytest.mark.parametrize("shape", [(712, 1072, 3), (1072, 712, 3), (90, 120, 3), (64, 2000, 3)])
+def test_detector_takes_the_surround_thumbnail_only_where_it_is_the_same(shape: tuple[int, int, int]) -> None:
+    rgb = np.random.default_rng(5).integers(0, 256, shape, dtype=np.uint8)
+    shared = overview(rgb, SURROUND_SIDE)
+    assert np.array_equal(detector_thumbnail(rgb, SURROUND_SIDE, shared), detector_thumbnail(rgb, SURROUND_SIDE))
+    # A detector of another side makes its own.
+    assert np.array_equal(detector_thumbnail(rgb, 96, shared), detector_thumbnail(rgb, 96))
 
 
 def test_detector_file_that_does_not_match_its_checksum_is_refused(gate: GateParams, tmp_path: Path) -> None:
