@@ -164,9 +164,16 @@ def _components(finding: EyeFinding) -> list[dict[str, Any]]:
     return parts
 
 
-def _observation(
-    item: FhirItem, device_ref: str, patient_ref: str | None, study_ref: str | None, now: str
+def _observation_of(
+    item: FhirItem,
+    code: dict[str, Any],
+    components: list[dict[str, Any]],
+    device_ref: str,
+    patient_ref: str | None,
+    study_ref: str | None,
+    now: str,
 ) -> dict[str, Any]:
+    """What every Observation of one photograph says: who, which eye, which image, by which device, when."""
     finding = item.finding
     obs: dict[str, Any] = {
         "resourceType": "Observation",
@@ -174,11 +181,11 @@ def _observation(
         "category": [
             {"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]},
         ],
-        "code": _codeable(SEVERITY[finding.laterality]),
+        "code": code,
         "effectiveDateTime": now,
         "issued": now,
         "device": {"reference": device_ref},
-        "component": _components(finding),
+        "component": components,
         "note": [{"text": f"Image: {_text(item.name) or 'unnamed'}"}],
     }
     sop_uid = _uid(finding.metadata.get("SOPInstanceUID"))
@@ -190,6 +197,16 @@ def _observation(
         obs["derivedFrom"] = [{"reference": study_ref}]
     if finding.laterality is not None:
         obs["bodySite"] = _codeable(EYE_SITE[finding.laterality])
+    return obs
+
+
+def _observation(
+    item: FhirItem, device_ref: str, patient_ref: str | None, study_ref: str | None, now: str
+) -> dict[str, Any]:
+    """The retinopathy severity of one photograph (or why it has none), with the referral and its reason."""
+    finding = item.finding
+    code = _codeable(SEVERITY[finding.laterality])
+    obs = _observation_of(item, code, _components(finding), device_ref, patient_ref, study_ref, now)
     if finding.grade is not None:
         obs["valueCodeableConcept"] = _codeable(ICDR_ANSWERS[finding.grade])
         obs["interpretation"] = [{"text": "referable" if finding.referable else "not referable"}]
@@ -207,24 +224,9 @@ def _dme_observation(
     finding = item.finding
     if finding.dme is None or finding.p_dme is None:
         return None
-    obs: dict[str, Any] = {
-        "resourceType": "Observation",
-        "status": "preliminary",
-        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
-        "code": _codeable(DME),
-        "effectiveDateTime": now,
-        "issued": now,
-        "device": {"reference": device_ref},
-        "valueCodeableConcept": _yes_no(finding.dme),
-        "component": [{"code": _codeable(P_DME), "valueQuantity": _unitless(finding.p_dme)}],
-        "note": [{"text": f"Image: {item.name}"}],
-    }
-    if patient_ref is not None:
-        obs["subject"] = {"reference": patient_ref}
-    if study_ref is not None:
-        obs["derivedFrom"] = [{"reference": study_ref}]
-    if finding.laterality is not None:
-        obs["bodySite"] = _codeable(EYE_SITE[finding.laterality])
+    components = [{"code": _codeable(P_DME), "valueQuantity": _unitless(finding.p_dme)}]
+    obs = _observation_of(item, _codeable(DME), components, device_ref, patient_ref, study_ref, now)
+    obs["valueCodeableConcept"] = _yes_no(finding.dme)
     return obs
 
 
