@@ -19,8 +19,10 @@ def test_raw_camera_photos_pass_the_gate_and_are_graded(grading_pipeline, shared
             d = result.decision
             assert d is not None and 0 <= d.grade <= 4
             assert abs(sum(d.probabilities) - 1.0) < 1e-6
-            assert d.referable == (d.p_referable >= grading_pipeline.spec.referable_threshold)
-            assert (d.grade >= 2) == d.referable
+            # Referred for a referable grade, or for the risk at the operating point; the grade is never rewritten.
+            at_risk = d.p_referable >= grading_pipeline.spec.referable_threshold
+            assert d.referable == (d.grade >= 2 or at_risk)
+            assert d.referral_reason == ("grade" if d.grade >= 2 else "risk" if at_risk else "none")
     assert statuses.pop("6834_left") == "ungradable"  # EyeQ "Reject", very dark
     assert set(statuses.values()) == {"graded"}
 
