@@ -1105,7 +1105,7 @@ def fit_gate(
     workers: Annotated[int, typer.Option(help="Processes measuring images.")] = 2,
 ) -> None:
     """Measure every image, fit the not-a-fundus detector and the gradability score, validate, write the gate."""
-    from retinagrade.training.gate.fit import fit_gate as run_fit_gate
+    from retinagrade.training.gate.build import fit_gate as run_fit_gate
 
     if not data.is_dir():
         err.print(f"[red]data folder {data} does not exist[/red] (pass --data or set RETINAGRADE_DATA)")

@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from retinagrade.cluster import RAY_MISSING
 from retinagrade.errors import RetinagradeError
-
-RAY_MISSING = "the ray engine needs the [cluster] extra: pip install 'retinagrade[cluster]'"
 
 
 def run(

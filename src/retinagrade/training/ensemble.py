@@ -83,8 +83,7 @@ def load_ensemble(run_dirs: list[Path]) -> tuple[TailEnsemble, dict[str, Any]]:
     """The tails of several runs on their shared stem (checked identical) and the first run's config."""
     import torch
 
-    from retinagrade.training.export import load_run_model
-    from retinagrade.training.model import TailEnsemble
+    from retinagrade.training.model import TailEnsemble, load_run_model
 
     loaded = [load_run_model(d) for d in run_dirs]
     net, cfg = loaded[0]

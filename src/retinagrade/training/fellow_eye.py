@@ -28,6 +28,7 @@ import numpy as np
 from retinagrade.constants import NUM_GRADES, REFERABLE_MIN_GRADE
 from retinagrade.eyes import eye_from_name, fellow, fuse_logits
 from retinagrade.referral import Eye
+from retinagrade.training.decisions import travelling_operating_point
 from retinagrade.training.metrics import _auc_or_nan, bootstrap_ci, softmax
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -207,10 +208,8 @@ def choose_rule(
     single-image decision narrows them to the held-out sources. The weight is the one with the best mean
     image-level AUC over those with fellow eyes and per-eye labels (sources labelled per patient only when
     there is no other); the fused operating point is chosen like the single-image one
-    (:func:`~retinagrade.training.train.travelling_operating_point`).
+    (:func:`~retinagrade.training.decisions.travelling_operating_point`).
     """
-    from retinagrade.training.train import travelling_operating_point
-
     present = sorted(set(paired.sources.tolist()))
     calibration = [s for s in calibration_sources if s in present] or present
     report = measure(paired, temperature)
