@@ -7,7 +7,6 @@ order, the same path strings in the ``image`` column).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -57,6 +56,8 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
 
 def sha256_file(path: Path) -> str:
     """The file's sha256, hex, read a megabyte at a time."""
+    import hashlib  # OpenSSL's bindings, 3 ms that listing files (the CLI's start) does not need
+
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
