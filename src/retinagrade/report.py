@@ -325,7 +325,7 @@ def open_writer(
         context: the model behind the records, for formats that state it (FHIR names it as a Device).
 
     Raises:
-        ValueError: an unknown format.
+        ValueError: an unknown format, or one whose optional extra is not installed.
         OSError: the file cannot be created (``FileExistsError`` when it exists and ``overwrite`` is off).
     """
     if fmt is None:

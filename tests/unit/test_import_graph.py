@@ -156,6 +156,21 @@ def test_no_top_level_module_or_package_is_in_an_import_cycle() -> None:
     assert not found, "import cycles between top-level modules and packages:\n" + describe(graph, found)
 
 
+def test_a_module_that_a_registry_loads_by_name_imports_the_registry_and_not_the_other_way_round() -> None:
+    from retinagrade.preprocessing.decode import DECODER_MODULES
+    from retinagrade.report import PLUGGED_FORMATS
+
+    tables = {
+        "retinagrade.preprocessing.decode": list(DECODER_MODULES.values()),
+        "retinagrade.report": [plugged.module for plugged in PLUGGED_FORMATS.values()],
+    }
+    for registry, modules in tables.items():
+        for module in modules:
+            assert module in GRAPH, f"{registry} names {module}, which is no module of the package"
+            assert registry in GRAPH[module], f"{module} does not import {registry}, so cannot register there"
+            assert module not in GRAPH[registry], f"{registry} imports {module}: a cycle the registry was for"
+
+
 def test_the_graph_sees_lazy_relative_type_only_and_submodule_imports() -> None:
     sources = {
         "retinagrade": ("", True),
