@@ -1,4 +1,5 @@
-"""Which files a run grades: the paths given, and the image entries found in folders, in a stable order.
+"""Which files a run grades: the paths given, and the image entries found in folders, in a stable order;
+and a file's content hash, which the model, gate and detector files are checked against.
 
 Shared by the CLI and the cluster engine, so that both list a folder identically (the same rows in the same
 order, the same path strings in the ``image`` column).
@@ -51,3 +52,14 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
             is_folder = False  # missing, a broken link or a loop: its row will say so
         found.extend(_walk(path) if is_folder else [path])
     return found
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex, read a megabyte at a time."""
+    import hashlib  # OpenSSL's bindings, 3 ms that listing files (the CLI's start) does not need
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

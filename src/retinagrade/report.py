@@ -2,7 +2,13 @@
 
 Every door reports from :class:`ResultRecord`: the CLI writes records with a writer from the registry, the
 service builds its response and its audit row from a record, and evaluation reads the typed results. A new
-output format is one class registered here (:func:`register_writer`), not an edit of four files.
+output format is one class registered with :func:`register_writer`, not an edit of four files.
+
+A format whose writer needs an optional extra lives with that extra's code and registers itself there: Parquet
+in :mod:`retinagrade.cluster.records` (``[cluster]``), the FHIR Bundle in :mod:`retinagrade.interop.fhir`
+(``[dicom]``). This module knows such a format only by name, suffixes and module (:data:`PLUGGED_FORMATS`) and
+imports the module when the format is first asked for, so pyarrow and fhir.resources load only for their output,
+and the writers import this module, never the other way round.
 
 Writers stream: each record is written and flushed as it arrives, so an interrupted run keeps every row
 that finished. Text cells that a spreadsheet would run as a formula are neutralised in CSV.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -222,7 +229,33 @@ class RunContext:
     site: str = ""
 
 
+@dataclass(frozen=True)
+class PluggedFormat:
+    """A format whose writer is registered by the module of its optional extra, as that module is imported.
+
+    Attributes:
+        title: the format's name in messages.
+        suffixes: the file suffixes it is chosen by (known before its module is imported).
+        module: the module that registers its writer.
+        needs: the packages of the extra the writer uses (checked before an output file is created).
+        extra: the extra that installs them.
+    """
+
+    title: str
+    suffixes: tuple[str, ...]
+    module: str
+    needs: tuple[str, ...]
+    extra: str
+
+
 WRITERS: dict[str, WriterEntry] = {}
+#: Formats whose writers live with their optional extra's code, imported when the format is first asked for.
+PLUGGED_FORMATS: Final[Mapping[str, PluggedFormat]] = MappingProxyType(
+    {
+        "parquet": PluggedFormat("Parquet", (".parquet",), "retinagrade.cluster.records", ("pyarrow",), "cluster"),
+        "fhir": PluggedFormat("FHIR", (".fhir.json",), "retinagrade.interop.fhir", ("fhir.resources",), "dicom"),
+    }
+)
 
 
 def register_writer(
@@ -237,14 +270,43 @@ def register_writer(
     return register
 
 
+def _suffixes() -> set[tuple[str, str]]:
+    """(suffix, format) of every format, registered or plugged."""
+    named: list[tuple[str, tuple[str, ...]]] = [(name, entry.suffixes) for name, entry in WRITERS.items()]
+    named.extend((name, plugged.suffixes) for name, plugged in PLUGGED_FORMATS.items())
+    return {(suffix, name) for name, suffixes in named for suffix in suffixes}
+
+
 def format_for(path: Path) -> str:
-    """The registered format whose suffix the file name ends with (longest suffix first, ``.fhir.json``)."""
+    """The format whose suffix the file name ends with (longest suffix first, ``.fhir.json``)."""
     lowered = path.name.lower()
-    matches = [(len(s), e.name) for e in WRITERS.values() for s in e.suffixes if lowered.endswith(s)]
+    matches = [(len(suffix), name) for suffix, name in _suffixes() if lowered.endswith(suffix)]
     if not matches:
-        known = ", ".join(sorted(s for e in WRITERS.values() for s in e.suffixes))
+        known = ", ".join(sorted(suffix for suffix, _ in _suffixes()))
         raise ValueError(f"no output format for {path.name!r}; use one of {known}")
     return max(matches)[1]
+
+
+def writer_entry(fmt: str) -> WriterEntry:
+    """The registered format ``fmt``; a plugged format's module is imported first (it registers the writer).
+
+    Raises:
+        ValueError: an unknown format, or a plugged one whose extra is not installed.
+    """
+    plugged = PLUGGED_FORMATS.get(fmt)
+    if plugged is not None:
+        try:
+            for name in (*plugged.needs, plugged.module):
+                importlib.import_module(name)  # a no-op once imported
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] not in {need.split(".")[0] for need in plugged.needs}:
+                raise
+            install = f"pip install 'retinagrade[{plugged.extra}]'"
+            raise ValueError(f"{plugged.title} output needs the [{plugged.extra}] extra: {install}") from None
+    if fmt not in WRITERS:
+        known = sorted({*WRITERS, *PLUGGED_FORMATS})
+        raise ValueError(f"unknown output format {fmt!r}; known: {', '.join(known)}")
+    return WRITERS[fmt]
 
 
 def open_writer(
@@ -263,20 +325,15 @@ def open_writer(
         context: the model behind the records, for formats that state it (FHIR names it as a Device).
 
     Raises:
-        ValueError: an unknown format.
+        ValueError: an unknown format, or one whose optional extra is not installed.
         OSError: the file cannot be created (``FileExistsError`` when it exists and ``overwrite`` is off).
     """
     if fmt is None:
         if not isinstance(target, Path):
             raise ValueError("give the format of a stream")
         fmt = format_for(target)
-    if fmt not in WRITERS:
-        raise ValueError(f"unknown output format {fmt!r}; known: {', '.join(sorted(WRITERS))}")
-    entry = WRITERS[fmt]
+    entry = writer_entry(fmt)  # a writer that cannot work here refuses before its file is created
     args: tuple[Any, ...] = (context or RunContext(),) if entry.context else ()
-    check = getattr(entry.factory, "check", None)
-    if check is not None:
-        check()  # a writer that cannot work here refuses before its file is created
     if not isinstance(target, Path):
         return entry.factory(target, *args)
     try:
@@ -384,67 +441,7 @@ class JsonLinesWriter:
         self._stream.flush()
 
 
-@register_writer("parquet", (".parquet",), binary=True)
-class ParquetFileWriter:
-    """Parquet in the cluster engine's table layout (:class:`retinagrade.cluster.records.ParquetWriter`).
-
-    pyarrow comes with the ``[cluster]`` extra. Unlike CSV, a Parquet file is readable only once closed:
-    Ctrl-C keeps its rows, a killed run does not (the cluster engine's shards are what survives a kill).
-    """
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        from retinagrade.cluster.records import ParquetWriter
-
-        self._writer = ParquetWriter(stream)
-
-    @staticmethod
-    def check() -> None:
-        """Raises ValueError when pyarrow (the [cluster] extra) is missing."""
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ValueError("Parquet output needs the [cluster] extra: pip install 'retinagrade[cluster]'") from None
-
-    def write(self, record: ResultRecord) -> None:
-        self._writer.write(record)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 #: CSV columns: the first twelve in the order the CLI has always written them, then the newer fields.
-@register_writer("fhir", (".fhir.json",), context=True)
-class FhirBundleWriter:
-    """A FHIR R4 Bundle (:mod:`retinagrade.interop.fhir`, the ``[dicom]`` extra).
-
-    A Bundle is one JSON document whose per-patient reports need all of a patient's eyes, so records are kept
-    and the Bundle is written by :meth:`close`; an interrupted run still gets the Bundle of what finished.
-    """
-
-    def __init__(self, stream: IO[str], context: RunContext) -> None:
-        self._stream = stream
-        self._context = context
-        self._records: list[ResultRecord] = []
-
-    @staticmethod
-    def check() -> None:
-        """Raises ValueError when fhir.resources (the [dicom] extra), which validates the Bundle, is missing."""
-        try:
-            import fhir.resources  # noqa: F401
-        except ImportError:
-            raise ValueError("FHIR output needs the [dicom] extra: pip install 'retinagrade[dicom]'") from None
-
-    def write(self, record: ResultRecord) -> None:
-        self._records.append(record)
-
-    def close(self) -> None:
-        from retinagrade.interop.fhir import bundle_from_records
-
-        json.dump(bundle_from_records(self._records, self._context), self._stream, indent=1)
-        self._stream.write("\n")
-        self._stream.flush()
-
-
 CSV_COLUMNS: Final[tuple[str, ...]] = (
     "image",
     "status",

@@ -209,7 +209,7 @@ def test_sigterm_keeps_a_complete_output_like_ctrl_c(
     driver = (
         "import os, signal, sys\n"
         "from retinagrade import pipeline, report\n"
-        "cls = report.FhirBundleWriter if sys.argv[1].endswith('.fhir.json') else report.JsonWriter\n"
+        "cls = report.writer_entry('fhir').factory if sys.argv[1].endswith('.fhir.json') else report.JsonWriter\n"
         "write, seen, load = cls.write, [], pipeline.GradingPipeline.load.__func__\n"
         "def counting(self, record):\n"
         "    write(self, record)\n"

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,18 @@ from retinagrade.errors import CorruptImageError
 from retinagrade.inference.postprocess import GradeDecision
 from retinagrade.pipeline import GradeResult
 from retinagrade.preprocessing.quality import QualityAssessment
-from retinagrade.report import CSV_COLUMNS, WRITERS, format_for, open_writer, printable_name, to_record
+from retinagrade.report import (
+    CSV_COLUMNS,
+    PLUGGED_FORMATS,
+    WRITERS,
+    format_for,
+    open_writer,
+    printable_name,
+    to_record,
+    writer_entry,
+)
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _graded(grade: int = 4, referable: bool = True) -> GradeResult:
@@ -142,3 +155,54 @@ def test_a_file_name_that_is_not_utf8_is_written_not_crashed_on(tmp_path: Path) 
         writer.close()
         assert "caf\\\\xe9" in path.read_text() or "caf\\xe9" in path.read_text()
         path.read_bytes().decode("utf-8")  # strict UTF-8 throughout
+
+
+@pytest.mark.parametrize("fmt", sorted(PLUGGED_FORMATS))
+def test_a_plugged_format_is_registered_by_its_module_with_the_suffixes_announced(fmt: str) -> None:
+    plugged = PLUGGED_FORMATS[fmt]
+    for need in plugged.needs:
+        pytest.importorskip(need, reason=f"needs the [{plugged.extra}] extra ({need})")
+    entry = writer_entry(fmt)
+    assert entry.suffixes == plugged.suffixes
+    assert entry.factory.__module__ == plugged.module  # the writer lives with its extra's code
+    assert all(format_for(Path(f"r{suffix}")) == fmt for suffix in plugged.suffixes)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "missing", "message"),
+    [
+        (".parquet", "pyarrow", "Parquet output needs the [cluster] extra"),
+        (".fhir.json", "fhir.resources", "FHIR output needs the [dicom] extra"),
+    ],
+)
+def test_a_format_whose_extra_is_missing_is_refused_before_its_file_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, missing: str, message: str
+) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import missing` raise ImportError
+    path = tmp_path / f"r{suffix}"
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        open_writer(path)
+    assert not path.exists()
+
+
+def test_the_extras_load_only_for_their_own_format(tmp_path: Path) -> None:
+    """A CSV run imports neither pyarrow nor fhir.resources (nor the modules that use them), though it knows
+    both formats by their suffixes."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from retinagrade.errors import CorruptImageError\n"
+        "from retinagrade.report import format_for, open_writer, to_record\n"
+        "assert format_for(Path('r.parquet')) == 'parquet' and format_for(Path('r.fhir.json')) == 'fhir'\n"
+        "writer = open_writer(Path(sys.argv[1]))\n"
+        "writer.write(to_record('a.jpg', CorruptImageError('damaged')))\n"
+        "writer.close()\n"
+        "loaded = [m for m in ('pyarrow', 'fhir.resources', 'retinagrade.cluster.records', 'retinagrade.interop.fhir')"
+        " if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    out = tmp_path / "r.csv"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().count("\n") == 2

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pyarrow as pa
 
-from retinagrade.cluster.command import RAY_MISSING
+from retinagrade.cluster import RAY_MISSING
 from retinagrade.cluster.inputs import collect_inputs, read_source
 from retinagrade.cluster.records import item_key, rows_table, to_row
 from retinagrade.cluster.shards import OutputFolder, new_run_id, summarize

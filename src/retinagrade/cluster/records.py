@@ -3,7 +3,8 @@
 Every door reports from ``ResultRecord``; this module only lays a record out as one flat, typed Parquet row
 (probabilities as ``p0``..``p4``, metadata as one column per DICOM keyword, as in the CSV) and back, so
 the CSV written from the merged table is the local engine's own CSV writer's output for the same records.
-The one column added is ``key``, what makes a run resumable.
+The one column added is ``key``, what makes a run resumable. :class:`ParquetWriter` is the report registry's
+``parquet`` format (``grade -o results.parquet``), registered as this module is imported.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retinagrade.constants import METADATA_KEYS, NUM_GRADES
-from retinagrade.report import ResultRecord
+from retinagrade.report import ResultRecord, register_writer
 
 #: A read failure says nothing about the image (a network blip, a file not yet copied): a resumed run
 #: retries it. Every other outcome is a property of the bytes and is kept.
@@ -102,6 +103,7 @@ def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=RECORD_SCHEMA)
 
 
+@register_writer("parquet", (".parquet",), binary=True)
 class ParquetWriter:
     """The writer registry's ``parquet`` format: these columns, one row group per ``row_group`` records.
 

@@ -6,7 +6,6 @@ decision rule, referable operating point, out-of-distribution statistics), so no
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -19,6 +18,7 @@ from typing import Any
 
 from retinagrade.constants import GRADE_NAMES, REFERABLE_MIN_GRADE
 from retinagrade.errors import ModelError, UnknownOperatingPointError
+from retinagrade.files import sha256_file
 from retinagrade.preprocessing.pipeline import PreprocessConfig
 
 SPEC_FORMAT_VERSION = 1
@@ -58,14 +58,6 @@ def write_gate_checksums(spec_path: Path) -> dict[str, str]:
     data["gate_files"] = {name: sha256_file(base / name) for name in files}
     spec_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return dict(data["gate_files"])
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ never sent.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 from retinagrade.interop.findings import (
     DME,
@@ -55,9 +56,7 @@ from retinagrade.interop.findings import (
     finding_from_record,
     reason_concept,
 )
-
-if TYPE_CHECKING:
-    from retinagrade.report import RunContext
+from retinagrade.report import ResultRecord, RunContext, register_writer
 
 FHIR_MEDIA_TYPE: Final = "application/fhir+json"
 DICOM_UID_SYSTEM: Final = "urn:dicom:uid"
@@ -362,3 +361,25 @@ def bundle_from_records(records: Iterable[RecordLike], context: RunContext) -> d
         site_profile=context.site or ", ".join(sorted({r.site for r in rows if r.site})),
     )
     return build_bundle([FhirItem(r.image, finding_from_record(r)) for r in rows], algorithm)
+
+
+@register_writer("fhir", (".fhir.json",), context=True)
+class FhirBundleWriter:
+    """The report registry's ``fhir`` format (``grade -o results.fhir.json``): the run's FHIR R4 Bundle.
+
+    A Bundle is one JSON document whose per-patient reports need all of a patient's eyes, so records are kept
+    and the Bundle is written by :meth:`close`; an interrupted run still gets the Bundle of what finished.
+    """
+
+    def __init__(self, stream: IO[str], context: RunContext) -> None:
+        self._stream = stream
+        self._context = context
+        self._records: list[ResultRecord] = []
+
+    def write(self, record: ResultRecord) -> None:
+        self._records.append(record)
+
+    def close(self) -> None:
+        json.dump(bundle_from_records(self._records, self._context), self._stream, indent=1)
+        self._stream.write("\n")
+        self._stream.flush()

@@ -4,14 +4,20 @@ Large JPEGs are decoded at reduced scale in the DCT domain (Pillow ``draft``), w
 full decode; the model never needs more than a few hundred pixels across the fundus.
 
 The bytes are first sniffed by their magic number (:func:`sniff_format`). That decides two things Pillow
-alone cannot: a DICOM file is sent to its own decoder (:mod:`retinagrade.preprocessing.dicom`, the ``[dicom]``
-extra, imported only then; without it the file is refused with a message that says how to enable it), and a
-file that starts like a PNG or JPEG but that Pillow cannot open is damaged (400), not of an unknown kind (415).
+alone cannot: a DICOM file is sent to its own decoder, and a file that starts like a PNG or JPEG but that
+Pillow cannot open is damaged (400), not of an unknown kind (415).
+
+A container Pillow does not read has a decoder of its own, in the module of its optional extra
+(:mod:`retinagrade.preprocessing.dicom`, the ``[dicom]`` extra). That module registers the decoder here
+(:func:`register_decoder`) and decodes its frames with :func:`decode_image`; this module knows only its name
+(:data:`DECODER_MODULES`) and imports it when the first such file arrives. Without the extra the file is
+refused with a message that says how to enable it.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import os
 import stat
@@ -20,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -93,18 +99,56 @@ def is_dicom(data: bytes) -> bool:
     return data[_DICOM_PREAMBLE : _DICOM_PREAMBLE + 4] == b"DICM"
 
 
-def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int | None) -> DecodedImage:
-    # pydicom and its codecs are the optional [dicom] extra: imported only when a DICOM file arrives.
+class Decode(Protocol):
+    """A container decoder: as :func:`decode_image`, for the files whose format it is registered for."""
+
+    def __call__(self, data: bytes, *, max_pixels: int, min_side: int | None) -> DecodedImage: ...
+
+
+class DecodedBytes(Protocol):
+    """What decoding the file will take at its peak, from its header alone: as :func:`decoded_bytes`."""
+
+    def __call__(self, data: bytes, *, min_side: int | None) -> int: ...
+
+
+@dataclass(frozen=True)
+class ContainerDecoder:
+    """The decoder of one container format (:func:`sniff_format`'s name) that Pillow does not read."""
+
+    decode: Decode
+    decoded_bytes: DecodedBytes
+
+
+#: The module that registers the decoder of each such format; imported when the first file of it arrives,
+#: because it needs an optional extra (pydicom and its codecs: ``[dicom]``).
+DECODER_MODULES: Final[Mapping[str, str]] = MappingProxyType({"DICOM": "retinagrade.preprocessing.dicom"})
+_DECODERS: dict[str, ContainerDecoder] = {}
+
+
+def register_decoder(fmt: str, decode: Decode, decoded_bytes: DecodedBytes) -> None:
+    """Make ``decode`` the decoder of format ``fmt`` (called by the decoder's module as it is imported)."""
+    _DECODERS[fmt] = ContainerDecoder(decode, decoded_bytes)
+
+
+def container_decoder(fmt: str | None) -> ContainerDecoder | None:
+    """The decoder of a sniffed format that Pillow does not read, its module imported first if need be; None for
+    the formats Pillow reads.
+
+    Raises:
+        DicomSupportMissingError: the decoder's extra (pydicom) is not installed.
+    """
+    if fmt is None or fmt not in DECODER_MODULES:
+        return None
     try:
-        from retinagrade.preprocessing.dicom import decode_dicom
+        importlib.import_module(DECODER_MODULES[fmt])  # registers the decoder when first imported
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "pydicom":
             raise
         raise DicomSupportMissingError(
-            "This is a DICOM file, and this installation cannot read DICOM: install retinagrade[dicom], or export "
-            "the photograph from the camera or PACS as JPEG or PNG and send that."
+            "This is a DICOM file, and this installation cannot read DICOM: install retinagrade[dicom], or "
+            "export the photograph from the camera or PACS as JPEG or PNG and send that."
         ) from None
-    return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
+    return _DECODERS[fmt]
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -224,8 +268,9 @@ def decode_image(
     if not data:
         raise EmptyImageError("The file is empty.")
     sniffed = sniff_format(data)
-    if sniffed == "DICOM":
-        return _decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
+    container = container_decoder(sniffed)
+    if container is not None:
+        return container.decode(data, max_pixels=max_pixels, min_side=min_side)
     img = _open(data, sniffed, max_pixels)
     fmt = _check_header(img, max_pixels)
     width, height = img.size
@@ -270,12 +315,12 @@ def decoded_bytes(data: bytes, *, min_side: int | None = None) -> int:
     (:func:`retinagrade.preprocessing.dicom.decoded_bytes_dicom`). Returns 0 when the header cannot be read:
     :func:`decode_image` then refuses the file with the right error.
     """
-    if is_dicom(data):
-        try:
-            from retinagrade.preprocessing.dicom import decoded_bytes_dicom
-        except ImportError:
-            return 0  # no DICOM support: decode_image refuses the file, saying how to enable it
-        return decoded_bytes_dicom(data, min_side=min_side)
+    try:
+        container = container_decoder(sniff_format(data))
+    except (DicomSupportMissingError, ImportError):
+        return 0  # no DICOM support: decode_image refuses the file, saying how to enable it
+    if container is not None:
+        return container.decoded_bytes(data, min_side=min_side)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -48,7 +48,7 @@ from retinagrade.errors import (
     ImageTooLargeError,
     InputError,
 )
-from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from retinagrade.preprocessing.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, register_decoder
 
 UNDEFINED_LENGTH: Final = 0xFFFFFFFF
 #: Deepest nesting of sequences a header may have. A photograph's header nests 2 or 3 deep (a code inside a
@@ -501,3 +501,6 @@ def decoded_bytes_dicom(data: bytes, *, min_side: int | None = None) -> int:
         return (rows // scale) * (columns // scale) * (4 + 3)
     per_pixel = samples * max(bits // 8, 1) * frames + (samples * 4 if stored != 8 else 0) + 3
     return rows * columns * per_pixel
+
+
+register_decoder("DICOM", decode_dicom, decoded_bytes_dicom)

@@ -34,6 +34,7 @@ from typing import Any, Final
 import numpy as np
 
 from retinagrade.errors import ModelError
+from retinagrade.files import sha256_file
 from retinagrade.preprocessing.decode import DecodedImage
 from retinagrade.preprocessing.pipeline import PreparedImage
 from retinagrade.preprocessing.quality_detector import DetectorBackbone, DetectorParams, FundusDetector
@@ -328,8 +329,6 @@ def open_detector(params: GateParams, threads: int = 1) -> FundusDetector | None
     Raises:
         ModelError: the file is missing or is not the one the head was fitted on.
     """
-    from retinagrade.inference.model_spec import sha256_file
-
     path = params.detector_path
     if params.detector is None or path is None:
         return None

@@ -405,3 +405,31 @@ def summary_rows(profile: SiteProfile) -> list[tuple[str, str, str]]:
     )
     rows.append(("Temperature", f"{profile.fit['temperature']['model']:.3f}", f"{profile.temperature:.3f}"))
     return rows
+
+
+def profile_warnings(profile: SiteProfile, min_sensitivity: float, conservative: bool) -> list[str]:
+    """What whoever deploys the profile must read first: the fit's own warnings, a sample that cannot show the
+    sensitivity target, a temperature at the end of its search range, a cross-validated specificity below 0.5."""
+    fit = profile.fit["referable_threshold"]
+    warnings = [f"Warning: {warning}." for warning in profile.fit.get("warnings", [])]
+    if not fit["bound_met"]:
+        warnings.append(
+            f"The sample cannot show sensitivity >= {min_sensitivity:.2f} "
+            + ("at 95% confidence " if conservative else "")
+            + f"({profile.sample['n_referable']} referable photos, even when every one is referred). The threshold "
+            "refers every referable photo of the sample; grade more referable cases to tighten it."
+        )
+    if not 0.06 < profile.temperature < 19.0:
+        warnings.append(
+            f"The fitted temperature {profile.temperature:.3f} sits at the end of its search range: the "
+            "model is (almost) always right or always wrong on these photos. Are they part of its training "
+            "data?"
+        )
+    specificity = (profile.metrics_after.get("referable") or {}).get("specificity") or {}
+    if specificity.get("value") is not None and specificity["value"] < 0.5:
+        warnings.append(
+            f"At this site the model reaches the sensitivity target only by referring most healthy eyes "
+            f"(cross-validated specificity {specificity['value']:.2f}): its ranking of this camera's photos is too "
+            "weak (see the referable AUC). Do not deploy this model here on this profile alone."
+        )
+    return warnings

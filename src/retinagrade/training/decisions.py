@@ -311,6 +311,33 @@ def choose_operating_point(
     }
 
 
+def travelling_operating_point(
+    p_referable: np.ndarray, truth: np.ndarray, sources: np.ndarray, min_sensitivity: float
+) -> dict[str, Any]:
+    """The highest threshold at which every source's sensitivity reaches ``min_sensitivity`` (unknowns ignored).
+
+    Each source (a held-out camera set) gets the highest threshold that keeps its own sensitivity at the target;
+    the lowest of those keeps the worst source at the target, and is the most specific such threshold.
+    """
+    per_source: dict[str, float] = {}
+    for name in sorted(set(sources)):
+        keep = (sources == name) & (truth >= 0)
+        positives = np.sort(p_referable[keep & (truth == 1)])[::-1]
+        if len(positives) == 0:
+            continue
+        need = int(np.ceil(min_sensitivity * len(positives)))
+        per_source[name] = float(positives[need - 1])
+    threshold = min(per_source.values())
+    known = truth >= 0
+    referred = p_referable >= threshold
+    return {
+        "threshold": threshold,
+        "per_source_max_threshold": per_source,
+        "pooled_sensitivity": float(referred[known & (truth == 1)].mean()),
+        "pooled_specificity": float((~referred[known & (truth == 0)]).mean()),
+    }
+
+
 # -- the whole layer --------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ comparison of an ensemble costs no new fit. :func:`load_ensemble` joins the runs
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,12 +80,28 @@ def referable_auc_by_source(arrays: dict[str, np.ndarray]) -> dict[str, dict[str
     return result
 
 
+def score_runs(runs: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The runs' averaged held-out outputs (:func:`average_held_out`) and the referable AUC per held-out source
+    of the ensemble and of each run alone (``retinagrade ensemble-loso``)."""
+    members = {str(r): referable_auc_by_source(average_held_out([r])) for r in runs}
+    arrays = average_held_out(list(runs))
+    combined = referable_auc_by_source(arrays)
+    return arrays, {"runs": [str(r) for r in runs], "ensemble": combined, "members": members}
+
+
+def write_scores(out: Path, arrays: dict[str, np.ndarray], report: dict[str, Any]) -> None:
+    """``loso_logits.npz`` (the averaged outputs, as a run's own) and ``ensemble.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = dict(arrays)
+    np.savez(out / "loso_logits.npz", **saved)
+    (out / "ensemble.json").write_text(json.dumps(report, indent=2))
+
+
 def load_ensemble(run_dirs: list[Path]) -> tuple[TailEnsemble, dict[str, Any]]:
     """The tails of several runs on their shared stem (checked identical) and the first run's config."""
     import torch
 
-    from retinagrade.training.export import load_run_model
-    from retinagrade.training.model import TailEnsemble
+    from retinagrade.training.model import TailEnsemble, load_run_model
 
     loaded = [load_run_model(d) for d in run_dirs]
     net, cfg = loaded[0]

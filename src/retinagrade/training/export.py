@@ -13,24 +13,11 @@ import torch
 from torch import nn
 
 from retinagrade import __version__
-from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, sha256_file, write_gate_checksums
+from retinagrade.files import sha256_file
+from retinagrade.inference.model_spec import OUTPUT_NAMES, ModelSpec, write_gate_checksums
 from retinagrade.preprocessing.decode import decode_image
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor, prepare_fundus
-from retinagrade.training.model import DEFAULT_DROPOUT, FlipAveraged, GraderNet, build_grader, export_onnx
-
-
-def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
-    """The trained network of a run folder, in eval mode, and its resolved training config."""
-    cfg = json.loads((run_dir / "train_config.json").read_text())
-    net = build_grader(
-        cfg["arch"],
-        cfg["frozen_stages"],
-        pretrained=False,
-        dropout=cfg.get("dropout", DEFAULT_DROPOUT),
-        dme=float(cfg.get("dme_weight", 0.0)) > 0,
-    )
-    net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
-    return net.eval(), cfg
+from retinagrade.training.model import FlipAveraged, export_onnx, load_run_model
 
 
 def parity(net: nn.Module, onnx_path: Path, images: list[bytes], preprocess: PreprocessConfig) -> dict[str, float]:

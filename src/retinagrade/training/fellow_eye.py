@@ -21,14 +21,18 @@ import csv
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retinagrade.constants import NUM_GRADES, REFERABLE_MIN_GRADE
 from retinagrade.eyes import eye_from_name, fellow, fuse_logits
 from retinagrade.referral import Eye
+from retinagrade.training.decisions import travelling_operating_point
 from retinagrade.training.metrics import _auc_or_nan, bootstrap_ci, softmax
+
+if TYPE_CHECKING:
+    from retinagrade.inference.model_spec import ModelSpec
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 PER_PATIENT_LABEL_SOURCES = frozenset({"mexico-512"})
@@ -188,13 +192,18 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """``fellow_eye.json`` and ``fellow_eye.md`` of a :func:`measure` report, in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fellow_eye.json").write_text(json.dumps(report, indent=2, default=float))
+    (out_dir / "fellow_eye.md").write_text(format_markdown(report))
+
+
 def run(predictions: Path, temperature: float, out_dir: Path | None = None) -> dict[str, Any]:
     report = measure(Paired.read(predictions), temperature)
     report["predictions"] = str(predictions)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "fellow_eye.json").write_text(json.dumps(report, indent=2, default=float))
-        (out_dir / "fellow_eye.md").write_text(format_markdown(report))
+        write_report(report, out_dir)
     return report
 
 
@@ -207,10 +216,8 @@ def choose_rule(
     single-image decision narrows them to the held-out sources. The weight is the one with the best mean
     image-level AUC over those with fellow eyes and per-eye labels (sources labelled per patient only when
     there is no other); the fused operating point is chosen like the single-image one
-    (:func:`~retinagrade.training.train.travelling_operating_point`).
+    (:func:`~retinagrade.training.decisions.travelling_operating_point`).
     """
-    from retinagrade.training.train import travelling_operating_point
-
     present = sorted(set(paired.sources.tolist()))
     calibration = [s for s in calibration_sources if s in present] or present
     report = measure(paired, temperature)
@@ -240,6 +247,22 @@ def choose_rule(
         "operating_point": point,
         "measured": report["leave_one_source_out"],
     }
+
+
+def write_rule_into_spec(
+    spec_path: Path, spec: ModelSpec, paired: Paired, min_sensitivity: float
+) -> dict[str, Any] | None:
+    """Choose the rule on ``paired`` as ``retinagrade train`` does (on the spec's calibration sources, at its
+    temperature) and write it, or its absence, into the spec file; returns the rule."""
+    calib = list((spec.raw.get("training", {}).get("config", {}) or {}).get("calibration_sources") or [])
+    rule = choose_rule(paired, spec.temperature, calib, min_sensitivity)
+    data = spec.to_dict()
+    if rule is None:
+        data.pop("fellow_eye", None)
+    else:
+        data["fellow_eye"] = rule
+    spec_path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return rule
 
 
 def _image_auc_at(report: dict[str, Any], source: str, weight: float) -> float:

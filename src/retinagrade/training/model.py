@@ -10,6 +10,7 @@ the architectures training accepts and where their ImageNet weights come from.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -312,6 +313,20 @@ def build_grader(
     if not 0 <= frozen_stages <= total:
         raise ValueError(f"frozen_stages must be in 0..{total} for {arch}")
     return GraderNet(Stem(model, split, frozen_stages), Tail(model, split, frozen_stages, dropout, dme=dme))
+
+
+def load_run_model(run_dir: Path) -> tuple[GraderNet, dict[str, Any]]:
+    """The trained network of a run folder, in eval mode, and its resolved training config."""
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    net = build_grader(
+        cfg["arch"],
+        cfg["frozen_stages"],
+        pretrained=False,
+        dropout=cfg.get("dropout", DEFAULT_DROPOUT),
+        dme=float(cfg.get("dme_weight", 0.0)) > 0,
+    )
+    net.load_state_dict(torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True))
+    return net.eval(), cfg
 
 
 def export_onnx(module: nn.Module, path: Path, input_size: int, opset: int = 17) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from retinagrade import __version__
 from retinagrade.constants import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE
+from retinagrade.files import sha256_file
 from retinagrade.inference.model_spec import (
     CAM_CHANNELS,
     DME_OUTPUT,
@@ -43,7 +44,6 @@ from retinagrade.inference.model_spec import (
     FellowEyeRule,
     ModelSpec,
     OperatingPoint,
-    sha256_file,
 )
 from retinagrade.preprocessing.pipeline import PreprocessConfig, batch_tensor
 from retinagrade.training import metrics as M
@@ -739,33 +739,6 @@ def decide(preds: Predictions, low: np.ndarray, high: np.ndarray, sources: np.nd
     """
     five = [name for name in sorted(set(sources.tolist())) if _is_five_grade_arrays(low, high, sources, name)]
     return fit_decision_layer(preds.logits, preds.regression, low, high, sources, five or sorted(set(sources)))
-
-
-def travelling_operating_point(
-    p_referable: np.ndarray, truth: np.ndarray, sources: np.ndarray, min_sensitivity: float
-) -> dict[str, Any]:
-    """The highest threshold at which every source's sensitivity reaches ``min_sensitivity`` (unknowns ignored).
-
-    Each source (a held-out camera set) gets the highest threshold that keeps its own sensitivity at the target;
-    the lowest of those keeps the worst source at the target, and is the most specific such threshold.
-    """
-    per_source: dict[str, float] = {}
-    for name in sorted(set(sources)):
-        keep = (sources == name) & (truth >= 0)
-        positives = np.sort(p_referable[keep & (truth == 1)])[::-1]
-        if len(positives) == 0:
-            continue
-        need = int(np.ceil(min_sensitivity * len(positives)))
-        per_source[name] = float(positives[need - 1])
-    threshold = min(per_source.values())
-    known = truth >= 0
-    referred = p_referable >= threshold
-    return {
-        "threshold": threshold,
-        "per_source_max_threshold": per_source,
-        "pooled_sensitivity": float(referred[known & (truth == 1)].mean()),
-        "pooled_specificity": float((~referred[known & (truth == 0)]).mean()),
-    }
 
 
 def grades_from(

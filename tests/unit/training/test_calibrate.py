@@ -171,3 +171,26 @@ def test_site_cut_points_are_kept_only_when_they_measure_better_and_keep_every_b
             applied = profile.apply(spec)
             assert applied.decision.rule == "expected_grade"
             assert applied.decision.thresholds == profile.decision_thresholds
+
+
+def test_a_profile_names_what_must_be_read_before_it_is_deployed() -> None:
+    import dataclasses
+
+    from retinagrade.training.calibrate import profile_warnings
+
+    grades, probs = _site(400)
+    spec = _spec()
+    profile = calibrate_site(
+        grades, probs, np.arange(400).astype(str), spec, name="a", reported_grades=_reported(probs, spec), n_boot=20
+    )
+    assert profile_warnings(profile, 0.90, conservative=False) == []  # a sound fit on a sound sample
+    fit = {**profile.fit, "warnings": ["only 30 referable photos"]}
+    fit["referable_threshold"] = {**fit["referable_threshold"], "bound_met": False}
+    weak = {**profile.metrics_after, "referable": {"specificity": {"value": 0.31}}}
+    doubtful = dataclasses.replace(profile, fit=fit, temperature=0.05, metrics_after=weak)
+    said = profile_warnings(doubtful, 0.90, conservative=True)
+    assert said[0] == "Warning: only 30 referable photos."
+    assert "cannot show sensitivity >= 0.90 at 95% confidence" in said[1]
+    assert "temperature 0.050 sits at the end of its search range" in said[2]
+    assert "cross-validated specificity 0.31" in said[3] and "Do not deploy" in said[3]
+    assert len(said) == 4

@@ -59,3 +59,30 @@ def test_report_has_patient_level_numbers(tmp_path: Path) -> None:
     assert grid["patients_both_eyes"] == 300 and grid["with_fellow"] == 600
     assert "patient_auc" in grid["by_weight"]["0.3"]
     assert (tmp_path / "out" / "fellow_eye.md").read_text().startswith("# Fellow-eye fusion")
+
+
+def test_the_command_reports_and_writes_the_rule_or_its_absence_into_the_spec(tmp_path: Path, model_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retinagrade.cli import app
+    from retinagrade.inference.model_spec import ModelSpec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = run / model_path.name
+    spec.write_text(model_path.read_text())
+    for other in model_path.parent.iterdir():
+        if other.suffix != ".json" or other.name == "gate.json":
+            (run / other.name).symlink_to(other.resolve())
+    shared = _predictions(run / "loso_predictions.csv", shared=0.8)
+    args = ["fellow-eye", str(shared), "--model", str(spec), "--out", str(tmp_path / "out"), "--write-spec"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("# Fellow-eye fusion")
+    assert (tmp_path / "out" / "fellow_eye.md").read_text() == result.stdout
+    rule = ModelSpec.load(spec, verify_checksum=False).fellow_eye
+    assert rule is not None and rule.weight > 0
+    independent = _predictions(run / "independent.csv", shared=0.0)
+    result = CliRunner().invoke(app, ["fellow-eye", str(independent), "--model", str(spec), "--write-spec"])
+    assert result.exit_code == 0, result.output
+    assert ModelSpec.load(spec, verify_checksum=False).fellow_eye is None

@@ -149,7 +149,8 @@ def test_flip_tta_predicts_from_the_cached_mirror_view_never_drawn_in_training()
 def test_any_config_field_can_be_set_from_the_command_line_and_unknown_ones_are_refused(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from retinagrade.cli import _config_settings, app
+    from retinagrade.cli import app
+    from retinagrade.cli.training import _config_settings
 
     assert _config_settings(["flip_tta=true", "contrastive_weight=0.1", "loso=[a, b]"]) == {
         "flip_tta": True,

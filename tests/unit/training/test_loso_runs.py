@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("torch", reason="needs the [train] extra (PyTorch)")
 
-from retinagrade.inference.model_spec import ModelSpec, sha256_file
+from retinagrade.files import sha256_file
+from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.training.loso_runs import join_runs, report_runs, write_layer_into_spec
 
 MODELS = Path(__file__).resolve().parents[3] / "models"

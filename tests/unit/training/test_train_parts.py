@@ -8,13 +8,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the [train] extra (PyTorch)")
 
 from retinagrade.training.augment import fundus_artefacts  # noqa: E402
+from retinagrade.training.decisions import travelling_operating_point  # noqa: E402
 from retinagrade.training.train import (  # noqa: E402
     TrainConfig,
     _epoch_draws,
     _loss,
     fit_temperature_partial,
     referable_truth,
-    travelling_operating_point,
 )
 
 

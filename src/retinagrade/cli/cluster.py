@@ -7,13 +7,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from retinagrade.cli.shared import EXIT_USAGE, err
+from retinagrade.cluster import RAY_MISSING
 from retinagrade.errors import RetinagradeError
 
-RAY_MISSING = "the ray engine needs the [cluster] extra: pip install 'retinagrade[cluster]'"
+
+def output_folder(output: Path | None, *, output_sr: Path | None, pair_eyes: bool, site: Path | None) -> Path:
+    """The ray engine's output folder; what the ray engine cannot do stops the command with a usage error."""
+    if output is None or output_sr is not None or pair_eyes:
+        err.print(
+            "[red]--engine ray needs --output FOLDER (results are written there in shards) and takes neither "
+            "--output-sr nor --pair-eyes.[/red]"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if site is not None:
+        err.print("[red]--site is not supported with --engine ray yet; grade with the local engine.[/red]")
+        raise typer.Exit(EXIT_USAGE)
+    _refuse_file_like_folder(output)
+    return output
+
+
+def _refuse_file_like_folder(output: Path) -> None:
+    """Refuse a Ray ``--output`` named like a results file (``results.csv``): it would become a folder of shards."""
+    from retinagrade.report import format_for
+
+    if output.is_dir():
+        return
+    try:
+        format_for(output)
+    except ValueError:
+        return  # not a results file's name: a folder it is
+    folder = output.parent / output.name.split(".")[0]
+    csv_file = folder / "results.csv"
+    err.print(
+        f"[red]--output {escape(str(output))} names a file; it must be a folder for the ray engine (it holds "
+        f"Parquet shards). Use --output {escape(str(folder))}/ --csv (the CSV is then {escape(str(csv_file))}).[/red]"
+    )
+    raise typer.Exit(EXIT_USAGE)
 
 
 def run(
