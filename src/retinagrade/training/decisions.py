@@ -35,9 +35,19 @@ from retinagrade.training import metrics as M
 
 #: Narrowest band of the expected-grade scale a cut-point rule may give any grade.
 MIN_BAND_WIDTH: Final[float] = 0.3
+#: Least share of each middle grade's photos a cut-point rule must report as that grade (pooled held-out):
+#: a band a grade almost never falls into is a grade the product never says. The issue's floors on unseen
+#: cameras are 0.02 / 0.40 / 0.25 for grades 1 / 2 / 3; these keep a margin over them.
+RECALL_FLOORS: Final[dict[int, float]] = {1: 0.05, 2: 0.45, 3: 0.30}
+#: Kappa given up per unit of recall below a floor, in the cut-point search (the floors nearly bind).
+FLOOR_PENALTY: Final[float] = 10.0
 #: Step of the cut-point search on the expected-grade scale.
 CUT_STEP: Final[float] = 0.01
 DEFAULT_POINT: Final[str] = "balanced"
+#: The highest risk threshold a point may have: an eye more likely referable than not (calibrated P >= 0.5) is
+#: always referred, so no answer shows a risk over one half beside "not referred". Where the grades alone
+#: already meet a point's targets, its threshold is this, not 1 (which would switch the risk referral off).
+MAX_RISK_THRESHOLD: Final[float] = 0.5
 
 
 @dataclass(frozen=True)
@@ -119,27 +129,58 @@ def _rates(refer: np.ndarray, truth: np.ndarray) -> tuple[float | None, float | 
 
 
 def fit_cut_points(
-    score: np.ndarray, grades: np.ndarray, min_width: float = MIN_BAND_WIDTH, step: float = CUT_STEP
+    score: np.ndarray,
+    grades: np.ndarray,
+    min_width: float = MIN_BAND_WIDTH,
+    step: float = CUT_STEP,
+    min_top_recall: float | None = None,
+    recall_floors: dict[int, float] | None = None,
 ) -> tuple[float, ...]:
     """Cut-points on a 0-4 score maximising QWK, monotone, every band (the end ones within [0, 4]) >= ``min_width``.
 
     Coordinate ascent from the plain rounding points (0.5, 1.5, 2.5, 3.5) over a grid of ``step``: each cut
-    moves within the room its neighbours leave, until no move improves the kappa.
+    moves within the room its neighbours leave, until no move improves the kappa. ``min_top_recall`` keeps the
+    share of grade-4 images that land in grade 4 at least that high (the last cut may not rise above it): a
+    kappa-optimal rule would otherwise pull proliferative eyes into grade 3 and take their urgency away.
+    ``recall_floors`` (grade -> least recall) are soft: the search maximises kappa minus
+    :data:`FLOOR_PENALTY` times the recall missing below each floor.
     """
     score = np.asarray(score, dtype=np.float64)
     grades = np.asarray(grades, dtype=np.int64)
     top = float(NUM_GRADES - 1)
     cuts = [k + 0.5 for k in range(NUM_GRADES - 1)]
+    top_scores = np.sort(score[grades == NUM_GRADES - 1])
+    ceiling = top - min_width
+    if min_top_recall is not None and len(top_scores):
+        # The highest last cut that keeps ceil(min_top_recall * n) grade-4 images at or above it.
+        keep = int(np.ceil(min_top_recall * len(top_scores) - 1e-9))
+        if keep > 0:
+            ceiling = min(ceiling, float(top_scores[len(top_scores) - keep]))
+        if ceiling < len(cuts) * min_width:
+            ceiling = top - min_width  # no rule with bands this wide keeps that recall: the constraint yields
+        # Start inside the constraints: the last cut at most the ceiling, the others pushed down behind it.
+        cuts[-1] = min(cuts[-1], ceiling)
+        for k in range(len(cuts) - 2, -1, -1):
+            cuts[k] = min(cuts[k], cuts[k + 1] - min_width)
+
+    floors = recall_floors or {}
+    support = {k: grades == k for k in floors}
 
     def kappa(c: Sequence[float]) -> float:
-        return M.quadratic_weighted_kappa(grades, np.searchsorted(np.asarray(c), score, side="right"))
+        predicted = np.searchsorted(np.asarray(c), score, side="right")
+        shortfall = sum(
+            max(0.0, floor - float((predicted[support[k]] == k).mean()))
+            for k, floor in floors.items()
+            if support[k].any()
+        )
+        return M.quadratic_weighted_kappa(grades, predicted) - FLOOR_PENALTY * shortfall
 
     best = kappa(cuts)
     for _ in range(20):
         moved = False
         for k in range(len(cuts)):
             low = (cuts[k - 1] if k else 0.0) + min_width
-            high = (cuts[k + 1] if k + 1 < len(cuts) else top) - min_width
+            high = (cuts[k + 1] - min_width) if k + 1 < len(cuts) else ceiling
             for value in np.arange(low, high + step / 2, step):
                 trial = [*cuts[:k], float(value), *cuts[k + 1 :]]
                 q = kappa(trial)
@@ -167,23 +208,32 @@ def choose_grade_rule(
         sources: their source names.
     """
     expected = probs @ np.arange(NUM_GRADES, dtype=np.float64)
-    cuts = fit_cut_points(expected, grades, min_width)
+    top = NUM_GRADES - 1
+    argmax_top = _top_recall(probs.argmax(axis=1), grades)
+    cuts = fit_cut_points(expected, grades, min_width, min_top_recall=argmax_top, recall_floors=RECALL_FLOORS)
     candidates = {
         "argmax": Decision("argmax"),
         "expected_grade": Decision("expected_grade", cuts),
     }
+    names = sorted(set(sources.tolist()))
     per_source: dict[str, dict[str, float]] = {}
+    top_recall: dict[str, dict[str, float | None]] = {}
     for rule, decision in candidates.items():
         pred = grade_rule(probs, np.zeros(len(probs)), decision)
         per_source[rule] = {
-            name: float(M.quadratic_weighted_kappa(grades[sources == name], pred[sources == name]))
-            for name in sorted(set(sources.tolist()))
+            name: float(M.quadratic_weighted_kappa(grades[sources == name], pred[sources == name])) for name in names
         }
         per_source[rule]["pooled"] = float(M.quadratic_weighted_kappa(grades, pred))
-    names = sorted(set(sources.tolist()))
-    wins = all(per_source["expected_grade"][n] > per_source["argmax"][n] for n in names)
-    rule = "expected_grade" if wins else "argmax"
-    losers = [n for n in names if per_source["expected_grade"][n] <= per_source["argmax"][n]]
+        top_recall[rule] = {name: _top_recall(pred[sources == name], grades[sources == name]) for name in names}
+
+    def keeps_urgency(name: str) -> bool:
+        # No more than one proliferative photo of the source lost to grade 3 (its referral stops being urgent).
+        new, old = top_recall["expected_grade"][name], top_recall["argmax"][name]
+        n_top = int((grades[sources == name] == top).sum())
+        return new is None or old is None or new >= old - 1.0 / max(n_top, 1) - 1e-9
+
+    losers = [n for n in names if per_source["expected_grade"][n] <= per_source["argmax"][n] or not keeps_urgency(n)]
+    rule = "argmax" if losers else "expected_grade"
     return {
         "rule": rule,
         "thresholds": list(candidates[rule].thresholds),
@@ -191,20 +241,31 @@ def choose_grade_rule(
         "expected_grade_cut_points": list(cuts),
         "band_widths": band_widths(cuts),
         "qwk_by_rule": per_source,
+        "grade4_recall_by_rule": top_recall,
         "why": (
-            f"the cut-point rule beats the most probable grade on every five-grade source ({', '.join(names)})"
-            if wins
-            else f"the cut-point rule does not beat the most probable grade on {', '.join(losers)}"
+            f"the cut-point rule beats the most probable grade on every five-grade source ({', '.join(names)}) "
+            "and keeps its grade-4 recall"
+            if not losers
+            else "the cut-point rule does not beat the most probable grade (kappa, or grade-4 recall) on "
+            + ", ".join(losers)
         ),
     }
+
+
+def _top_recall(predicted: np.ndarray, grades: np.ndarray) -> float | None:
+    """Share of grade-4 images predicted grade 4 (None without any)."""
+    top = grades == NUM_GRADES - 1
+    return float((np.asarray(predicted)[top] == NUM_GRADES - 1).mean()) if top.any() else None
 
 
 # -- operating points -------------------------------------------------------------------------------------
 
 
 def _candidate_thresholds(p_referable: np.ndarray) -> np.ndarray:
+    """Risk thresholds a point may take: the held-out risks and a grid, never above :data:`MAX_RISK_THRESHOLD`."""
     values = np.unique(np.round(np.asarray(p_referable, dtype=np.float64), 4))
-    return np.unique(np.concatenate([values, np.linspace(0.0, 1.0, 201)]))
+    grid = np.linspace(0.0, MAX_RISK_THRESHOLD, 101)
+    return np.unique(np.concatenate([values[values <= MAX_RISK_THRESHOLD], grid]))
 
 
 def _per_source(

@@ -29,6 +29,24 @@ def _source(rng: np.random.Generator, n: int, counts: list[float], sharpness: fl
     return grades, logits
 
 
+def test_cut_points_keep_grade_4_recall_and_the_middle_grades_floors() -> None:
+    from retinagrade.training.decisions import RECALL_FLOORS
+
+    rng = np.random.default_rng(5)
+    grades = np.repeat([0, 1, 2, 3, 4], [800, 150, 300, 60, 90])
+    # Proliferative eyes score close to severe ones: the kappa-optimal last cut leaves 28% of them at grade 3.
+    score = np.clip(np.where(grades == 4, 3.4, grades) + rng.normal(0, 0.55, len(grades)), 0, 4)
+    free = fit_cut_points(score, grades)
+    kept = fit_cut_points(score, grades, min_top_recall=0.8, recall_floors=RECALL_FLOORS)
+
+    def recall(cuts: tuple[float, ...], k: int) -> float:
+        return float((np.searchsorted(np.array(cuts), score[grades == k], side="right") == k).mean())
+
+    assert recall(free, 4) < 0.75 and recall(kept, 4) >= 0.8 - 1 / 90
+    for k, floor in RECALL_FLOORS.items():
+        assert recall(kept, k) >= floor - 0.02, (k, recall(kept, k))
+
+
 def test_cut_points_keep_every_band_at_least_the_set_width() -> None:
     # Grade 2 is rare and its scores overlap grade 1's: free cut-points squeeze its band to almost nothing.
     rng = np.random.default_rng(0)
@@ -52,8 +70,12 @@ def test_the_cut_point_rule_is_kept_only_if_it_wins_on_every_source() -> None:
     sources = np.array(["a"] * 800 + ["b"] * 300)
     rule = choose_grade_rule(probs, grades, sources)
     per_source = rule["qwk_by_rule"]
+    urgent = rule["grade4_recall_by_rule"]
     wins = all(per_source["expected_grade"][s] > per_source["argmax"][s] for s in ("a", "b"))
-    assert rule["rule"] == ("expected_grade" if wins else "argmax")
+    # one proliferative photo of slack per source: no more may lose its urgency to grade 3
+    n4 = {s: int(((sources == s) & (grades == 4)).sum()) for s in ("a", "b")}
+    keeps = all(urgent["expected_grade"][s] >= urgent["argmax"][s] - 1 / n4[s] - 1e-9 for s in ("a", "b"))
+    assert rule["rule"] == ("expected_grade" if wins and keeps else "argmax")
     assert min(rule["band_widths"]) >= MIN_BAND_WIDTH - 1e-9
     assert set(per_source["argmax"]) == {"a", "b", "pooled"}
 
