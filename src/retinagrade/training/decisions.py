@@ -181,7 +181,8 @@ def fit_cut_points(
         for k in range(len(cuts)):
             low = (cuts[k - 1] if k else 0.0) + min_width
             high = (cuts[k + 1] - min_width) if k + 1 < len(cuts) else ceiling
-            for value in np.arange(low, high + step / 2, step):
+            # The grid, and the bound itself (a grid point past it would break the ceiling).
+            for value in np.append(np.arange(low, high, step), high) if high >= low else ():
                 trial = [*cuts[:k], float(value), *cuts[k + 1 :]]
                 q = kappa(trial)
                 if q > best + 1e-12:
