@@ -108,9 +108,9 @@ def test_no_images_found(tmp_path: Path) -> None:
 
 
 def test_grade_at_a_named_operating_point_names_it_in_every_row(
-    shared_data: Path, tmp_path: Path, pointed_model: Path
+    right_eye_photo: Path, tmp_path: Path, pointed_model: Path
 ) -> None:
-    photo = shared_data / "raw-fundus-samples" / "images" / "16_right.jpeg"
+    photo = right_eye_photo
     rows = {}
     for point in ("balanced", "sensitive"):
         out = tmp_path / f"{point}.csv"
