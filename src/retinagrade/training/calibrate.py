@@ -25,6 +25,7 @@ interval around the sensitivity it was chosen for is wide.
 from __future__ import annotations
 
 import math
+import warnings as warnings_module
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -245,7 +246,12 @@ def calibrate_site(
     # -- cross-validation: fit on k - 1 folds, score the held-out fold ----------------------------------
     folds = np.full(len(y), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y, group_labels)):
+    with warnings_module.catch_warnings():
+        # A site sample rarely holds five photos of every grade; stratifying the rarest grade is best effort
+        # (sklearn says so in a warning the site's operator can do nothing about).
+        warnings_module.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splits = list(splitter.split(np.zeros(len(y)), y, group_labels))
+    for k, (_, test) in enumerate(splits):
         folds[test] = k
     oof_probs = np.zeros_like(p_spec)
     oof_model = np.zeros(len(y), dtype=np.int64)
