@@ -25,6 +25,7 @@ from retinagrade.cli.shared import (
     err,
     load_pipeline,
     progress_bar,
+    stop_before_grading,
     with_site,
 )
 from retinagrade.errors import RetinagradeError, failure_summary
@@ -249,11 +250,7 @@ def _decision_layer(
     try:
         pipeline = pipeline.at_operating_point(operating_point)
     except RetinagradeError as exc:
-        err.print(f"[red]{escape(exc.message)}[/red]")
-        if writer is not None and output is not None:
-            writer.close()
-            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
-        raise typer.Exit(EXIT_USAGE) from None
+        raise stop_before_grading(f"[red]{escape(exc.message)}[/red]", writer, output, EXIT_USAGE) from None
     if not quiet:
         err.print(
             f"Operating point: {pipeline.spec.operating_point} "

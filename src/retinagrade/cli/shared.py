@@ -65,6 +65,18 @@ def progress_bar(quiet: bool = False) -> contextlib.AbstractContextManager[Any]:
     return bar
 
 
+def stop_before_grading(
+    message: str, writer: ResultWriter | None, output: Path | None, code: int = EXIT_RUN_FAILED
+) -> typer.Exit:
+    """Say why the run stops before any image is graded, and remove the output file it had just opened (it
+    holds only a header); raise the returned exit."""
+    err.print(message)
+    if writer is not None and output is not None:
+        writer.close()
+        output.unlink(missing_ok=True)
+    return typer.Exit(code)
+
+
 def load_pipeline(
     model: Path | None, threads: int, writer: ResultWriter | None, output: Path | None
 ) -> GradingPipeline:
@@ -73,11 +85,7 @@ def load_pipeline(
     try:
         return GradingPipeline.load(model, threads=threads)
     except RetinagradeError as exc:
-        err.print(f"[red]Cannot load the model:[/red] {escape(exc.message)}")
-        if writer is not None and output is not None:
-            writer.close()
-            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
-        raise typer.Exit(EXIT_RUN_FAILED) from None
+        raise stop_before_grading(f"[red]Cannot load the model:[/red] {escape(exc.message)}", writer, output) from None
 
 
 def with_site(
@@ -90,8 +98,5 @@ def with_site(
         profile = SiteProfile.load(site)
         return pipeline.with_spec(profile.apply(pipeline.spec)), profile
     except RetinagradeError as exc:
-        err.print(f"[red]Cannot use the site profile:[/red] {escape(exc.message)}")
-        if writer is not None and output is not None:
-            writer.close()
-            output.unlink(missing_ok=True)  # created a moment ago, and holds only a header
-        raise typer.Exit(EXIT_RUN_FAILED) from None
+        message = f"[red]Cannot use the site profile:[/red] {escape(exc.message)}"
+        raise stop_before_grading(message, writer, output) from None
