@@ -179,6 +179,13 @@ def loso_report_command(
         Path | None,
         typer.Option(help="Write the fitted decision layer into this model spec (its ONNX file stays as it is)."),
     ] = None,
+    calibration_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A camera source whose held-out predictions set the temperature and operating points "
+            "(repeat it; default: the runs' calibration_sources). Every held-out source is reported."
+        ),
+    ] = None,
 ) -> None:
     """Join separate leave-one-source-out runs, fit the decision layer on them and report every source.
 
@@ -189,7 +196,7 @@ def loso_report_command(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        report = report_runs(runs, out)
+        report = report_runs(runs, out, calibration_source)
     except (OSError, ValueError, KeyError) as exc:
         err.print(f"[red]cannot join the LOSO runs: {exc}[/red]")
         raise typer.Exit(2) from exc

@@ -413,6 +413,7 @@ def fit_decision_layer(
     targets: Sequence[PointTarget] = POINT_TARGETS,
     default: str = DEFAULT_POINT,
     min_width: float = MIN_BAND_WIDTH,
+    point_sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Temperature, grade rule and named operating points from pooled held-out predictions.
 
@@ -421,27 +422,33 @@ def fit_decision_layer(
         low, high: each image's grade bounds (equal for an exact grade).
         sources: each image's source name.
         five_grade: the sources whose exact grades choose the grade rule.
+        point_sources: the sources whose held-out predictions set the temperature and the operating points:
+            photos like the product's input (camera colours). A processed derivative (contrast-equalised,
+            grade 0 under-sampled) would move both towards images nobody sends. None or none present: all.
     """
     low, high, sources = np.asarray(low), np.asarray(high), np.asarray(sources)
-    temperature = fit_temperature_partial(logits, low, high)
+    held = sorted(set(sources.tolist()))
+    calibrating = [name for name in held if point_sources is None or name in point_sources] or held
+    on_points = np.isin(sources, calibrating)
+    temperature = fit_temperature_partial(logits[on_points], low[on_points], high[on_points])
     probs = softmax(logits, temperature)
     exact = (low == high) & np.isin(sources, list(five_grade))
     rule = choose_grade_rule(probs[exact], low[exact], sources[exact], min_width)
     decision = Decision(rule["rule"], tuple(rule["thresholds"]))
-    grades = grade_rule(probs, regression, decision)
-    p_referable = probs[:, REFERABLE_MIN_GRADE:].sum(axis=1)
-    truth = referable_truth(low, high)
-    points = {t.name: choose_operating_point(grades, p_referable, truth, sources, t) for t in targets}
+    grades = grade_rule(probs, regression, decision)[on_points]
+    p_referable = probs[on_points, REFERABLE_MIN_GRADE:].sum(axis=1)
+    truth = referable_truth(low[on_points], high[on_points])
+    points = {t.name: choose_operating_point(grades, p_referable, truth, sources[on_points], t) for t in targets}
     if default not in points:
         raise ValueError(f"the default operating point {default!r} is not among {sorted(points)}")
-    held = sorted(set(sources.tolist()))
     return {
         "temperature": temperature,
         **rule,
         "referable_threshold": points[default]["threshold"],
         "operating_points": {"default": default, "points": points},
-        "chosen_on": f"pooled leave-one-source-out predictions of {', '.join(held)} (temperature, operating "
-        f"points) and of {', '.join(five_grade)} (grade rule)",
+        "point_sources": calibrating,
+        "chosen_on": f"pooled leave-one-source-out predictions of {', '.join(calibrating)} (temperature, "
+        f"operating points) and of {', '.join(five_grade)} (grade rule)",
     }
 
 

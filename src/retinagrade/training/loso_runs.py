@@ -25,7 +25,7 @@ from retinagrade.inference.model_spec import DmeRule, FellowEyeRule, ModelSpec, 
 from retinagrade.training.data import read_sources
 from retinagrade.training.decisions import decision_of
 from retinagrade.training.ensemble import average_held_out
-from retinagrade.training.train import Inputs, Predictions, loso_report
+from retinagrade.training.train import CAMERA_SOURCES, Inputs, Predictions, loso_report
 
 #: What the spec keeps of how the grade rule was chosen.
 _RULE_KEYS = ("min_band_width", "band_widths", "why", "expected_grade_cut_points")
@@ -93,11 +93,22 @@ def join_runs(runs: Sequence[Path]) -> JoinedRuns:
     return JoinedRuns(inputs, predictions, held, arrays["n_models"], holdout, list(runs))
 
 
-def report_runs(runs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
-    """Join runs, fit the decision layer on the joined held-out table and write loso.json/.md/predictions."""
+def calibration_sources_of(run: Path) -> list[str]:
+    """The camera sources a run's configuration names to set the temperature and operating points."""
+    config = json.loads((run / "train_config.json").read_text())
+    return [str(name) for name in config.get("calibration_sources") or CAMERA_SOURCES]
+
+
+def report_runs(runs: Sequence[Path], out_dir: Path, point_sources: Sequence[str] | None = None) -> dict[str, Any]:
+    """Join runs, fit the decision layer on the joined held-out table and write loso.json/.md/predictions.
+
+    ``point_sources`` (default: the first run's ``calibration_sources``) set the temperature and the operating
+    points; every held-out source is reported.
+    """
     joined = join_runs(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = loso_report(joined.inputs, joined.predictions, joined.held, joined.holdout, None, out_dir)
+    chosen = list(point_sources) if point_sources else calibration_sources_of(runs[0])
+    report = loso_report(joined.inputs, joined.predictions, joined.held, joined.holdout, None, out_dir, chosen)
     report["runs"] = {str(run): _labels_of(run) == _labels_of(runs[0]) for run in runs}
     report["ensemble_size"] = {
         name: int(joined.votes[(joined.inputs.sources == name) & joined.held].max()) for name in joined.holdout

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 DENSE_FEATURES_BYTES = 1 << 30
 
 #: The camera sets whose held-out predictions choose the temperature and referable threshold.
-CAMERA_SOURCES = ("eyepacs-768", "mexico-512")
+CAMERA_SOURCES = ("aptos2019-224", "eyepacs-768", "mexico-512")
 
 
 @dataclass
@@ -731,14 +732,22 @@ def _grade_scores(preds: Predictions, temperature: float) -> dict[str, np.ndarra
     }
 
 
-def decide(preds: Predictions, low: np.ndarray, high: np.ndarray, sources: np.ndarray) -> dict[str, Any]:
+def decide(
+    preds: Predictions,
+    low: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+    point_sources: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """The decision layer (:func:`~retinagrade.training.decisions.fit_decision_layer`) on held-out predictions.
 
     Every choice is made on held-out predictions (out of fold or out of source); the grade rule on the sources
-    graded on all five grades.
+    graded on all five grades, the temperature and operating points on ``point_sources`` (all when None).
     """
     five = [name for name in sorted(set(sources.tolist())) if _is_five_grade_arrays(low, high, sources, name)]
-    return fit_decision_layer(preds.logits, preds.regression, low, high, sources, five or sorted(set(sources)))
+    return fit_decision_layer(
+        preds.logits, preds.regression, low, high, sources, five or sorted(set(sources)), point_sources=point_sources
+    )
 
 
 def grades_from(
@@ -1120,7 +1129,7 @@ def leave_one_source_out(cfg: TrainConfig, inputs: Inputs, holdout: list[str], o
             # Keep partial results: a long LOSO run can be stopped and still report the sources done so far.
             arrays: dict[str, Any] = {**_logit_arrays(preds), "held": held, **_sample_arrays(inputs)}
             np.savez(out_dir / "loso_logits.npz", **arrays)
-    report = loso_report(inputs, preds, held, holdout, timings, out_dir)
+    report = loso_report(inputs, preds, held, holdout, timings, out_dir, cfg.calibration_sources)
     if seen:
         report["excluded_seen_by_init"] = {"init_sources": sorted(seen), "images": excluded}
         if out_dir is not None and is_writer():
@@ -1138,14 +1147,16 @@ def loso_report(
     holdout: list[str],
     timings: dict[str, float] | None = None,
     out_dir: Path | None = None,
+    point_sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fit the decision layer on the pooled held-out predictions and score every held-out source at every point.
 
     ``sources`` holds each source's metrics at the default operating point; ``by_point`` at every named point.
+    ``point_sources``: the camera sources that set the temperature and operating points (all when None).
     """
     sources = inputs.sources
     idx = np.flatnonzero(held & np.isin(sources, list(holdout)))
-    decision = decide(preds.take(idx), inputs.low[idx], inputs.high[idx], sources[idx])
+    decision = decide(preds.take(idx), inputs.low[idx], inputs.high[idx], sources[idx], point_sources)
     default = decision["operating_points"]["default"]
     report: dict[str, Any] = {"decision": decision, "holdout": list(holdout), "sources": {}, "by_point": {}}
     if timings:

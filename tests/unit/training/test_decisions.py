@@ -160,3 +160,29 @@ def test_the_dme_threshold_keeps_every_sources_calm_eyes_under_the_flag_rate() -
     assert rule["fit_on"]["auc"]["value"] > 0.9 and 0 < rule["fit_on"]["sensitivity"] <= 1
     # without labelled photos of both kinds there is nothing to fit
     assert fit_dme_rule(logit, np.full(len(logit), np.nan), high, sources, groups) is None
+
+
+def test_a_processed_source_shapes_the_grade_rule_but_not_the_temperature_or_the_points() -> None:
+    rng = np.random.default_rng(4)
+    ga, la = _source(rng, 500, [50, 10, 25, 7, 8], 2.5, 0.0)
+    # A processed derivative the model ranks poorly and whose logits are far too sharp: were it counted, it
+    # would flatten the temperature and drag the sensitive point down.
+    gp, lp = _source(rng, 800, [40, 15, 30, 8, 7], 0.3, 0.0)
+    lp = lp * 4.0
+    logits = np.concatenate([la, lp])
+    grades = np.concatenate([ga, gp])
+    sources = np.array(["camera"] * 500 + ["processed"] * 800)
+    args = (logits, np.zeros(len(grades)), grades, grades, sources, ["camera", "processed"])
+    alone = fit_decision_layer(la, np.zeros(500), ga, ga, sources[:500], ["camera"])
+    pooled = fit_decision_layer(*args)
+    narrowed = fit_decision_layer(*args, point_sources=["camera"])
+    assert narrowed["point_sources"] == ["camera"] and pooled["point_sources"] == ["camera", "processed"]
+    assert narrowed["temperature"] == pytest.approx(alone["temperature"])
+    assert abs(pooled["temperature"] - alone["temperature"]) > 0.5
+    for name in ("balanced", "sensitive"):
+        points = narrowed["operating_points"]["points"][name]
+        assert set(points["per_source"]) == {"camera"}
+        assert points["threshold"] == pytest.approx(alone["operating_points"]["points"][name]["threshold"])
+    assert "camera (temperature" in narrowed["chosen_on"] and "camera, processed (grade rule)" in narrowed["chosen_on"]
+    # a list naming no held-out source falls back to all of them
+    assert fit_decision_layer(*args, point_sources=["elsewhere"])["point_sources"] == ["camera", "processed"]

@@ -99,3 +99,16 @@ def test_the_report_fits_one_layer_and_the_spec_takes_it_with_the_same_model(run
     # It reads back as the service reads it.
     again = ModelSpec.load(models / "retinagrade-dr.json")
     assert again.to_dict() == spec.to_dict()
+
+
+def test_the_runs_configuration_or_the_caller_names_the_sources_that_set_the_points(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    # No source the configuration names is held out here (defaults: the camera sets): every source counts.
+    assert report_runs(runs, tmp_path / "all")["decision"]["point_sources"] == ["set-a", "set-b"]
+    config = json.loads((runs[0] / "train_config.json").read_text())
+    (runs[0] / "train_config.json").write_text(json.dumps({**config, "calibration_sources": ["set-a"]}))
+    named = report_runs(runs, tmp_path / "named")["decision"]
+    assert named["point_sources"] == ["set-a"]
+    assert set(named["operating_points"]["points"]["balanced"]["per_source"]) == {"set-a"}
+    assert report_runs(runs, tmp_path / "given", ["set-b"])["decision"]["point_sources"] == ["set-b"]
