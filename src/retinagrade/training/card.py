@@ -233,8 +233,9 @@ def operating_points_section(spec: dict[str, Any]) -> list[str]:
     lines += [
         "An eye is referred when its grade is 2 (moderate NPDR) or worse, or, with a grade 0-1, when its calibrated "
         "P(grade >= 2) reaches the operating point's threshold; the answer then says `referral_reason: risk` and "
-        "keeps the grade the model believes. P(referable) is calibrated on every held-out source, so a threshold "
-        "means the same risk on every camera; what differs between cameras is how well the model ranks. Choose a "
+        "keeps the grade the model believes. P(referable) is calibrated on the held-out camera sources (referable "
+        "ECE in the tables above), so a threshold means about the same risk on every camera; what differs between "
+        "cameras is how well the model ranks. Choose a "
         f"point with `--operating-point`, `RETINAGRADE_OPERATING_POINT` or `X-Retinagrade-Operating-Point`; "
         f"default **{default}**.",
         "",

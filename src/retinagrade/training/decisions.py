@@ -71,13 +71,13 @@ POINT_TARGETS: Final[tuple[PointTarget, ...]] = (
         0.85,
         0.825,
         "default: sensitivity >= 0.85 and specificity >= 0.825 (the pivotal endpoints of the first autonomous DR "
-        "system) on as many held-out sources as one threshold allows",
+        "system) on as many held-out camera sources as one threshold allows",
     ),
     PointTarget(
         "sensitive",
         0.90,
         None,
-        "sensitivity >= 0.90 on every held-out source, at the cost of more healthy eyes referred",
+        "sensitivity >= 0.90 on every held-out camera source, at the cost of more healthy eyes referred",
     ),
 )
 
