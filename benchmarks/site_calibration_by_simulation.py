@@ -80,6 +80,7 @@ def main() -> None:
         cal = np.isin(groups, chosen)
         rest = ~cal
         reported = model_grades(probs_spec[cal], spec, np.zeros(int(cal.sum()), int))
+        too_small = False
         for label, conservative in (("point estimate", False), ("conservative", True)):
             try:
                 profile = calibrate_site(
@@ -93,8 +94,8 @@ def main() -> None:
                     conservative=conservative,
                     n_boot=1,
                 )
-            except CalibrationSampleError:  # a draw too small to calibrate on is skipped and counted
-                skipped += 1
+            except CalibrationSampleError:  # a draw too small to calibrate on is skipped and counted once
+                too_small = True
                 continue
             probs = metrics.softmax(logits[rest], profile.temperature)
             site_grade = (
@@ -104,13 +105,18 @@ def main() -> None:
             )
             refer = referred(site_grade, metrics.referable_probability(probs), profile.referable_threshold)
             results[label].append(_rates(refer, truth[rest]))
+        skipped += too_small
     p = metrics.referable_probability(probs_spec)
+    model_grade = model_grades(probs_spec, spec, np.zeros(len(grades), int))
     best = max(
-        (_rates(referred(probs_spec.argmax(1), p, t), truth) for t in np.linspace(0, 1, 1001)),
+        (_rates(referred(model_grade, p, t), truth) for t in np.linspace(0, 1, 1001)),
         key=lambda r: (r[0] >= args.min_sensitivity, r[1] if r[0] >= args.min_sensitivity else r[0]),
     )
     print(f"source {args.source}: {len(grades)} photos, {int(truth.sum())} referable; sample {args.sample}")
-    print(f"best single threshold on the whole source: sensitivity {best[0]:.3f}, specificity {best[1]:.3f}")
+    print(
+        f"best single threshold on the whole source (the model's grade rule): sensitivity {best[0]:.3f}, "
+        f"specificity {best[1]:.3f}"
+    )
     for label, rows in results.items():
         if not rows:
             continue
