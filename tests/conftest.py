@@ -339,3 +339,37 @@ def pointed_model(tmp_path: Path) -> Path:
     }
     copy.write_text(json.dumps(data))
     return copy
+
+
+def build_deflate_bomb(inflated_mib: int) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM file whose dataset inflates to ``inflated_mib`` MiB of zeros
+    (one private OB element, written by hand) from a few hundred KB: what a decode budget must stop."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    body = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = inflated_mib * 1024 * 1024
+    parts = [body.compress(struct.pack("<HH", 0x0009, 0x1010) + b"OB\x00\x00" + struct.pack("<I", size))]
+    zeros = bytes(1024 * 1024)
+    parts += [body.compress(zeros) for _ in range(inflated_mib)]
+    parts.append(body.flush())
+    return head.getvalue() + b"".join(parts)
+
+
+@pytest.fixture(scope="session")
+def deflate_bomb() -> Callable[[int], bytes]:
+    """:func:`build_deflate_bomb`, for the DICOM tests (needs pydicom)."""
+    pytest.importorskip("pydicom", reason="needs the [dicom] extra (pydicom)")
+    return build_deflate_bomb

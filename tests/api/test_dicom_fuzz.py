@@ -17,7 +17,6 @@ import random
 import struct
 import threading
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +32,8 @@ pytest.importorskip("fhir.resources", reason="needs the [dicom] extra (fhir.reso
 import pydicom
 from fhir.resources.R4B.bundle import Bundle
 from pydicom import uid
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import write_file_meta_info
 from typer.testing import CliRunner
 
 from retinagrade.api.app import create_app
@@ -106,21 +104,6 @@ def nested_sequences(depth: int) -> bytes:
     return opening * depth + struct.pack("<HH", 0x0008, 0x0100) + b"SH\x02\x001 " + closing * depth
 
 
-def deflate_bomb(inflated_mib: int) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = uid.UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
-    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
-    head = io.BytesIO()
-    head.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    body = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    size = inflated_mib * 1024 * 1024
-    parts = [body.compress(struct.pack("<HH", 0x0009, 0x1010) + b"OB\x00\x00" + struct.pack("<I", size))]
-    parts += [body.compress(bytes(1024 * 1024)) for _ in range(inflated_mib)]
-    return head.getvalue() + b"".join(parts) + body.flush()
-
-
 #: The kinds of mutation, taken in turn (so any number of cases covers them evenly).
 KINDS = (
     "flip_bytes",
@@ -140,13 +123,13 @@ KINDS = (
 class Mutator:
     """Seeded mutations of one camera instance; call ``n`` gives (kind, bytes) of the ``n``-th mutation."""
 
-    def __init__(self, jpeg: bytes, seed: int) -> None:
+    def __init__(self, jpeg: bytes, seed: int, bomb: bytes) -> None:
         self.jpeg = jpeg
         self.rng = random.Random(seed)
         self.round = 0
         self.base = to_bytes(camera_instance(jpeg))
         self.elements = header_elements(self.base)
-        self.bomb = deflate_bomb(1024)
+        self.bomb = bomb
         big = io.BytesIO()
         Image.new("L", (7999, 7999)).save(big, "PNG")
         self.big_png = big.getvalue()
@@ -342,10 +325,11 @@ def test_mutated_dicom_never_gets_a_server_error_through_any_door(
     synthetic_fundus: Callable[..., np.ndarray],
     tmp_path: Path,
     model_path: Path,
+    deflate_bomb: Callable[[int], bytes],
     count: int,
 ) -> None:
     jpeg = _jpeg(synthetic_fundus(320, 240, 160, 120, 110))
-    mutate = Mutator(jpeg, SEED)
+    mutate = Mutator(jpeg, SEED, deflate_bomb(1024))
     cases = [mutate(index) for index in range(count)]
     statuses: Counter[int] = Counter()
     # Sampled from when the service is up (loading the model is not the fuzzing's memory). pydicom's warnings
