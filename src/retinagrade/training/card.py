@@ -21,10 +21,12 @@ LIMITATIONS = """\
   populations, cameras, handheld or smartphone fundus photos is unknown until measured; leave-one-source-out
   numbers above are the best guide, and they are far from in-domain numbers. Validate locally before any
   clinical use.
-- The global operating point keeps sensitivity at 0.90 on the worse unseen camera set (US EyePACS camera photos,
-  referable AUC about 0.80 there), so it refers many healthy eyes everywhere; grades follow the referral, so
-  referred healthy eyes read as grade 2. Calibrate the threshold on local graded photos (`retinagrade calibrate`)
-  before routine use.
+- Where the model ranks poorly (US EyePACS camera photos, referable AUC about 0.80 held out) no single threshold
+  gives both high sensitivity and high specificity: the default point there trades sensitivity for specificity,
+  and `sensitive` refers most healthy eyes. The operating-point tables name the sources each point cannot serve.
+  Calibrate on local graded photos (`retinagrade calibrate`) before routine use.
+- The grade is the model's own estimate (never rewritten to match the referral); an eye referred on risk alone
+  says so (`referral_reason: risk`). Mild DR (grade 1) is rarely recognised as such.
 - No diabetic macular oedema (DME) labels are used: the model does not assess DME, a common reason for referral.
 - Ungradable images are refused by a quality gate fitted on EyePACS/EyeQ labels; its own error rates are in
   `docs/gate-report.md`.
