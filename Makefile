@@ -12,10 +12,11 @@ CONSTRAINTS ?= constraints.txt
 # checkov (Terraform checks in tests/deploy) in a venv of its own: its pins conflict with the project's.
 CHECKOV_VENV ?= $(VENV)/checkov
 CHECKOV_CONSTRAINTS ?= deploy/checkov-constraints.txt
-# Debian packages some tests use: chromium (browser tests), prometheus (promtool), podman (podman-compose),
-# shellcheck (actionlint's shell checks). `make system-packages` installs the ones dpkg does not list, when
+# Debian packages some tests use: chromium (browser tests), prometheus (promtool), podman + runc (podman-compose;
+# the runtime the container docs use), shellcheck (actionlint's shell checks), orthanc + orthanc-dicomweb (the PACS
+# round trip), dcmtk (DICOM codec fixtures, dsrdump). debootstrap is for the opt-in `make container-test` only. `make system-packages` installs the ones dpkg does not list, when
 # apt-get is usable; without them those tests skip with a stated reason. Adding a tool is one word here.
-SYSTEM_PACKAGES ?= chromium prometheus podman shellcheck orthanc orthanc-dicomweb dcmtk
+SYSTEM_PACKAGES ?= chromium prometheus podman runc shellcheck orthanc orthanc-dicomweb dcmtk
 .PHONY: setup setup-dev system-packages serve test lint typecheck pytest clean
 
 $(VENV)/.serve-installed: pyproject.toml $(CONSTRAINTS)

@@ -219,3 +219,47 @@ def figures() -> str:
 
 if __name__ == "__main__":
     sys.stdout.write(figures() + "\n")
+
+
+# -- layering: stages never import a front door (the CLI or the HTTP service) ------------------------------
+# Lazy imports count too: that is where such an import used to hide (``training/evaluate.py`` took
+# ``grade_files`` from the CLI).
+
+DOORS = ("retinagrade.cli", "retinagrade.api")
+
+
+def is_door(name: str) -> bool:
+    return any(name == door or name.startswith(door + ".") for door in DOORS)
+
+
+def doors_imported(graph: Graph) -> dict[str, list[str]]:
+    """Each module that is no door, with the door modules it imports (only those that import one)."""
+    found = {
+        module: sorted(t for t in targets if is_door(t)) for module, targets in graph.items() if not is_door(module)
+    }
+    return {module: doors for module, doors in found.items() if doors}
+
+
+def test_no_stage_imports_a_door() -> None:
+    offenders = doors_imported(GRAPH)
+    assert not offenders, f"stages that import a front door (move what they need out of it): {offenders}"
+
+
+def test_the_layering_check_sees_lazy_relative_and_plain_imports_of_a_door() -> None:
+    sources = {
+        "retinagrade": ("", True),
+        "retinagrade.cli": ("", True),
+        "retinagrade.api": ("", True),
+        "retinagrade.api.app": ("", False),
+        "retinagrade.apis": ("", False),
+        "retinagrade.training": ("", True),
+        "retinagrade.training.evaluate": ("def f():\n    from retinagrade.cli import grade_files\n", False),
+        "retinagrade.training.report": ("from ..api import schemas\n", False),
+        "retinagrade.report": ("import retinagrade.api.app as a\n", False),
+        "retinagrade.x": ("from retinagrade import apis\n", False),
+    }
+    assert doors_imported(build_graph(sources)) == {
+        "retinagrade.training.evaluate": ["retinagrade.cli"],
+        "retinagrade.training.report": ["retinagrade.api"],
+        "retinagrade.report": ["retinagrade.api.app"],
+    }
