@@ -109,7 +109,7 @@ def report_runs(runs: Sequence[Path], out_dir: Path, point_sources: Sequence[str
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = list(point_sources) if point_sources else calibration_sources_of(runs[0])
     report = loso_report(joined.inputs, joined.predictions, joined.held, joined.holdout, None, out_dir, chosen)
-    report["runs"] = {str(run): _labels_of(run) == _labels_of(runs[0]) for run in runs}
+    report["runs"] = [str(run) for run in runs]  # all over the same label files (join_runs checks)
     report["ensemble_size"] = {
         name: int(joined.votes[(joined.inputs.sources == name) & joined.held].max()) for name in joined.holdout
     }

@@ -258,11 +258,6 @@ def recall_rows(table: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _setters(decision: Mapping[str, Any], row: list[str]) -> list[str]:
-    """The sources that set the temperature and points (every row's source when the layer does not say)."""
-    return list(decision.get("point_sources") or [row[0].split(" (")[0]])
-
-
 def _points(decision: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     section = decision.get("operating_points") or {}
     return str(section.get("default", "")), dict(section.get("points", {}))
@@ -303,7 +298,8 @@ def format_loso_markdown(
         lines += [*_table(header, loso_rows(report, name)), ""]
         if point.get("not_served"):
             lines += [f"Sources this point cannot serve at its targets: {', '.join(point['not_served'])}.", ""]
-        others = [row[0] for row in loso_rows(report, name) if row[0].split(" (")[0] not in _setters(decision, row)]
+        setters = decision.get("point_sources")  # absent in older reports: every source set the point
+        others = [source for source in report.get("by_point", {}).get(name, {}) if setters and source not in setters]
         if others:
             why = "not one of the calibration sources, the camera sets"
             lines += [f"Reported, not used to set this point ({why}): {', '.join(others)}.", ""]
