@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,6 +82,8 @@ DEFAULT_MODEL = shipped_model_dir() / DEFAULT_MODEL_FILE
 DEFAULT_BATCH_SIZE = 8
 
 K = TypeVar("K")
+#: A pending job of a batch engine: a future, or an error known before any work.
+J = TypeVar("J")
 
 
 @dataclass
@@ -370,17 +372,13 @@ class GradingPipeline:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retinagrade-grade")
         try:
 
-            def top_up() -> None:
-                while len(pending) < window:
-                    item = next(source, None)
-                    if item is None:
-                        return
-                    pending.append((item[0], pool.submit(self._prepare_source, item[1])))
+            def submit(data: Source) -> Future[PreparedRequest | RetinagradeError]:
+                return pool.submit(self._prepare_source, data)
 
-            top_up()
+            _top_up(pending, source, window, submit)
             while pending:
                 batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-                top_up()
+                _top_up(pending, source, window, submit)
                 prepared = [future.result() for _, future in batch]
                 good = [p for p in prepared if isinstance(p, PreparedRequest)]
                 outputs = iter(self.infer(good))
@@ -415,24 +413,29 @@ class GradingPipeline:
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(self,))
         try:
 
-            def top_up() -> None:
-                while len(pending) < window:
-                    item = next(source, None)
-                    if item is None:
-                        return
-                    key, data = item
-                    # An error known before reading needs no worker.
-                    job = data if isinstance(data, RetinagradeError) else pool.submit(_grade_in_worker, data, explain)
-                    pending.append((key, job))
+            def submit(data: Source) -> Future[Outcome] | RetinagradeError:
+                # An error known before reading needs no worker.
+                return data if isinstance(data, RetinagradeError) else pool.submit(_grade_in_worker, data, explain)
 
-            top_up()
+            _top_up(pending, source, window, submit)
             while pending:
                 key, job = pending.popleft()
-                top_up()
+                _top_up(pending, source, window, submit)
                 yield key, job if isinstance(job, RetinagradeError) else _restored(job.result())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             cv2.setNumThreads(opencv_threads)
+
+
+def _top_up(
+    pending: deque[tuple[K, J]], source: Iterator[tuple[K, Source]], window: int, submit: Callable[[Source], J]
+) -> None:
+    """Submit the next items of ``source`` until ``window`` jobs are pending (fewer when it runs out)."""
+    while len(pending) < window:
+        item = next(source, None)
+        if item is None:
+            return
+        pending.append((item[0], submit(item[1])))
 
 
 # -- worker processes of the batch engine ------------------------------------------------------------------
