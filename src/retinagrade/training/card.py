@@ -282,6 +282,7 @@ def dme_section(rule: dict[str, Any]) -> str:
     ]
     for source, rate in rule.get("flag_rate_grade_0_1", {}).items():
         lines.append(f"| {source} | {rate:.3f} |")
+    lines += _oedema_referral_lines(rule.get("with_oedema_referrals") or {})
     lines += [
         "",
         "Only the Mexican photos carry DME labels, and they follow a collection batch: almost every photo of the "
@@ -291,6 +292,31 @@ def dme_section(rule: dict[str, Any]) -> str:
         "institute was possible.",
     ]
     return "\n".join(lines)
+
+
+def _oedema_referral_lines(table: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
+    """What oedema referrals add, per operating point and held-out source (referable DR as the truth)."""
+    if not table:
+        return []
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "",
+        "Referable DR (grade 2 or worse) as the truth, every eye referred as the product refers it (grade, risk "
+        "**or** oedema), held out:",
+        "",
+        "| operating point | held-out source | sensitivity | specificity | specificity without oedema referrals |",
+        "|---|---|---|---|---|",
+    ]
+    for point, sources in table.items():
+        for source, row in sources.items():
+            lines.append(
+                f"| {point} | {source} | {num(row.get('sensitivity'))} | {num(row.get('specificity'))} | "
+                f"{num(row.get('specificity_dr_only'))} |"
+            )
+    return lines
 
 
 def fellow_eye_section(rule: dict[str, Any]) -> str:

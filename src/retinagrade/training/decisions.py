@@ -477,6 +477,39 @@ DME_SOURCE: Final[str] = "mexico-512"
 DME_MAX_FLAG_RATE: Final[float] = 0.10
 
 
+def dme_probability(logit_dme: np.ndarray, rule: Mapping[str, Any]) -> np.ndarray:
+    """Calibrated ``p_dme`` of DME logits under a fitted rule (:func:`fit_dme_rule`'s ``calibration``)."""
+    calibration = rule["calibration"]
+    z = float(calibration["scale"]) * np.asarray(logit_dme, np.float64) + float(calibration["bias"])
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def with_oedema_referrals(
+    referred_for_dr: np.ndarray,
+    logit_dme: np.ndarray,
+    rule: Mapping[str, Any],
+    low: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+) -> dict[str, dict[str, float | None]]:
+    """Referable-DR sensitivity and specificity per source when oedema referrals count too, as the product refers.
+
+    ``referred_for_dr`` is the grade-and-risk referral at one operating point; an eye is referred when that fires
+    or ``p_dme`` reaches the rule's threshold. ``specificity_dr_only`` is the same eyes without oedema referrals:
+    the difference is what the DME output costs healthy eyes on each source.
+    """
+    truth = referable_truth(low, high)
+    flagged = dme_probability(logit_dme, rule) >= float(rule["threshold"])
+    both = np.asarray(referred_for_dr, bool) | flagged
+    table: dict[str, dict[str, float | None]] = {}
+    for name in sorted(set(np.asarray(sources).tolist())):
+        part = np.asarray(sources) == name
+        sensitivity, specificity = _rates(both[part], truth[part])
+        _, dr_only = _rates(np.asarray(referred_for_dr, bool)[part], truth[part])
+        table[name] = {"sensitivity": sensitivity, "specificity": specificity, "specificity_dr_only": dr_only}
+    return table
+
+
 def fit_platt(logit: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(scale, bias) of ``sigmoid(scale * logit + bias)`` minimising the log-loss of binary ``truth``."""
     from scipy.optimize import minimize
@@ -518,7 +551,7 @@ def fit_dme_rule(
     if labelled.sum() < 20 or len(set(dme_true[labelled].tolist())) < 2:
         return None
     scale, bias = fit_platt(logit_dme[labelled], dme_true[labelled])
-    p_dme = 1.0 / (1.0 + np.exp(-(scale * np.asarray(logit_dme, np.float64) + bias)))
+    p_dme = dme_probability(logit_dme, {"calibration": {"scale": scale, "bias": bias}})
     calm = (np.asarray(high) <= 1) & (dme_true != 1)
     names = sorted(set(sources[calm].tolist()))
     # Per source, the flag-rate quantile of its calm eyes' p_dme; the highest of them keeps every source under it.

@@ -1177,6 +1177,8 @@ def loso_report(
     if preds.dme is not None:
         dme_true = np.array([np.nan if s.dme is None else float(s.dme) for s in inputs.samples])[idx]
         report["dme"] = fit_dme_rule(preds.dme[idx], dme_true, inputs.high[idx], sources[idx], inputs.groups[idx])
+        if report["dme"]:
+            report["dme"]["with_oedema_referrals"] = _with_oedema_referrals(inputs, idx, preds, decision, report["dme"])
     if out_dir is not None and is_writer():
         _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
         (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))
@@ -1184,6 +1186,23 @@ def loso_report(
 
         (out_dir / "loso.md").write_text(format_loso_markdown(report))
     return report
+
+
+def _with_oedema_referrals(
+    inputs: Inputs, idx: np.ndarray, preds: Predictions, decision: dict[str, Any], rule: dict[str, Any]
+) -> dict[str, Any]:
+    """Per operating point and held-out source: referable sensitivity / specificity with oedema referrals."""
+    from retinagrade.training.decisions import with_oedema_referrals
+
+    held = preds.take(idx)
+    assert held.dme is not None
+    table: dict[str, Any] = {}
+    for point in decision["operating_points"]["points"]:
+        *_, refer = grades_from(held, decision, point)
+        table[point] = with_oedema_referrals(
+            refer, held.dme, rule, inputs.low[idx], inputs.high[idx], inputs.sources[idx]
+        )
+    return table
 
 
 def _is_five_grade(inputs: Inputs, source: str) -> bool:

@@ -162,6 +162,25 @@ def test_the_dme_threshold_keeps_every_sources_calm_eyes_under_the_flag_rate() -
     assert fit_dme_rule(logit, np.full(len(logit), np.nan), high, sources, groups) is None
 
 
+def test_oedema_referrals_add_to_the_dr_referrals_and_cost_specificity_per_source() -> None:
+    from retinagrade.training.decisions import dme_probability, with_oedema_referrals
+
+    rule = {"calibration": {"scale": 1.0, "bias": 0.0}, "threshold": 0.5}
+    # source a: 2 referable eyes (one referred for DR, one only for oedema), 3 not (one flagged for oedema)
+    referred = np.array([True, False, False, False, False, True, False])
+    logit_dme = np.array([-3.0, 2.0, 1.0, -1.0, -2.0, -1.0, -1.0])
+    low = np.array([2, 3, 0, 0, 1, 4, 0])
+    high = np.array([2, 3, 0, 0, 1, 4, 0])
+    sources = np.array(["a"] * 5 + ["b"] * 2)
+    np.testing.assert_allclose(dme_probability(np.array([0.0]), rule), [0.5])
+    table = with_oedema_referrals(referred, logit_dme, rule, low, high, sources)
+    assert table["a"] == {"sensitivity": 1.0, "specificity": 2 / 3, "specificity_dr_only": 1.0}
+    assert table["b"] == {"sensitivity": 1.0, "specificity": 1.0, "specificity_dr_only": 1.0}
+    # a grade range straddling grade 2 (NPDR = 1-3) is neither referable nor not: it counts nowhere
+    ranged = with_oedema_referrals(referred, logit_dme, rule, low, np.array([2, 3, 0, 3, 1, 4, 0]), sources)
+    assert ranged["a"]["specificity"] == 0.5
+
+
 def test_a_processed_source_shapes_the_grade_rule_but_not_the_temperature_or_the_points() -> None:
     rng = np.random.default_rng(4)
     ga, la = _source(rng, 500, [50, 10, 25, 7, 8], 2.5, 0.0)

@@ -78,3 +78,27 @@ def test_markdown_nests_under_a_larger_document() -> None:
 def test_write_report_refuses_values_without_a_json_form(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"metrics\.json"):
         write_report(_metrics(seed=3), tmp_path, "x", extra={"model": object()})
+
+
+def test_the_cards_oedema_section_gives_the_threshold_the_flag_rates_and_what_oedema_referrals_cost() -> None:
+    from retinagrade.training.card import dme_section
+
+    rule = {
+        "calibration": {"method": "platt", "scale": 0.8, "bias": -1.2, "fitted_on": "mexico-512"},
+        "threshold": 0.4321,
+        "rule": "lowest threshold at which at most 10% of every held-out source's grade 0-1 eyes are flagged",
+        "fit_on": {"source": "mexico-512", "positives": 54, "negatives": 491,
+                   "auc": {"value": 0.9, "ci_low": 0.85, "ci_high": 0.95}, "sensitivity": 0.7, "specificity": 0.9},
+        "flag_rate_grade_0_1": {"eyepacs-768": 0.08},
+        "with_oedema_referrals": {
+            "balanced": {"eyepacs-768": {"sensitivity": 0.7, "specificity": 0.8, "specificity_dr_only": 0.84}},
+            "sensitive": {"mexico-512": {"sensitivity": 1.0, "specificity": None, "specificity_dr_only": None}},
+        },
+    }  # fmt: skip
+    text = dme_section(rule)
+    assert "p_dme >= **0.4321**" in text and "| eyepacs-768 | 0.080 |" in text
+    assert "| balanced | eyepacs-768 | 0.700 | 0.800 | 0.840 |" in text
+    assert "| sensitive | mexico-512 | 1.000 | n/a | n/a |" in text
+    # a rule written before the combined table existed still renders, without it
+    del rule["with_oedema_referrals"]
+    assert "specificity without oedema referrals" not in dme_section(rule)
