@@ -13,8 +13,9 @@ Exit codes of ``retinagrade grade`` (also in ``--help`` and the README):
 
 One module per command group, each a thin door onto the library: :mod:`.grading` (grade, serve; the engines in
 :mod:`.local` and :mod:`.cluster`), :mod:`.validation` (evaluate, validate, calibrate), :mod:`.training`
-(train, loso-report, ensemble-loso, fellow-eye, export, sources), :mod:`.gate` (fit-gate), :mod:`.dicomweb`;
-:mod:`.shared` holds what they share. This module makes the app and lists its commands in ``--help``'s order.
+(train, loso-report, ensemble-loso, loso-compare, fellow-eye, export, sources), :mod:`.gate` (fit-gate),
+:mod:`.dicomweb`; :mod:`.shared` holds what they share. This module makes the app and lists its commands in
+``--help``'s order.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ app.command()(validation.evaluate)
 app.command()(training.train)
 app.command("loso-report")(training.loso_report_command)
 app.command("ensemble-loso")(training.ensemble_loso)
+app.command("loso-compare")(training.loso_compare)
 app.command("fellow-eye")(training.fellow_eye_command)
 app.command()(training.export)
 app.command()(validation.validate)

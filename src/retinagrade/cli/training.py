@@ -1,6 +1,6 @@
-"""The training commands: ``train``, ``loso-report``, ``ensemble-loso``, ``fellow-eye``, ``export`` and
-``sources prepare`` / ``sources list``. Each calls :mod:`retinagrade.training` (the ``[train]`` extra), imported
-when the command runs.
+"""The training commands: ``train``, ``loso-report``, ``ensemble-loso``, ``loso-compare``, ``fellow-eye``,
+``export`` and ``sources prepare`` / ``sources list``. Each calls :mod:`retinagrade.training` (the ``[train]``
+extra), imported when the command runs.
 """
 
 from __future__ import annotations
@@ -220,6 +220,23 @@ def ensemble_loso(
         err.print(f"[red]Cannot average the held-out logits:[/red] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
     write_scores(out, arrays, report)
+    typer.echo(json.dumps(report, indent=2))
+
+
+def loso_compare(
+    a: Annotated[list[Path], typer.Option("--a", help="Recipe A's LOSO run folders (one per held-out source).")],
+    b: Annotated[list[Path], typer.Option("--b", help="Recipe B's LOSO run folders, the baseline.")],
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of patients.")] = 2000,
+) -> None:
+    """Paired referable-AUC difference of two recipes (A minus B) per held-out source, on the images both held
+    out, with a patient-grouped bootstrap interval: is a new recipe better on the sources it never saw?"""
+    from retinagrade.training.ensemble import compare_recipes
+
+    try:
+        report = compare_recipes(list(a), list(b), n_boot=n_boot)
+    except (OSError, KeyError, ValueError) as exc:
+        err.print(f"[red]Cannot compare the held-out logits:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     typer.echo(json.dumps(report, indent=2))
 
 

@@ -115,3 +115,60 @@ def load_ensemble(run_dirs: list[Path]) -> tuple[TailEnsemble, dict[str, Any]]:
         if other.tail.output_names != net.tail.output_names:
             raise ValueError(f"{run_dir}: outputs {other.tail.output_names}, {run_dirs[0]} has {net.tail.output_names}")
     return TailEnsemble(net.stem, [n.tail for n, _ in loaded]).eval(), cfg
+
+
+def _held_rows(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Held-out rows of one recipe's LOSO runs (one run per held-out source), keyed by image path."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        arrays = dict(np.load(_logits_file(path)))
+        if "source" not in arrays:
+            raise ValueError(f"{path}: the logits file names no sources (written before v3): re-run its LOSO")
+        p_ref = M.softmax(arrays["logits"])[:, REFERABLE_MIN_GRADE:].sum(axis=1)
+        for i in np.flatnonzero(arrays["held"].astype(bool)):
+            image = str(arrays["image"][i])
+            if image in rows:
+                raise ValueError(f"{path}: {image} is held out by two runs of one side: compare recipes, not seeds")
+            rows[image] = {
+                "source": str(arrays["source"][i]),
+                "group": str(arrays["group"][i]),
+                "low": int(arrays["grade_low"][i]),
+                "high": int(arrays["grade_high"][i]),
+                "p": float(p_ref[i]),
+            }
+    return rows
+
+
+def compare_recipes(a: list[Path], b: list[Path], n_boot: int = 2000) -> dict[str, Any]:
+    """Paired referable-AUC difference (A minus B) per held-out source, on the images both recipes held out.
+
+    Each side is a recipe's LOSO runs (one folder or logits file per held-out source); rows are matched by
+    image path, so the two recipes may have trained on different source lists. The interval resamples
+    patients (split groups) with replacement, both recipes' scores of an image together.
+    """
+
+    def difference(y: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> float:
+        return float(M._auc_or_nan(y, sa) - M._auc_or_nan(y, sb))
+
+    rows_a, rows_b = _held_rows(a), _held_rows(b)
+    common = sorted(set(rows_a) & set(rows_b))
+    result: dict[str, Any] = {"a": [str(p) for p in a], "b": [str(p) for p in b], "sources": {}}
+    for source in sorted({rows_a[i]["source"] for i in common}):
+        images = [i for i in common if rows_a[i]["source"] == source]
+        low = np.array([rows_a[i]["low"] for i in images])
+        high = np.array([rows_a[i]["high"] for i in images])
+        known = (low >= REFERABLE_MIN_GRADE) | (high < REFERABLE_MIN_GRADE)
+        y = (low >= REFERABLE_MIN_GRADE)[known]
+        sa = np.array([rows_a[i]["p"] for i in images])[known]
+        sb = np.array([rows_b[i]["p"] for i in images])[known]
+        groups = np.array([rows_a[i]["group"] for i in images])[known]
+        if not 0 < y.sum() < len(y):
+            continue
+        value, low_ci, high_ci = M.bootstrap_ci(difference, y, sa, sb, n_boot=n_boot, groups=groups)
+        result["sources"][source] = {
+            "n": len(y),
+            "auc_a": round(float(M._auc_or_nan(y, sa)), 4),
+            "auc_b": round(float(M._auc_or_nan(y, sb)), 4),
+            "difference": {"value": round(value, 4), "ci_low": round(low_ci, 4), "ci_high": round(high_ci, 4)},
+        }
+    return result
