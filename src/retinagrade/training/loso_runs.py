@@ -25,7 +25,7 @@ from retinagrade.inference.model_spec import DmeRule, FellowEyeRule, ModelSpec, 
 from retinagrade.training.data import read_sources
 from retinagrade.training.decisions import decision_of
 from retinagrade.training.ensemble import average_held_out
-from retinagrade.training.train import CAMERA_SOURCES, Inputs, Predictions, loso_report
+from retinagrade.training.train import CAMERA_SOURCES, Inputs, Predictions, loso_report, with_dme_negatives
 
 #: What the spec keeps of how the grade rule was chosen.
 _RULE_KEYS = ("min_band_width", "band_widths", "why", "expected_grade_cut_points")
@@ -52,9 +52,12 @@ class JoinedRuns:
     runs: list[Path]
 
 
-def _labels_of(run: Path) -> list[str]:
+def _labels_of(run: Path) -> tuple[list[str], list[str]]:
+    """The label files a run read (its ``labels`` and the ``optional_labels`` present, as training reads them)
+    and the sources whose grade-0 photos it took as DME negatives."""
     config = json.loads((run / "train_config.json").read_text())
-    return [str(p) for p in config["labels"]]
+    optional = [str(p) for p in config.get("optional_labels") or [] if Path(p).is_file()]
+    return [*(str(p) for p in config["labels"]), *optional], [str(s) for s in config.get("dme_negative_sources") or []]
 
 
 def join_runs(runs: Sequence[Path]) -> JoinedRuns:
@@ -72,7 +75,8 @@ def join_runs(runs: Sequence[Path]) -> JoinedRuns:
     for run in runs:
         if not (run / "loso_logits.npz").is_file():
             raise ValueError(f"{run} has no loso_logits.npz (not a LOSO run, or it has not finished a source)")
-    samples = read_sources(labels)
+    files, dme_negatives = labels
+    samples = with_dme_negatives(read_sources(files), dme_negatives)
     arrays = average_held_out(list(runs))
     n = len(samples)
     if len(arrays["held"]) != n:

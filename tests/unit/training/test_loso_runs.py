@@ -72,6 +72,22 @@ def test_runs_of_other_sources_join_and_runs_of_the_same_source_average(runs: li
     assert np.allclose(joined.predictions.logits[part], (first[part] + third[part]) / 2, atol=1e-5)
 
 
+def test_runs_join_over_the_optional_label_files_they_read_and_their_dme_negatives(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    """A v3 run read ``labels`` plus the ``optional_labels`` present and took grade-0 photos as DME negatives:
+    the join reads the same samples (its rows would not line up otherwise)."""
+    config = json.loads((runs[0] / "train_config.json").read_text())
+    extra, part = config["labels"].pop(), tmp_path / "absent" / "labels.csv"
+    for run in runs:
+        settings = {**config, "optional_labels": [extra, str(part)], "dme_negative_sources": ["set-b"]}
+        (run / "train_config.json").write_text(json.dumps(settings))
+    joined = join_runs(runs)
+    assert len(joined.inputs.samples) == 700 and joined.holdout == ["set-a", "set-b"]
+    negatives = {s.source for s in joined.inputs.samples if s.dme is False}
+    assert negatives == {"set-b"} and all(s.grade == 0 for s in joined.inputs.samples if s.dme is False)
+
+
 def test_runs_over_other_label_files_are_refused(runs: list[Path], tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
