@@ -283,6 +283,7 @@ def dme_section(rule: dict[str, Any]) -> str:
     for source, rate in rule.get("flag_rate_grade_0_1", {}).items():
         lines.append(f"| {source} | {rate:.3f} |")
     lines += _oedema_referral_lines(rule.get("with_oedema_referrals") or {})
+    lines += _against_risk_lines(rule.get("against_referable_risk") or {})
     lines += [
         "",
         "Only the Mexican photos carry DME labels, and they follow a collection batch: almost every photo of the "
@@ -292,6 +293,34 @@ def dme_section(rule: dict[str, Any]) -> str:
         "institute was possible.",
     ]
     return "\n".join(lines)
+
+
+def _against_risk_lines(comparison: dict[str, Any]) -> list[str]:
+    """The oedema head against the referable-DR risk as a DME score, on the labelled held-out photos."""
+    if not comparison:
+        return []
+
+    def auc(cell: dict[str, Any]) -> str:
+        value, low, high = cell.get("value"), cell.get("ci_low"), cell.get("ci_high")
+        if not isinstance(value, int | float) or value != value:
+            return "n/a"
+        return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+    lines = [
+        "",
+        f"Does the head see oedema, or the retinopathy that comes with it? DME AUC on {comparison['source']}'s "
+        "held-out photos, of the head and of the referable-DR risk used as a DME score:",
+        "",
+        "| photos | n (DME) | oedema head | referable-DR risk |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("all", "all labelled"), ("eyes_with_dr", "eyes with some DR")):
+        row = comparison.get(name)
+        if row:
+            lines.append(
+                f"| {label} | {row['n']} ({row['dme']}) | {auc(row['dme_head'])} | {auc(row['referable_risk'])} |"
+            )
+    return lines
 
 
 def _oedema_referral_lines(table: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:

@@ -510,6 +510,37 @@ def with_oedema_referrals(
     return table
 
 
+def dme_against_referable_risk(
+    logit_dme: np.ndarray,
+    p_referable: np.ndarray,
+    dme_true: np.ndarray,
+    high: np.ndarray,
+    sources: np.ndarray,
+    groups: np.ndarray,
+    source: str = DME_SOURCE,
+) -> dict[str, Any]:
+    """Does the oedema head see oedema, or only the retinopathy that comes with it?
+
+    On ``source``'s labelled held-out photos, the DME AUC of the head's logit and of the referable-DR risk,
+    over all photos and over the eyes with some DR (grade bound above 0): where oedema only comes with DR, a
+    head that learned DR would match the risk's AUC on all photos and lose among the eyes with DR.
+    """
+    dme_true = np.asarray(dme_true, dtype=np.float64)
+    labelled = (np.asarray(sources) == source) & np.isfinite(dme_true)
+    subsets = {"all": labelled, "eyes_with_dr": labelled & (np.asarray(high) >= 1)}
+    result: dict[str, Any] = {"source": source}
+    for name, part in subsets.items():
+        y = dme_true[part] == 1
+        row: dict[str, Any] = {"n": int(part.sum()), "dme": int(y.sum())}
+        for score_name, score in (("dme_head", logit_dme), ("referable_risk", p_referable)):
+            value, low, high_ci = M.bootstrap_ci(
+                M._auc_or_nan, y, np.asarray(score)[part], n_boot=500, seed=0, groups=np.asarray(groups)[part]
+            )
+            row[score_name] = {"value": value, "ci_low": low, "ci_high": high_ci}
+        result[name] = row
+    return result
+
+
 def fit_platt(logit: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(scale, bias) of ``sigmoid(scale * logit + bias)`` minimising the log-loss of binary ``truth``."""
     from scipy.optimize import minimize

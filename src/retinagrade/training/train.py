@@ -53,6 +53,7 @@ from retinagrade.training.cache import ViewStack, advance_features, prepared_ima
 from retinagrade.training.data import Sample, family, leave_source_out, make_folds, read_sources
 from retinagrade.training.decisions import (
     apply_layer,
+    dme_against_referable_risk,
     fit_decision_layer,
     fit_dme_rule,
     fit_temperature_partial,
@@ -1179,6 +1180,10 @@ def loso_report(
         report["dme"] = fit_dme_rule(preds.dme[idx], dme_true, inputs.high[idx], sources[idx], inputs.groups[idx])
         if report["dme"]:
             report["dme"]["with_oedema_referrals"] = _with_oedema_referrals(inputs, idx, preds, decision, report["dme"])
+            _, _, p_referable, _ = grades_from(preds.take(idx), decision)
+            report["dme"]["against_referable_risk"] = dme_against_referable_risk(
+                preds.dme[idx], p_referable, dme_true, inputs.high[idx], sources[idx], inputs.groups[idx]
+            )
     if out_dir is not None and is_writer():
         _write_predictions(out_dir / "loso_predictions.csv", inputs, idx, preds.take(idx), decision, sources[idx])
         (out_dir / "loso.json").write_text(json.dumps(report, indent=2, default=float))

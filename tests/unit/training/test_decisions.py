@@ -181,6 +181,26 @@ def test_oedema_referrals_add_to_the_dr_referrals_and_cost_specificity_per_sourc
     assert ranged["a"]["specificity"] == 0.5
 
 
+def test_a_head_that_learned_dr_matches_the_risk_overall_and_loses_among_the_eyes_with_dr() -> None:
+    from retinagrade.training.decisions import dme_against_referable_risk
+
+    rng = np.random.default_rng(2)
+    # 300 healthy eyes (no oedema), 200 with DR of which 80 have oedema; the risk sees DR and some oedema,
+    # the "head" sees DR only
+    dr = np.r_[np.zeros(300), np.ones(200)].astype(bool)
+    dme = np.r_[np.zeros(300), np.ones(80), np.zeros(120)]
+    risk = 2.0 * dr + 1.0 * dme + rng.normal(0, 0.5, 500)
+    head = 2.0 * dr + rng.normal(0, 0.5, 500)
+    high = np.where(dr, 3, 0)
+    sources = np.array(["mexico-512"] * 500)
+    groups = np.arange(500).astype(str)
+    result = dme_against_referable_risk(head, risk, dme, high, sources, groups)
+    assert result["all"]["n"] == 500 and result["eyes_with_dr"] == {**result["eyes_with_dr"], "n": 200, "dme": 80}
+    assert result["all"]["dme_head"]["value"] > 0.8
+    assert abs(result["eyes_with_dr"]["dme_head"]["value"] - 0.5) < 0.12
+    assert result["eyes_with_dr"]["referable_risk"]["value"] > 0.8
+
+
 def test_a_processed_source_shapes_the_grade_rule_but_not_the_temperature_or_the_points() -> None:
     rng = np.random.default_rng(4)
     ga, la = _source(rng, 500, [50, 10, 25, 7, 8], 2.5, 0.0)

@@ -95,7 +95,16 @@ def test_the_cards_oedema_section_gives_the_threshold_the_flag_rates_and_what_oe
             "sensitive": {"mexico-512": {"sensitivity": 1.0, "specificity": None, "specificity_dr_only": None}},
         },
     }  # fmt: skip
+    rule["against_referable_risk"] = {
+        "source": "mexico-512",
+        "all": {"n": 545, "dme": 54, "dme_head": {"value": 0.93, "ci_low": 0.89, "ci_high": 0.97},
+                "referable_risk": {"value": 0.96, "ci_low": 0.94, "ci_high": 0.98}},
+        "eyes_with_dr": {"n": 147, "dme": 54, "dme_head": {"value": float("nan"), "ci_low": 0.0, "ci_high": 0.0},
+                         "referable_risk": {"value": 0.8, "ci_low": 0.72, "ci_high": 0.87}},
+    }  # fmt: skip
     text = dme_section(rule)
+    assert "| all labelled | 545 (54) | 0.930 (0.890-0.970) | 0.960 (0.940-0.980) |" in text
+    assert "| eyes with some DR | 147 (54) | n/a | 0.800 (0.720-0.870) |" in text
     assert "p_dme >= **0.4321**" in text and "| eyepacs-768 | 0.080 |" in text
     assert "| balanced | eyepacs-768 | 0.700 | 0.800 | 0.840 |" in text
     assert "| sensitive | mexico-512 | 1.000 | n/a | n/a |" in text
