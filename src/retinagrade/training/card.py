@@ -27,7 +27,7 @@ LIMITATIONS = """\
   Calibrate on local graded photos (`retinagrade calibrate`) before routine use.
 - The grade is the model's own estimate (never rewritten to match the referral); an eye referred on risk alone
   says so (`referral_reason: risk`). Mild DR (grade 1) is rarely recognised as such.
-- No diabetic macular oedema (DME) labels are used: the model does not assess DME, a common reason for referral.
+{dme}
 - Ungradable images are refused by a quality gate fitted on EyePACS/EyeQ labels; its own error rates are in
   `docs/gate-report.md`.
 - Labels are single-grader Kaggle labels with known noise (conflicting duplicates were resolved or dropped);
@@ -35,11 +35,22 @@ LIMITATIONS = """\
   healthy.
 """
 
+_NO_DME_LIMITATION = (
+    "- No diabetic macular oedema (DME) labels are used: the model does not assess DME, a common reason for referral."
+)
+_DME_LIMITATION = (
+    "- Macular oedema (DME) was learned from the Mexican photos alone, whose oedema labels follow a collection "
+    "batch; it is measured on one held-out set of 54 oedema eyes, all of them with DR. The table in the DME "
+    "section says whether the head ranks oedema better than the referable-DR risk does: where it does not, "
+    "`dme` is a prompt to look at the macula, not a finding."
+)
+
 _TERMS_BY_FAMILY = {
     "aptos2019": "| APTOS 2019 (Kaggle) | competition data: research and non-commercial use only |",
     "eyepacs": "| EyePACS (Kaggle 2015) | competition data: research and non-commercial use only |",
-    "mexico": "| Mexico (mexico-512) | no licence stated; research use; citation requested: Hughes Cano, Olivares "
-    'Pinto & Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic '
+    "odir": "| ODIR-5K (via a Kaggle redistribution, 400 px) | ODIR-5K terms: research and non-commercial use only |",
+    "mexico": "| Mexico (mexico-512, mexico-dme) | no licence stated; research use; citation requested: Hughes Cano, "
+    'Olivares Pinto & Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic '
     'Retinopathy" |',
 }
 
@@ -218,7 +229,7 @@ def render_card(
     parts += [
         "",
         "## Limitations",
-        LIMITATIONS,
+        LIMITATIONS.format(dme=_DME_LIMITATION if spec.get("dme") else _NO_DME_LIMITATION),
         f"Decision chosen on held-out predictions: {json.dumps(decision, default=str)}",
     ]
     return "\n".join(parts) + "\n"
