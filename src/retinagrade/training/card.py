@@ -50,8 +50,8 @@ _TERMS_BY_FAMILY = {
     "eyepacs": "| EyePACS (Kaggle 2015) | competition data: research and non-commercial use only |",
     "odir": "| ODIR-5K (via a Kaggle redistribution, 400 px) | ODIR-5K terms: research and non-commercial use only |",
     "mexico": "| Mexico (mexico-512, mexico-dme) | no licence stated; research use; citation requested: Hughes Cano, "
-    'Olivares Pinto & Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and Diabetic '
-    'Retinopathy" |',
+    'Olivares Pinto & Thebault, "Dataset of Eye Fundus and OCT Images for the study of Diabetic Macular Edema and '
+    'Diabetic Retinopathy" |',
 }
 
 
