@@ -39,7 +39,7 @@ FHIR_EXAMPLE: Final[dict[str, Any]] = {
                 "status": "active",
                 "manufacturer": "retinagrade",
                 "deviceName": [{"name": "retinagrade-dr", "type": "model-name"}],
-                "version": [{"value": "0.2.0"}],
+                "version": [{"value": "0.3.0"}],
                 "note": [{"text": "Intended use: decision support for diabetic-retinopathy screening..."}],
             },
         },

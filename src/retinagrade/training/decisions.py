@@ -135,6 +135,7 @@ def fit_cut_points(
     step: float = CUT_STEP,
     min_top_recall: float | None = None,
     recall_floors: dict[int, float] | None = None,
+    top_recall_by_source: tuple[np.ndarray, Mapping[str, float | None]] | None = None,
 ) -> tuple[float, ...]:
     """Cut-points on a 0-4 score maximising QWK, monotone, every band (the end ones within [0, 4]) >= ``min_width``.
 
@@ -143,21 +144,17 @@ def fit_cut_points(
     share of grade-4 images that land in grade 4 at least that high (the last cut may not rise above it): a
     kappa-optimal rule would otherwise pull proliferative eyes into grade 3 and take their urgency away.
     ``recall_floors`` (grade -> least recall) are soft: the search maximises kappa minus
-    :data:`FLOOR_PENALTY` times the recall missing below each floor.
+    :data:`FLOOR_PENALTY` times the recall missing below each floor. ``top_recall_by_source`` (each image's
+    source, and each source's grade-4 recall to keep) bounds the last cut on every source too, losing at most one
+    of its grade-4 images: the test :func:`choose_grade_rule` applies, so the search stays inside it.
     """
     score = np.asarray(score, dtype=np.float64)
     grades = np.asarray(grades, dtype=np.int64)
     top = float(NUM_GRADES - 1)
     cuts = [k + 0.5 for k in range(NUM_GRADES - 1)]
-    top_scores = np.sort(score[grades == NUM_GRADES - 1])
-    ceiling = top - min_width
-    if min_top_recall is not None and len(top_scores):
-        # The highest last cut that keeps ceil(min_top_recall * n) grade-4 images at or above it.
-        keep = int(np.ceil(min_top_recall * len(top_scores) - 1e-9))
-        if keep > 0:
-            ceiling = min(ceiling, float(top_scores[len(top_scores) - keep]))
-        if ceiling < len(cuts) * min_width:
-            ceiling = top - min_width  # no rule with bands this wide keeps that recall: the constraint yields
+    bound = _last_cut_ceiling(score, grades, min_width, min_top_recall, top_recall_by_source)
+    ceiling = top - min_width if bound is None else bound
+    if bound is not None:
         # Start inside the constraints: the last cut at most the ceiling, the others pushed down behind it.
         cuts[-1] = min(cuts[-1], ceiling)
         for k in range(len(cuts) - 2, -1, -1):
@@ -192,6 +189,37 @@ def fit_cut_points(
     return tuple(round(c, 4) for c in cuts)
 
 
+def _last_cut_ceiling(
+    score: np.ndarray,
+    grades: np.ndarray,
+    min_width: float,
+    min_top_recall: float | None,
+    top_recall_by_source: tuple[np.ndarray, Mapping[str, float | None]] | None,
+) -> float | None:
+    """The highest last cut that keeps the grade-4 recalls asked for (None when none is asked)."""
+    if min_top_recall is None and top_recall_by_source is None:
+        return None
+    top = float(NUM_GRADES - 1)
+    ceiling = top - min_width
+    top_scores = np.sort(score[grades == NUM_GRADES - 1])
+    if min_top_recall is not None and len(top_scores):
+        # The highest last cut that keeps ceil(min_top_recall * n) grade-4 images at or above it.
+        keep = int(np.ceil(min_top_recall * len(top_scores) - 1e-9))
+        if keep > 0:
+            ceiling = min(ceiling, float(top_scores[len(top_scores) - keep]))
+    if top_recall_by_source is not None:
+        names, recalls = top_recall_by_source
+        for name, recall in recalls.items():
+            own = np.sort(score[(grades == NUM_GRADES - 1) & (np.asarray(names) == name)])
+            keep = int(np.ceil((recall or 0.0) * len(own) - 1e-9)) - 1  # one image of slack, as the test allows
+            if keep > 0:
+                ceiling = min(ceiling, float(own[len(own) - keep]))
+    if ceiling < (NUM_GRADES - 1) * min_width:
+        ceiling = top - min_width  # no rule with bands this wide keeps that recall: the constraint yields
+    # Cut-points are written with 4 decimals: round down, or a cut rounded up past a kept image would lose it.
+    return float(np.floor(ceiling * 1e4) / 1e4)
+
+
 def band_widths(cuts: Sequence[float]) -> list[float]:
     """Width of each grade's band on the 0-4 expected-grade scale."""
     edges = [0.0, *cuts, float(NUM_GRADES - 1)]
@@ -201,7 +229,8 @@ def band_widths(cuts: Sequence[float]) -> list[float]:
 def choose_grade_rule(
     probs: np.ndarray, grades: np.ndarray, sources: np.ndarray, min_width: float = MIN_BAND_WIDTH
 ) -> dict[str, Any]:
-    """The most probable grade, or width-constrained cut-points on the expected grade if they win on every source.
+    """The most probable grade, or width-constrained cut-points on the expected grade if they win on every source
+    (kappa less :data:`FLOOR_PENALTY` times the recall missing below :data:`RECALL_FLOORS`, the fit's objective).
 
     Args:
         probs: calibrated probabilities of the exactly graded held-out images of the five-grade sources.
@@ -211,18 +240,34 @@ def choose_grade_rule(
     expected = probs @ np.arange(NUM_GRADES, dtype=np.float64)
     top = NUM_GRADES - 1
     argmax_top = _top_recall(probs.argmax(axis=1), grades)
-    cuts = fit_cut_points(expected, grades, min_width, min_top_recall=argmax_top, recall_floors=RECALL_FLOORS)
+    argmax_by_source = {n: _top_recall(probs.argmax(axis=1)[sources == n], grades[sources == n]) for n in set(sources)}
+    cuts = fit_cut_points(
+        expected,
+        grades,
+        min_width,
+        min_top_recall=argmax_top,
+        recall_floors=RECALL_FLOORS,
+        top_recall_by_source=(sources, argmax_by_source),
+    )
     candidates = {
         "argmax": Decision("argmax"),
         "expected_grade": Decision("expected_grade", cuts),
     }
     names = sorted(set(sources.tolist()))
     per_source: dict[str, dict[str, float]] = {}
+    scored: dict[str, dict[str, float]] = {}
     top_recall: dict[str, dict[str, float | None]] = {}
     for rule, decision in candidates.items():
         pred = grade_rule(probs, np.zeros(len(probs)), decision)
         per_source[rule] = {
             name: float(M.quadratic_weighted_kappa(grades[sources == name], pred[sources == name])) for name in names
+        }
+        # The cut-points' own objective: kappa less the recall missing below the floors (a rule that leaves a
+        # grade's band empty on a source does not win there on kappa alone).
+        scored[rule] = {
+            name: per_source[rule][name]
+            - FLOOR_PENALTY * _floor_shortfall(pred[sources == name], grades[sources == name])
+            for name in names
         }
         per_source[rule]["pooled"] = float(M.quadratic_weighted_kappa(grades, pred))
         top_recall[rule] = {name: _top_recall(pred[sources == name], grades[sources == name]) for name in names}
@@ -233,7 +278,7 @@ def choose_grade_rule(
         n_top = int((grades[sources == name] == top).sum())
         return new is None or old is None or new >= old - 1.0 / max(n_top, 1) - 1e-9
 
-    losers = [n for n in names if per_source["expected_grade"][n] <= per_source["argmax"][n] or not keeps_urgency(n)]
+    losers = [n for n in names if scored["expected_grade"][n] <= scored["argmax"][n] or not keeps_urgency(n)]
     rule = "argmax" if losers else "expected_grade"
     return {
         "rule": rule,
@@ -242,15 +287,26 @@ def choose_grade_rule(
         "expected_grade_cut_points": list(cuts),
         "band_widths": band_widths(cuts),
         "qwk_by_rule": per_source,
+        "qwk_less_floor_penalty_by_rule": scored,
+        "recall_floors": {str(k): v for k, v in RECALL_FLOORS.items()},
         "grade4_recall_by_rule": top_recall,
         "why": (
             f"the cut-point rule beats the most probable grade on every five-grade source ({', '.join(names)}) "
-            "and keeps its grade-4 recall"
+            "on kappa less the recall missing below the floors of grades 1-3, and keeps its grade-4 recall"
             if not losers
             else "the cut-point rule does not beat the most probable grade (kappa, or grade-4 recall) on "
             + ", ".join(losers)
         ),
     }
+
+
+def _floor_shortfall(predicted: np.ndarray, grades: np.ndarray) -> float:
+    """Recall missing below :data:`RECALL_FLOORS`, summed over the grades present."""
+    return sum(
+        max(0.0, floor - float((predicted[grades == k] == k).mean()))
+        for k, floor in RECALL_FLOORS.items()
+        if (grades == k).any()
+    )
 
 
 def _top_recall(predicted: np.ndarray, grades: np.ndarray) -> float | None:

@@ -47,6 +47,19 @@ def test_cut_points_keep_grade_4_recall_and_the_middle_grades_floors() -> None:
         assert recall(kept, k) >= floor - 0.02, (k, recall(kept, k))
 
 
+def test_each_sources_grade_4_recall_is_kept_within_one_image_and_cuts_round_down() -> None:
+    rng = np.random.default_rng(3)
+    # source "small": 18 proliferative eyes scored lower than the large source's; pooled, the small one loses most
+    grades = np.r_[np.repeat([0, 1, 2, 3, 4], [500, 100, 200, 60, 200]), np.repeat([0, 2, 3, 4], [100, 30, 10, 18])]
+    sources = np.array(["large"] * 1060 + ["small"] * 158)
+    score = np.clip(grades + rng.normal(0, 0.5, len(grades)) - 0.6 * ((sources == "small") & (grades == 4)), 0, 4)
+    top = score[(sources == "small") & (grades == 4)]
+    keep = {"large": 0.5, "small": 10 / 18}
+    cuts = fit_cut_points(score, grades, top_recall_by_source=(sources, keep))
+    assert (top >= cuts[-1]).sum() >= 10 - 1
+    assert cuts[-1] == round(cuts[-1], 4)
+
+
 def test_cut_points_keep_every_band_at_least_the_set_width() -> None:
     # Grade 2 is rare and its scores overlap grade 1's: free cut-points squeeze its band to almost nothing.
     rng = np.random.default_rng(0)
@@ -78,6 +91,36 @@ def test_the_cut_point_rule_is_kept_only_if_it_wins_on_every_source() -> None:
     assert rule["rule"] == ("expected_grade" if wins and keeps else "argmax")
     assert min(rule["band_widths"]) >= MIN_BAND_WIDTH - 1e-9
     assert set(per_source["argmax"]) == {"a", "b", "pooled"}
+
+
+def test_a_most_probable_grade_that_empties_the_mild_band_loses_to_cut_points_that_fill_it() -> None:
+    from retinagrade.training.decisions import RECALL_FLOORS
+
+    rng = np.random.default_rng(7)
+    # Mild eyes whose probabilities never make grade 1 the most probable: argmax says "mild" to nobody
+    grades = np.repeat([0, 1, 2, 3, 4], [600, 150, 250, 60, 80])
+    templates = np.array(
+        [
+            [0.80, 0.12, 0.05, 0.02, 0.01],
+            [0.50, 0.30, 0.15, 0.03, 0.02],  # mild: grade 1 a strong second, never first
+            [0.10, 0.15, 0.60, 0.10, 0.05],
+            [0.03, 0.05, 0.22, 0.55, 0.15],
+            [0.02, 0.03, 0.10, 0.25, 0.60],
+        ]
+    )
+    probs = templates[grades] * np.exp(rng.normal(0, 0.05, (len(grades), 5)))
+    probs /= probs.sum(axis=1, keepdims=True)
+    sources = np.array(["a", "b"] * (len(grades) // 2))
+    rule = choose_grade_rule(probs, grades, sources)
+    argmax_mild = float((probs.argmax(axis=1)[grades == 1] == 1).mean())
+    assert argmax_mild < RECALL_FLOORS[1]
+    assert rule["rule"] == "expected_grade", rule["why"]
+    # the comparison is kappa less the floors' shortfall (argmax misses the mild floor on both sources)
+    for name in ("a", "b"):
+        part = sources == name
+        mild = float((probs.argmax(axis=1)[part & (grades == 1)] == 1).mean())
+        penalised = rule["qwk_by_rule"]["argmax"][name] - 10.0 * (RECALL_FLOORS[1] - mild)
+        assert rule["qwk_less_floor_penalty_by_rule"]["argmax"][name] == pytest.approx(penalised, abs=1e-9)
 
 
 def test_the_balanced_point_serves_the_most_sources_and_names_the_rest() -> None:
