@@ -66,9 +66,14 @@ def test_fhir_answer_validates(client: TestClient, pair) -> None:
     assert answer.headers["content-type"].startswith("application/fhir+json")
     bundle = answer.json()
     Bundle.model_validate(bundle)
-    (obs,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    (obs,) = [o for o in observations if o["code"]["coding"][0]["system"] == "http://loinc.org"]
     assert obs["bodySite"]["coding"][0]["code"] == "362503005"
     assert obs["code"]["coding"][0]["code"] == "71490-7"
+    # A model with an oedema output adds its own Observation for the eye; one without adds none
+    measured = _dicom(client, to_bytes(ds)).json()["p_dme"] is not None
+    oedema = [o for o in observations if o["code"]["coding"][0]["code"] == "312912001"]
+    assert len(oedema) == int(measured) and len(observations) == 1 + int(measured)
 
 
 def test_sr_answer_for_dicom_input_and_406_for_a_jpeg(client: TestClient, pair) -> None:
@@ -110,7 +115,10 @@ def test_batch_uses_dicom_laterality_and_patient_and_answers_fhir(client: TestCl
     bundle = fhir.json()
     Bundle.model_validate(bundle)
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") == 2 and kinds.count("Patient") == 1
+    # the DR grade, and oedema when the model has that output
+    per_eye = 2 if _dicom(client, to_bytes(pair["R"][1])).json()["p_dme"] is not None else 1
+    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") == 2 * per_eye
+    assert kinds.count("Patient") == 1
     sr = client.post("/v1/grade/batch", files=files, headers={"Accept": "application/dicom"})
     assert sr.status_code == 406
 

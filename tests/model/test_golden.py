@@ -24,7 +24,7 @@ from retinagrade.inference.model_spec import ModelSpec
 from retinagrade.pipeline import DEFAULT_MODEL
 
 GOLDEN = Path(__file__).parent / "golden" / "shipped_model.json"
-COLUMNS = ("status", "grade", "referable", "p0", "p1", "p2", "p3", "p4", "quality")
+COLUMNS = ("status", "grade", "referable", "referral_reason", "p0", "p1", "p2", "p3", "p4", "quality", "p_dme", "dme")
 IMAGES = (
     *(f"raw-fundus-samples/images/{n}" for n in ("116_right.jpeg", "16_right.jpeg", "373_left.jpeg")),
     *(f"raw-fundus-samples/images/{n}" for n in ("605_left.jpeg", "6834_left.jpeg", "9575_left.jpeg")),
