@@ -93,7 +93,11 @@ def test_dicom_exports_grade_exactly_as_their_jpegs(exported, tmp_path: Path, mo
     bundle = json.loads(fhir_out.read_text())
     Bundle.model_validate(bundle)
     kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert kinds.count("Observation") == len(PHOTOS) + 1
+    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    dr = [o for o in observations if o["code"]["coding"][0]["system"] == "http://loinc.org"]
+    oedema = [o for o in observations if o["code"]["coding"][0]["code"] == "312912001"]
+    # one DR Observation per photo; an oedema one per graded photo when the model has that output
+    assert len(dr) == len(PHOTOS) + 1 and len(dr) + len(oedema) == len(observations) and len(oedema) <= len(dr)
     assert kinds.count("Device") == 1
     assert kinds.count("Patient") == len({ds.PatientID for ds in instances.values()})
 

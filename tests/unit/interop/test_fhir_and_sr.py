@@ -65,8 +65,12 @@ def test_bundle_for_a_patient_with_two_eyes(graded_pair) -> None:
     bundle = build_bundle([FhirItem(name, finding) for name, finding, _ in graded_pair], ALGORITHM)
     Bundle.model_validate(bundle)
     (report,) = _resources(bundle, "DiagnosticReport")
-    observations = _resources(bundle, "Observation")
-    assert len(report["result"]) == len(observations) == 2
+    everything = _resources(bundle, "Observation")
+    observations = [o for o in everything if o["code"]["coding"][0]["system"] == "http://loinc.org"]
+    oedema = [o for o in everything if o["code"]["coding"][0]["code"] == "312912001"]
+    # the DR grade of each eye, and its oedema finding when the model measures it
+    measured = sum(finding.p_dme is not None for _, finding, _ in graded_pair)
+    assert len(observations) == 2 and len(oedema) == measured and len(report["result"]) == len(everything)
     (patient,) = _resources(bundle, "Patient")
     assert patient["identifier"][0]["value"] == "PAT-1"
     (study,) = _resources(bundle, "ImagingStudy")
