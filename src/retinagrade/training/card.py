@@ -40,9 +40,9 @@ _NO_DME_LIMITATION = (
 )
 _DME_LIMITATION = (
     "- Macular oedema (DME) was learned from the Mexican photos alone, whose oedema labels follow a collection "
-    "batch; it is measured on one held-out set of 54 oedema eyes, all of them with DR. The table in the DME "
-    "section says whether the head ranks oedema better than the referable-DR risk does: where it does not, "
-    "`dme` is a prompt to look at the macula, not a finding."
+    "batch; it is measured on the one held-out set with both classes, whose oedema eyes all have DR. The table "
+    "in the DME section says whether the head ranks oedema better than the referable-DR risk does: where it "
+    "does not, `dme` is a prompt to look at the macula, not a finding."
 )
 
 _TERMS_BY_FAMILY = {
