@@ -149,8 +149,9 @@ class DmeRule:
         return float(1.0 / (1.0 + math.exp(-z))) if z >= 0 else float(math.exp(z) / (1.0 + math.exp(z)))
 
 
-def _dme(section: Any) -> DmeRule | None:
-    if section is None:
+def dme_rule_of(section: Any) -> DmeRule | None:
+    """The DME rule of a spec's (or a LOSO report's) ``dme`` section; None without one."""
+    if not section:
         return None
     calibration = section["calibration"]
     return DmeRule(float(calibration["scale"]), float(calibration["bias"]), float(section["threshold"]))
@@ -291,7 +292,7 @@ class ModelSpec:
                 fellow_eye=_fellow_eye(data.get("fellow_eye")),
                 operating_point=default,
                 operating_points=MappingProxyType(points),
-                dme=_dme(data.get("dme")),
+                dme=dme_rule_of(data.get("dme")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model spec is incomplete or malformed: {exc!r}") from exc

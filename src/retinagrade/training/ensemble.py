@@ -147,6 +147,8 @@ def compare_recipes(a: list[Path], b: list[Path], n_boot: int = 2000) -> dict[st
     patients (split groups) with replacement, both recipes' scores of an image together.
     """
 
+    from retinagrade.training.decisions import referable_truth
+
     def difference(y: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> float:
         return float(M._auc_or_nan(y, sa) - M._auc_or_nan(y, sb))
 
@@ -155,10 +157,11 @@ def compare_recipes(a: list[Path], b: list[Path], n_boot: int = 2000) -> dict[st
     result: dict[str, Any] = {"a": [str(p) for p in a], "b": [str(p) for p in b], "sources": {}}
     for source in sorted({rows_a[i]["source"] for i in common}):
         images = [i for i in common if rows_a[i]["source"] == source]
-        low = np.array([rows_a[i]["low"] for i in images])
-        high = np.array([rows_a[i]["high"] for i in images])
-        known = (low >= REFERABLE_MIN_GRADE) | (high < REFERABLE_MIN_GRADE)
-        y = (low >= REFERABLE_MIN_GRADE)[known]
+        truth = referable_truth(
+            np.array([rows_a[i]["low"] for i in images]), np.array([rows_a[i]["high"] for i in images])
+        )
+        known = truth >= 0
+        y = truth[known] == 1
         sa = np.array([rows_a[i]["p"] for i in images])[known]
         sb = np.array([rows_b[i]["p"] for i in images])[known]
         groups = np.array([rows_a[i]["group"] for i in images])[known]

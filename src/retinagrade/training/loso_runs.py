@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from retinagrade.inference.model_spec import DmeRule, FellowEyeRule, ModelSpec, OperatingPoint
+from retinagrade.inference.model_spec import FellowEyeRule, ModelSpec, OperatingPoint, dme_rule_of
 from retinagrade.training.data import read_sources
 from retinagrade.training.decisions import decision_of
 from retinagrade.training.ensemble import average_held_out
@@ -183,15 +183,8 @@ def spec_with_layer(spec: ModelSpec, report: dict[str, Any], fellow_eye: dict[st
         fellow_eye=(
             FellowEyeRule(float(fellow_eye["weight"]), float(fellow_eye["referable_threshold"])) if fellow_eye else None
         ),
-        dme=_dme_rule(dme_section),
+        dme=dme_rule_of(dme_section),
     )
-
-
-def _dme_rule(section: dict[str, Any] | None) -> DmeRule | None:
-    if not section:
-        return None
-    calibration = section["calibration"]
-    return DmeRule(float(calibration["scale"]), float(calibration["bias"]), float(section["threshold"]))
 
 
 def write_layer_into_spec(
